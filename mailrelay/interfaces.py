@@ -1,0 +1,140 @@
+"""The contracts between mailrelay's layers.
+
+Data flows one way: LMTP -> spool -> delivery runner -> outbound client ->
+smarthost, with results flowing back into the spool.  Each arrow is one of the
+interfaces below, so an embedder can replace any layer (a PostgreSQL registry,
+another spool, a different sender) without touching the others.
+"""
+
+from __future__ import annotations
+
+from zope.interface import Interface
+
+# Methods are declared without ``self``, as zope.interface expects.
+# ruff: noqa: N805
+
+
+class IListRegistry(Interface):
+    """Mailing lists and their members.
+
+    Every method is synchronous.  ``resolve`` is called at RCPT time and must
+    answer from memory (Twisted answers pipelined commands out of order when
+    validation returns a Deferred); it must nevertheless see changes made by
+    another process (the admin CLI) without a restart.
+    """
+
+    def resolve(address):
+        """Map a recipient address to a :class:`mailrelay.model.Destination`.
+
+        Returns ``None`` for an address that is neither a list's posting address
+        nor one of its sub-addresses.  Matching is case-insensitive and ignores
+        anything after ``+`` in the local part.  Raises
+        :class:`mailrelay.errors.RegistryUnavailable` when the store cannot be
+        read (a temporary condition).
+        """
+
+    def get_list(address):
+        """The :class:`~mailrelay.model.MailingList` posting at ``address``, or ``None``."""
+
+    def lists():
+        """All lists, sorted by posting address."""
+
+    def create_list(address, display_name="", owners=()):
+        """Create a list; raises :class:`~mailrelay.errors.RegistryError` if it exists
+        or an address is invalid.  Returns the new :class:`MailingList`."""
+
+    def delete_list(address):
+        """Delete a list and its members; ``RegistryError`` if there is no such list."""
+
+    def add_members(list_address, members):
+        """Subscribe :class:`~mailrelay.model.Member` values to a list.
+
+        Returns the tuple of addresses that were already members (and were left
+        as they were); everything else is added in one transaction.  Raises
+        ``RegistryError`` for an unknown list or an invalid address (then nothing
+        is added).
+        """
+
+    def remove_members(list_address, addresses):
+        """Unsubscribe addresses; returns the tuple of those that were not members."""
+
+    def members(list_address, enabled_only=False):
+        """The list's members sorted by address; ``RegistryError`` for an unknown list."""
+
+    def close():
+        """Release the store."""
+
+
+class ISpool(Interface):
+    """Durable storage of accepted messages, one entry per accepted recipient.
+
+    Methods that change state return Deferreds that fire only once the change
+    is on stable storage; concurrent callers share disk syncs (group commit).
+    """
+
+    def enqueue(envelope, message):
+        """Store ``message`` (bytes) once and one QUEUED entry per destination of
+        ``envelope`` (a :class:`~mailrelay.model.Envelope`).
+
+        Fires with the list of entry ids, in destination order, after an fsync.
+        Fails with :class:`~mailrelay.errors.SpoolError` (``disk_full`` set when
+        out of space); nothing is acknowledged then.
+        """
+
+    def get_message(message_key):
+        """The stored bytes of a message (synchronous)."""
+
+    def claim_due(now, limit):
+        """Move up to ``limit`` entries that are QUEUED, or RETRY with
+        ``next_attempt_at <= now``, to INFLIGHT; fires with those
+        :class:`~mailrelay.model.SpoolEntry` values (oldest first)."""
+
+    def update(updates):
+        """Apply a batch of :class:`mailrelay.spool.EntryUpdate` transitions in one
+        transaction; fires when durable."""
+
+    def recover():
+        """Return every INFLIGHT entry to QUEUED (after a crash); fires with the count."""
+
+    def entries(state=None, limit=None):
+        """Entries, optionally of one :class:`~mailrelay.model.EntryState` (synchronous)."""
+
+    def counts():
+        """Mapping of every EntryState to its number of entries (synchronous)."""
+
+    def next_due():
+        """The earliest ``next_attempt_at`` of a RETRY entry, or ``None`` (synchronous)."""
+
+    def retry_now(entry_ids=None):
+        """Make RETRY/FAILED entries (all when ``None``) QUEUED again; fires with the count."""
+
+    def delete(entry_ids):
+        """Remove entries; fires with the count."""
+
+    def close():
+        """Flush pending writes and release the store; returns a Deferred."""
+
+
+class IMessageSender(Interface):
+    """Sends one message to a set of recipients over SMTP."""
+
+    def sendmail(sender, recipients, message):
+        """Fire with the dict of refused recipients ``{address: (code, bytes)}``
+        (``{}`` when all were accepted), or fail with
+        :class:`mailrelay.mta.errors.DeliveryError` when the whole transaction failed."""
+
+    def quit():
+        """Close any open connection; returns a Deferred."""
+
+
+class IClock(Interface):
+    """The subset of IReactorTime mailrelay uses (``task.Clock`` in tests)."""
+
+    def seconds():
+        """Current time."""
+
+    def callLater(delay, f, *args, **kw):
+        """Schedule a call."""
+
+
+__all__ = ["IListRegistry", "ISpool", "IMessageSender", "IClock"]

@@ -1,0 +1,106 @@
+"""Immutable values shared by the inbound, storage and outbound layers."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+# Sub-addresses a list answers to, after Mailman 3 (``-subscribe`` and
+# ``-unsubscribe`` are aliases of ``-join`` and ``-leave``).
+SUBADDRESSES: frozenset[str] = frozenset(
+    {"bounces", "confirm", "join", "leave", "owner", "request", "subscribe", "unsubscribe"}
+)
+CANONICAL_SUBADDRESS: dict[str, str] = {"subscribe": "join", "unsubscribe": "leave"}
+
+
+@dataclass(frozen=True)
+class MailingList:
+    """A list known to the registry; ``posting_address`` is lower-case."""
+
+    posting_address: str
+    display_name: str = ""
+    owners: tuple[str, ...] = ()
+
+    @property
+    def local_part(self) -> str:
+        return self.posting_address.rpartition("@")[0]
+
+    @property
+    def domain(self) -> str:
+        return self.posting_address.rpartition("@")[2]
+
+    def subaddress(self, name: str) -> str:
+        """The address of sub-address ``name``, e.g. ``test-bounces@example.com``."""
+        return f"{self.local_part}-{name}@{self.domain}"
+
+    @property
+    def bounces_address(self) -> str:
+        return self.subaddress("bounces")
+
+    @property
+    def list_id(self) -> str:
+        """RFC 2919 list identifier: ``test.example.com``."""
+        return f"{self.local_part}.{self.domain}"
+
+
+@dataclass(frozen=True)
+class Member:
+    """A subscriber of one list."""
+
+    address: str
+    display_name: str = ""
+    delivery_enabled: bool = True
+
+
+@dataclass(frozen=True)
+class Destination:
+    """What an accepted recipient address resolved to.
+
+    ``subaddress`` is ``None`` for the posting address, otherwise the canonical
+    sub-address name (``join`` for ``-subscribe``, ``leave`` for ``-unsubscribe``).
+    ``address`` is the recipient as given in RCPT, lower-cased, ``+`` suffix kept.
+    """
+
+    list_address: str
+    subaddress: str | None
+    address: str
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """One accepted LMTP transaction, as handed to the spool."""
+
+    sender: str  # "" for the null sender <>
+    destinations: tuple[Destination, ...]  # one per accepted RCPT, in RCPT order
+    received_at: float  # POSIX time
+    peer: str = ""
+    message_id: str = ""
+
+
+class EntryState(str, enum.Enum):
+    """Life cycle of one spooled recipient entry."""
+
+    QUEUED = "queued"  # waiting for the delivery runner
+    INFLIGHT = "inflight"  # handed to the outbound client; back to QUEUED after a crash
+    RETRY = "retry"  # temporary failure; next attempt at ``next_attempt``
+    DONE = "done"  # delivered (or routed) successfully
+    FAILED = "failed"  # dead-lettered: gave up, reason recorded
+    HELD = "held"  # commands and bounces, kept for processing that comes later
+
+
+@dataclass(frozen=True)
+class SpoolEntry:
+    """One row of the spool: an accepted recipient of a stored message."""
+
+    entry_id: int
+    message_key: int
+    sender: str
+    destination: Destination
+    state: EntryState
+    received_at: float
+    attempts: int = 0
+    first_attempt_at: float | None = None
+    next_attempt_at: float | None = None
+    last_error: str = ""
+    message_id: str = ""
+    extra: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
