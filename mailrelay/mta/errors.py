@@ -1,0 +1,74 @@
+"""Whole-transaction failures of the outbound client.
+
+Every error carries the SMTP reply ``code`` (an int) and ``response`` (bytes,
+the reply text without the code), as Mailman's delivery layer reports them.
+Where no reply was received (connection refused or lost, TLS failure, timeout)
+the code is 444, as in Mailman.  No message text ever contains credentials.
+"""
+
+from __future__ import annotations
+
+from mailrelay.errors import MailrelayError
+
+NO_REPLY = 444
+
+
+class DeliveryError(MailrelayError):
+    """The whole SMTP transaction failed; nothing was accepted.
+
+    ``site_problem`` marks failures caused by the relay's own set-up (bad
+    credentials, TLS trouble, missing STARTTLS): the recipients are not at
+    fault, so these must never be turned into bounces.
+    """
+
+    site_problem = False
+
+    def __init__(self, code: int, response: bytes | str):
+        if isinstance(response, str):
+            response = response.encode("utf-8", "replace")
+        super().__init__(code, response)
+        self.code = code
+        self.response = response
+
+    @property
+    def permanent(self) -> bool:
+        """True for a 5xx reply other than 552 (RFC 5321 4.5.3.1.10), unless a site problem."""
+        return not self.site_problem and self.code >= 500 and self.code != 552
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.response.decode('utf-8', 'replace')}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.code!r}, {self.response!r})"
+
+
+class ConnectionFailed(DeliveryError):
+    """No usable SMTP session: refused, lost, garbled or closed by the server."""
+
+
+class ConnectionTimeout(ConnectionFailed):
+    """The server did not answer within the timeout."""
+
+
+class ServerClosing(ConnectionFailed):
+    """The server answered 421: it is closing the connection (temporary)."""
+
+
+class TLSFailed(ConnectionFailed):
+    """TLS could not be established or verified, or STARTTLS was not offered."""
+
+    site_problem = True
+
+
+class AuthenticationFailed(DeliveryError):
+    """The server refused our credentials, or we refused to send them in clear text."""
+
+    site_problem = True
+
+
+class SenderRefused(DeliveryError):
+    """MAIL FROM was refused."""
+
+
+class DataRefused(DeliveryError):
+    """DATA, or the message after it, was refused."""

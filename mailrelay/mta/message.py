@@ -1,0 +1,74 @@
+"""Turning a message into the exact bytes sent after DATA.
+
+Twisted's client converts line ends and dot-stuffs per 16 KiB chunk, which
+misses a leading "." on the first line and at chunk boundaries (truncating the
+message or letting its remainder run as commands) and turns CRLF into CR CR LF.
+We therefore encode the whole message once, here, and the client sends these
+bytes untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+from email.generator import BytesGenerator
+from email.message import Message
+from io import BytesIO
+
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+_LEADING_DOT = re.compile(rb"^\.", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class WireMessage:
+    """A message ready for DATA: CRLF line ends, dot-stuffed, ending in CRLF.
+
+    ``data`` does not include the terminating ``.`` line.  ``size`` is the
+    message size before dot-stuffing (what SIZE= announces).
+    """
+
+    data: bytes
+    size: int
+    eight_bit: bool
+
+    @property
+    def message_id(self) -> str:
+        """The Message-ID header, or "" (for logs)."""
+        match = re.search(rb"^message-id:[ \t]*([^\r\n]*)", self.data.split(b"\r\n\r\n", 1)[0],
+                          re.IGNORECASE | re.MULTILINE)
+        return match.group(1).decode("ascii", "replace").strip() if match else ""
+
+
+def _message_bytes(message: Message) -> bytes:
+    # Like smtplib.send_message: blind copies must not reach the recipients.
+    message = copy.copy(message)
+    del message["Bcc"]
+    del message["Resent-Bcc"]
+    out = BytesIO()
+    BytesGenerator(out, mangle_from_=False).flatten(message, linesep="\r\n")
+    return out.getvalue()
+
+
+def prepare_message(message: bytes | str | Message | WireMessage) -> WireMessage:
+    """Encode ``message`` for DATA.
+
+    ``bytes`` are sent as they are apart from line ends; ``str`` is encoded as
+    UTF-8; an ``email.message.Message`` is serialised without its Bcc headers.
+    Bare CR and bare LF become CRLF (RFC 5321 2.3.8), lines starting with "."
+    are stuffed, and a final CRLF is added if missing.
+    """
+    if isinstance(message, WireMessage):
+        return message
+    if isinstance(message, Message):
+        raw = _message_bytes(message)
+    elif isinstance(message, str):
+        raw = message.encode("utf-8")
+    elif isinstance(message, (bytes, bytearray, memoryview)):
+        raw = bytes(message)
+    else:
+        raise TypeError(f"message must be bytes, str or email.message.Message, not {type(message).__name__}")
+    raw = _LINE_END.sub(b"\r\n", raw)
+    if raw and not raw.endswith(b"\r\n"):
+        raw += b"\r\n"
+    return WireMessage(data=_LEADING_DOT.sub(b"..", raw), size=len(raw), eight_bit=not raw.isascii())
