@@ -10,8 +10,10 @@ grammar (with RFC 6531's UTF-8 extension) ourselves.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from mailrelay.errors import InvalidAddress
+from mailrelay.model import CANONICAL_SUBADDRESS, SUBADDRESSES, Destination
 
 # RFC 5321 4.1.2 / RFC 5322 3.2.3 atext, plus any non-ASCII character (RFC 6531).
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]"
@@ -82,3 +84,75 @@ def is_valid_mailbox(address: object) -> bool:
     except InvalidAddress:
         return False
     return True
+
+
+# -- list addresses and recipient resolution ---------------------------------
+
+# Mailman's VERP delimiter: ``test-bounces+bart=example.org@`` and
+# ``test-confirm+cookie@`` carry data after it that never names a list.
+VERP_DELIMITER = "+"
+
+
+def _unquote_local(local: str) -> str | None:
+    """The dot-string a local part stands for, or ``None`` if it has none.
+
+    ``"test"@example.com`` is the same mailbox as ``test@example.com`` (RFC 5321
+    4.1.2); a quoted local part that needs its quotes cannot name a list.
+    """
+    if not local.startswith('"'):
+        return local
+    # Drop the quotes, then undo backslash pairs.
+    unquoted = re.sub(r"\\(.)", r"\1", local[1:-1])
+    return unquoted if _DOT_STRING.match(unquoted) else None
+
+
+def check_list_address(address: object) -> str:
+    """Return ``address`` lower-cased if it can be a list's posting address.
+
+    On top of :func:`check_mailbox`, refuses a ``+`` in the local part (RCPT
+    matching strips everything after it, so no mail could reach the list) and
+    a quoted local part.  Raises :class:`InvalidAddress`.
+    """
+    address = check_mailbox(address)
+    local, _domain = split_mailbox(address)
+    if local.startswith('"'):
+        raise InvalidAddress(address, "a list address cannot have a quoted local part")
+    if VERP_DELIMITER in local:
+        raise InvalidAddress(
+            address, f"a list address cannot contain {VERP_DELIMITER!r} (the VERP delimiter)"
+        )
+    return address.lower()
+
+
+def resolve_recipient(address: str, is_list: Callable[[str], bool]) -> Destination | None:
+    """Map an RCPT address to the list (and sub-address) it names, or ``None``.
+
+    Matching is case-insensitive and ignores everything after the first ``+``
+    in the local part.  A list whose full name matches wins over a sub-address
+    of a shorter list: ``test-join@`` is the list ``test-join@`` if it exists,
+    otherwise the ``join`` command of ``test@``.  ``is_list`` is asked about
+    lower-cased ``local@domain`` candidates; its exceptions propagate.
+    """
+    if not isinstance(address, str) or not is_valid_mailbox(address):
+        return None
+    address = address.lower()
+    local, domain = split_mailbox(address)
+    local = _unquote_local(local)
+    if local is None:
+        return None
+    base = local.partition(VERP_DELIMITER)[0]
+    if not base:
+        return None
+    if is_list(f"{base}@{domain}"):
+        return Destination(list_address=f"{base}@{domain}", subaddress=None, address=address)
+    list_local, dash, suffix = base.rpartition("-")
+    if not dash or not list_local or suffix not in SUBADDRESSES:
+        return None
+    list_address = f"{list_local}@{domain}"
+    if not is_list(list_address):
+        return None
+    return Destination(
+        list_address=list_address,
+        subaddress=CANONICAL_SUBADDRESS.get(suffix, suffix),
+        address=address,
+    )

@@ -138,3 +138,33 @@ class IClock(Interface):
 
 
 __all__ = ["IListRegistry", "ISpool", "IMessageSender", "IClock"]
+
+
+class IInboundHandler(Interface):
+    """The policy behind the LMTP server (:mod:`mailrelay.lmtp`).
+
+    The wire protocol asks it which recipients to accept and hands it each
+    complete transaction; it never sees a socket.  Values are defined in
+    :mod:`mailrelay.lmtp` (``Reply``, ``RecipientRejected``, ``Transaction``).
+    """
+
+    def validate_recipient(sender, recipient):
+        """Decide synchronously whether to accept ``RCPT TO:<recipient>``.
+
+        ``sender`` is the envelope sender (``""`` for ``<>``), ``recipient`` the
+        address as given.  Returns a token that comes back in the transaction's
+        ``AcceptedRecipient.token``, or raises
+        :class:`mailrelay.lmtp.RecipientRejected` carrying the reply to send.
+        Synchronous because a Deferred would reorder pipelined replies.
+        """
+
+    def deliver(transaction):
+        """Take responsibility for a :class:`mailrelay.lmtp.Transaction`.
+
+        Returns a Deferred firing with a list of :class:`mailrelay.lmtp.Reply`,
+        one per ``transaction.recipients`` entry and in that order.  A success
+        reply promises the message is on stable storage.
+        """
+
+
+__all__.append("IInboundHandler")

@@ -1,0 +1,784 @@
+"""The durable spool: accepted messages and one entry per accepted recipient.
+
+:class:`SQLiteSpool` keeps SQLite off the reactor thread for writes: a single
+writer thread takes every write request waiting in its queue, runs them in one
+transaction and commits once, so concurrent callers share one fsync (group
+commit).  Reads are quick indexed queries on a second connection in the
+reactor thread, which WAL mode lets run alongside the writer.
+:class:`MemorySpool` honours the same contract in memory.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mailrelay.errors import SpoolError
+from mailrelay.interfaces import ISpool
+from mailrelay.model import Destination, EntryState, Envelope, SpoolEntry
+
+__all__ = ["EntryUpdate", "MemorySpool", "SQLiteSpool", "SCHEMA_VERSION"]
+
+log = Logger()
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class EntryUpdate:
+    """One state transition of a spool entry, applied by :meth:`ISpool.update`.
+
+    ``error`` replaces the entry's ``last_error`` when not empty (a success
+    keeps the history).  ``count_attempt`` adds one to ``attempts`` and sets
+    ``first_attempt_at`` if it is unset.  A RETRY needs ``next_attempt_at``.
+    """
+
+    entry_id: int
+    state: EntryState
+    next_attempt_at: float | None = None
+    error: str = ""
+    count_attempt: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.entry_id, int) or isinstance(self.entry_id, bool):
+            raise TypeError(f"entry_id must be an int, not {self.entry_id!r}")
+        try:
+            object.__setattr__(self, "state", EntryState(self.state))
+        except ValueError:
+            raise ValueError(f"not an entry state: {self.state!r}") from None
+        if self.state is EntryState.RETRY and self.next_attempt_at is None:
+            raise ValueError(f"entry {self.entry_id}: a RETRY needs next_attempt_at")
+        if not isinstance(self.error, str):
+            raise TypeError(f"error must be a string, not {self.error!r}")
+
+
+# -- input checks shared by both spools ---------------------------------------
+
+
+def _check_enqueue(envelope: object, message: object) -> tuple[Envelope, bytes]:
+    if not isinstance(envelope, Envelope):
+        raise TypeError(f"envelope must be an Envelope, not {envelope!r}")
+    if not envelope.destinations:
+        raise ValueError("envelope has no destinations: nothing to spool")
+    for destination in envelope.destinations:
+        if not isinstance(destination, Destination):
+            raise TypeError(f"envelope destination is not a Destination: {destination!r}")
+    if not isinstance(message, bytes | bytearray | memoryview):
+        raise TypeError(f"message must be bytes, not {type(message).__name__}")
+    return envelope, bytes(message)
+
+
+def _check_updates(updates: Iterable[EntryUpdate]) -> list[EntryUpdate]:
+    updates = list(updates)
+    for update in updates:
+        if not isinstance(update, EntryUpdate):
+            raise TypeError(f"not an EntryUpdate: {update!r}")
+    return updates
+
+
+def _check_ids(entry_ids: Iterable[int]) -> list[int]:
+    if isinstance(entry_ids, int | str | bytes):
+        raise TypeError(f"entry ids must be an iterable of ints, not {entry_ids!r}")
+    ids = list(entry_ids)
+    for entry_id in ids:
+        if not isinstance(entry_id, int) or isinstance(entry_id, bool):
+            raise TypeError(f"entry id must be an int, not {entry_id!r}")
+    return ids
+
+
+def _check_state(state: object) -> EntryState | None:
+    if state is None:
+        return None
+    try:
+        return EntryState(state)
+    except ValueError:
+        raise ValueError(f"not an entry state: {state!r}") from None
+
+
+def _check_limit(limit: object, allow_none: bool) -> int | None:
+    if limit is None and allow_none:
+        return None
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+        raise ValueError(f"limit must be a non-negative int, not {limit!r}")
+    return limit
+
+
+def _deferred_call(f: Callable[..., Deferred[_T]], *args: Any) -> Deferred[_T]:
+    """Call ``f``, turning a bad-argument exception into a failed Deferred."""
+    try:
+        return f(*args)
+    except (TypeError, ValueError) as e:
+        return fail(e)
+
+
+# -- SQLite ------------------------------------------------------------------
+
+# Each entry upgrades the schema from version N to N+1 (``PRAGMA user_version``).
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        # AUTOINCREMENT: ids are never reused, so an id the runner still holds
+        # cannot land on a newer entry after an operator deleted the old one.
+        """CREATE TABLE messages (
+            key INTEGER PRIMARY KEY AUTOINCREMENT,
+            sender TEXT NOT NULL,
+            message_id TEXT NOT NULL DEFAULT '',
+            received_at REAL NOT NULL,
+            peer TEXT NOT NULL DEFAULT '',
+            data BLOB NOT NULL
+        )""",
+        """CREATE TABLE entries (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            message_key INTEGER NOT NULL REFERENCES messages (key),
+            list_address TEXT NOT NULL,
+            subaddress TEXT,
+            recipient TEXT NOT NULL,
+            state TEXT NOT NULL CHECK (state IN
+                ('queued', 'inflight', 'retry', 'done', 'failed', 'held')),
+            attempts INTEGER NOT NULL DEFAULT 0,
+            first_attempt_at REAL,
+            next_attempt_at REAL,
+            last_error TEXT NOT NULL DEFAULT '',
+            updated_at REAL NOT NULL
+        )""",
+        "CREATE INDEX entries_due ON entries (state, next_attempt_at)",
+        "CREATE INDEX entries_by_message ON entries (message_key)",
+        # A message lives exactly as long as one of its entries does.
+        """CREATE TRIGGER entries_drop_message AFTER DELETE ON entries
+            WHEN NOT EXISTS (SELECT 1 FROM entries WHERE message_key = OLD.message_key)
+            BEGIN DELETE FROM messages WHERE key = OLD.message_key; END""",
+    ),
+)
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+_ENTRY_QUERY = """
+    SELECT e.id, e.message_key, m.sender, e.list_address, e.subaddress, e.recipient,
+           e.state, m.received_at, e.attempts, e.first_attempt_at, e.next_attempt_at,
+           e.last_error, m.message_id
+    FROM entries AS e JOIN messages AS m ON m.key = e.message_key
+"""
+
+
+def _entry_from_row(row: Sequence[Any]) -> SpoolEntry:
+    (entry_id, message_key, sender, list_address, subaddress, recipient, state,
+     received_at, attempts, first_attempt_at, next_attempt_at, last_error, message_id) = row
+    return SpoolEntry(
+        entry_id=entry_id,
+        message_key=message_key,
+        sender=sender,
+        destination=Destination(list_address, subaddress, recipient),
+        state=EntryState(state),
+        received_at=received_at,
+        attempts=attempts,
+        first_attempt_at=first_attempt_at,
+        next_attempt_at=next_attempt_at,
+        last_error=last_error,
+        message_id=message_id,
+    )
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    return isinstance(error, sqlite3.Error) and (
+        getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+        or "database or disk is full" in str(error)
+    )
+
+
+def _create_private_file(path: str) -> None:
+    """Create ``path`` (and its directory, mode 0750) with mode 0640.
+
+    Spooled mail is private; SQLite would create the file 0644 and copies the
+    main file's mode to its -wal and -shm files.
+    """
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, mode=0o750, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640))
+    except FileExistsError:
+        pass
+
+
+@dataclass
+class _Request:
+    """A write waiting for the writer thread; ``operation`` runs there."""
+
+    doing: str
+    operation: Callable[[sqlite3.Connection], Any]
+    deferred: Deferred[Any]
+
+
+# (request, succeeded, result or exception)
+_Outcome = tuple[_Request, bool, Any]
+_STOP = object()
+
+
+@implementer(ISpool)
+class SQLiteSpool:
+    """An :class:`ISpool` in an SQLite file (WAL, ``synchronous=FULL``).
+
+    ``reactor`` must provide ``IReactorThreads`` and ``IReactorTime``: results
+    come back through ``callFromThread``.  ``max_bytes`` caps the database size;
+    a write beyond it fails like a full disk.  ``commit_count`` counts the
+    transactions committed so far.  Call :meth:`close` to stop the writer thread.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        reactor: Any,
+        *,
+        max_bytes: int | None = None,
+        max_batch: int = 1000,
+    ) -> None:
+        self.path = os.fspath(path)
+        self.commit_count = 0
+        self._reactor = reactor
+        self._max_batch = max_batch
+        self._closing = False
+        self._close_waiters: list[Deferred[None]] | None = []
+        self._writer = self._open(max_bytes)
+        try:
+            self._reader = sqlite3.connect(self.path, isolation_level=None)
+            self._reader.execute("PRAGMA query_only = ON")
+        except sqlite3.Error as e:
+            self._writer.close()
+            raise SpoolError(f"cannot open spool {self.path}: {e}") from e
+        self._queue: queue.SimpleQueue[_Request | object] = queue.SimpleQueue()
+        self._thread = threading.Thread(
+            target=self._write_loop, name=f"mailrelay spool writer {self.path}", daemon=True
+        )
+        self._thread.start()
+
+    def _open(self, max_bytes: int | None) -> sqlite3.Connection:
+        try:
+            _create_private_file(self.path)
+            # Used only by the writer thread once it starts; autocommit mode
+            # because transactions are explicit (see _transaction).
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except (OSError, sqlite3.Error) as e:
+            raise SpoolError(f"cannot open spool {self.path}: {e}") from e
+        try:
+            (mode,) = db.execute("PRAGMA journal_mode = WAL").fetchone()
+            if mode != "wal":
+                raise SpoolError(f"spool {self.path}: SQLite refused WAL mode (got {mode!r})")
+            db.execute("PRAGMA synchronous = FULL")
+            db.execute("PRAGMA foreign_keys = ON")
+            if max_bytes is not None:
+                (page_size,) = db.execute("PRAGMA page_size").fetchone()
+                # PRAGMA takes no parameters; this is our own integer.
+                db.execute(f"PRAGMA max_page_count = {max(1, max_bytes // page_size):d}")
+            self._migrate(db)
+        except sqlite3.Error as e:
+            db.close()
+            raise SpoolError(f"cannot open spool {self.path}: {e}") from e
+        except SpoolError:
+            db.close()
+            raise
+        return db
+
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            (version,) = db.execute("PRAGMA user_version").fetchone()
+            if version > SCHEMA_VERSION:
+                raise SpoolError(
+                    f"spool {self.path} has schema version {version}; this mailrelay "
+                    f"understands up to {SCHEMA_VERSION} (was it written by a newer release?)"
+                )
+            for number in range(version, SCHEMA_VERSION):
+                for statement in _MIGRATIONS[number]:
+                    db.execute(statement)
+            if version != SCHEMA_VERSION:
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    # -- the writer thread ---------------------------------------------------
+
+    def _write_loop(self) -> None:
+        stopping = False
+        while not stopping:
+            batch = [self._queue.get()]
+            while len(batch) < self._max_batch:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stopping = any(item is _STOP for item in batch)
+            requests = [item for item in batch if isinstance(item, _Request)]
+            if requests:
+                try:
+                    outcomes = self._commit(requests)
+                except Exception as e:  # a bug; callers must still hear back
+                    outcomes = [(request, False, e) for request in requests]
+                self._reactor.callFromThread(self._deliver, outcomes)
+        self._writer.close()
+        self._reactor.callFromThread(self._writer_stopped)
+
+    def _commit(self, requests: list[_Request]) -> list[_Outcome]:
+        """Run ``requests`` in as few transactions as possible; one outcome each."""
+        outcomes: dict[int, _Outcome] = {}
+        remaining = list(requests)
+        while remaining:
+            results, culprit = self._transaction(remaining)
+            if culprit is None:
+                outcomes.update((id(outcome[0]), outcome) for outcome in results)
+                break
+            # SQLite rolled the whole transaction back (disk full, I/O error)
+            # while running one request: it fails, the others get another go.
+            outcomes[id(culprit[0])] = culprit
+            remaining = [request for request in remaining if request is not culprit[0]]
+        return [outcomes[id(request)] for request in requests]
+
+    def _transaction(
+        self, requests: list[_Request]
+    ) -> tuple[list[_Outcome], _Outcome | None]:
+        db = self._writer
+        results: list[_Outcome] = []
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for request in requests:
+                # A savepoint per request: one failing request leaves the
+                # others in the batch unharmed.
+                db.execute("SAVEPOINT request")
+                try:
+                    value = request.operation(db)
+                except Exception as e:
+                    if not db.in_transaction:
+                        return [], (request, False, e)
+                    db.execute("ROLLBACK TO request")
+                    db.execute("RELEASE request")
+                    results.append((request, False, e))
+                else:
+                    db.execute("RELEASE request")
+                    results.append((request, True, value))
+            db.execute("COMMIT")
+        except sqlite3.Error as e:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            return [(request, False, e) for request in requests], None
+        self.commit_count += 1
+        return results, None
+
+    # -- the reactor thread --------------------------------------------------
+
+    def _deliver(self, outcomes: list[_Outcome]) -> None:
+        for request, succeeded, value in outcomes:
+            if succeeded:
+                request.deferred.callback(value)
+            else:
+                request.deferred.errback(self._translate(value, request.doing))
+
+    def _translate(self, error: BaseException, doing: str) -> BaseException:
+        if not isinstance(error, sqlite3.Error):
+            return error
+        disk_full = _is_disk_full(error)
+        log.warn(
+            "Spool {path} could not {doing}: {error}", path=self.path, doing=doing,
+            error=str(error), disk_full=disk_full,
+        )
+        return SpoolError(f"spool {self.path}: cannot {doing}: {error}", disk_full=disk_full)
+
+    def _submit(self, doing: str, operation: Callable[[sqlite3.Connection], _T]) -> Deferred[_T]:
+        if self._closing:
+            return fail(SpoolError(f"spool {self.path} is closed: cannot {doing}"))
+        d: Deferred[_T] = Deferred()
+        self._queue.put(_Request(doing, operation, d))
+        return d
+
+    def _read(self, doing: str, query: str, params: Sequence[Any] = ()) -> list[Any]:
+        if self._close_waiters is None:
+            raise SpoolError(f"spool {self.path} is closed: cannot {doing}")
+        try:
+            return self._reader.execute(query, params).fetchall()
+        except sqlite3.Error as e:
+            raise self._translate(e, doing) from e
+
+    def _writer_stopped(self) -> None:
+        self._thread.join()  # it has nothing left to do but return
+        self._reader.close()
+        waiters, self._close_waiters = self._close_waiters or [], None
+        for waiter in waiters:
+            waiter.callback(None)
+
+    # -- ISpool --------------------------------------------------------------
+
+    def enqueue(self, envelope: Envelope, message: bytes) -> Deferred[list[int]]:
+        return _deferred_call(self._enqueue, envelope, message)
+
+    def _enqueue(self, envelope: Envelope, message: bytes) -> Deferred[list[int]]:
+        envelope, data = _check_enqueue(envelope, message)
+        now = self._reactor.seconds()
+
+        def store(db: sqlite3.Connection) -> list[int]:
+            key = db.execute(
+                "INSERT INTO messages (sender, message_id, received_at, peer, data)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (envelope.sender, envelope.message_id, envelope.received_at, envelope.peer,
+                 data),
+            ).lastrowid
+            return [
+                db.execute(
+                    "INSERT INTO entries (message_key, list_address, subaddress, recipient,"
+                    " state, updated_at) VALUES (?, ?, ?, ?, 'queued', ?)",
+                    (key, d.list_address, d.subaddress, d.address, now),
+                ).lastrowid
+                for d in envelope.destinations
+            ]
+
+        return self._submit("store a message", store)
+
+    def get_message(self, message_key: int) -> bytes:
+        """The stored bytes of a message; ``KeyError`` if it is not (or no longer) spooled."""
+        rows = self._read(
+            f"read message {message_key}", "SELECT data FROM messages WHERE key = ?",
+            (message_key,),
+        )
+        if not rows:
+            raise KeyError(f"no message {message_key} in spool {self.path}")
+        return bytes(rows[0][0])
+
+    def claim_due(self, now: float, limit: int) -> Deferred[list[SpoolEntry]]:
+        return _deferred_call(self._claim_due, now, limit)
+
+    def _claim_due(self, now: float, limit: int) -> Deferred[list[SpoolEntry]]:
+        limit = _check_limit(limit, allow_none=False)
+        updated_at = self._reactor.seconds()
+
+        def claim(db: sqlite3.Connection) -> list[SpoolEntry]:
+            rows = db.execute(
+                _ENTRY_QUERY + " WHERE e.state = 'queued'"
+                " OR (e.state = 'retry' AND e.next_attempt_at <= ?)"
+                " ORDER BY e.id LIMIT ?",
+                (now, limit),
+            ).fetchall()
+            db.executemany(
+                "UPDATE entries SET state = 'inflight', updated_at = ? WHERE id = ?",
+                [(updated_at, row[0]) for row in rows],
+            )
+            return [_entry_from_row(row[:6] + ("inflight",) + row[7:]) for row in rows]
+
+        return self._submit("claim due entries", claim)
+
+    def update(self, updates: Iterable[EntryUpdate]) -> Deferred[int]:
+        """Apply ``updates`` in one transaction; fires with how many entries
+        changed (ids of entries deleted meanwhile are skipped)."""
+        return _deferred_call(self._update, updates)
+
+    def _update(self, updates: Iterable[EntryUpdate]) -> Deferred[int]:
+        checked = _check_updates(updates)
+        now = self._reactor.seconds()
+        params = [
+            (u.state.value, u.next_attempt_at, u.error, int(u.count_attempt),
+             int(u.count_attempt), now, now, u.entry_id)
+            for u in checked
+        ]
+
+        def apply(db: sqlite3.Connection) -> int:
+            return db.executemany(
+                """UPDATE entries SET
+                       state = ?,
+                       next_attempt_at = ?,
+                       last_error = coalesce(nullif(?, ''), last_error),
+                       attempts = attempts + ?,
+                       first_attempt_at = CASE WHEN ? THEN coalesce(first_attempt_at, ?)
+                                          ELSE first_attempt_at END,
+                       updated_at = ?
+                   WHERE id = ?""",
+                params,
+            ).rowcount
+
+        return self._submit("update entries", apply)
+
+    def recover(self) -> Deferred[int]:
+        now = self._reactor.seconds()
+
+        def requeue(db: sqlite3.Connection) -> int:
+            return db.execute(
+                "UPDATE entries SET state = 'queued', updated_at = ? WHERE state = 'inflight'",
+                (now,),
+            ).rowcount
+
+        return self._submit("recover in-flight entries", requeue).addCallback(_log_recovered)
+
+    def entries(
+        self, state: EntryState | None = None, limit: int | None = None
+    ) -> list[SpoolEntry]:
+        state = _check_state(state)
+        limit = _check_limit(limit, allow_none=True)
+        query, params = _ENTRY_QUERY, []
+        if state is not None:
+            query += " WHERE e.state = ?"
+            params.append(state.value)
+        query += " ORDER BY e.id LIMIT ?"
+        params.append(-1 if limit is None else limit)
+        return [_entry_from_row(row) for row in self._read("list entries", query, params)]
+
+    def counts(self) -> dict[EntryState, int]:
+        rows = self._read("count entries", "SELECT state, count(*) FROM entries GROUP BY state")
+        counts = dict.fromkeys(EntryState, 0)
+        counts.update((EntryState(state), n) for state, n in rows)
+        return counts
+
+    def next_due(self) -> float | None:
+        rows = self._read(
+            "find the next retry",
+            "SELECT min(next_attempt_at) FROM entries WHERE state = 'retry'",
+        )
+        return rows[0][0]
+
+    def retry_now(self, entry_ids: Iterable[int] | None = None) -> Deferred[int]:
+        """Make RETRY and FAILED entries QUEUED again (attempt history is kept);
+        fires with how many changed."""
+        return _deferred_call(self._retry_now, entry_ids)
+
+    def _retry_now(self, entry_ids: Iterable[int] | None) -> Deferred[int]:
+        ids = None if entry_ids is None else _check_ids(entry_ids)
+        now = self._reactor.seconds()
+        sql = (
+            "UPDATE entries SET state = 'queued', next_attempt_at = NULL, updated_at = ?"
+            " WHERE state IN ('retry', 'failed')"
+        )
+
+        def requeue(db: sqlite3.Connection) -> int:
+            if ids is None:
+                return db.execute(sql, (now,)).rowcount
+            return db.executemany(sql + " AND id = ?", [(now, i) for i in ids]).rowcount
+
+        return self._submit("requeue entries", requeue)
+
+    def delete(self, entry_ids: Iterable[int]) -> Deferred[int]:
+        return _deferred_call(self._delete, entry_ids)
+
+    def _delete(self, entry_ids: Iterable[int]) -> Deferred[int]:
+        ids = _check_ids(entry_ids)
+
+        def remove(db: sqlite3.Connection) -> int:
+            # The entries_drop_message trigger removes orphaned messages.
+            return db.executemany("DELETE FROM entries WHERE id = ?", [(i,) for i in ids]).rowcount
+
+        return self._submit("delete entries", remove)
+
+    def close(self) -> Deferred[None]:
+        """Commit the writes already requested, stop the writer thread and
+        close the database; refuses new writes at once."""
+        if self._close_waiters is None:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._close_waiters.append(d)
+        if not self._closing:
+            self._closing = True
+            self._queue.put(_STOP)
+        return d
+
+
+def _log_recovered(count: int) -> int:
+    if count:
+        log.info("Returned {count} in-flight entries to the queue", count=count)
+    return count
+
+
+# -- in memory ---------------------------------------------------------------
+
+
+@dataclass
+class _MemoryEntry:
+    entry_id: int
+    message_key: int
+    destination: Destination
+    state: EntryState
+    attempts: int = 0
+    first_attempt_at: float | None = None
+    next_attempt_at: float | None = None
+    last_error: str = ""
+    updated_at: float = 0.0
+
+
+@implementer(ISpool)
+class MemorySpool:
+    """An :class:`ISpool` in memory, for tests and embedders.
+
+    Deferreds fire before the method returns; ``clock`` (an ``IReactorTime``)
+    stamps attempts.  Nothing survives the process.
+    """
+
+    def __init__(self, clock: Any) -> None:
+        self._clock = clock
+        self._messages: dict[int, tuple[Envelope, bytes]] = {}
+        self._entries: dict[int, _MemoryEntry] = {}
+        self._next_key = 1
+        self._next_id = 1
+        self._closed = False
+
+    def _entry(self, row: _MemoryEntry) -> SpoolEntry:
+        envelope = self._messages[row.message_key][0]
+        return SpoolEntry(
+            entry_id=row.entry_id,
+            message_key=row.message_key,
+            sender=envelope.sender,
+            destination=row.destination,
+            state=row.state,
+            received_at=envelope.received_at,
+            attempts=row.attempts,
+            first_attempt_at=row.first_attempt_at,
+            next_attempt_at=row.next_attempt_at,
+            last_error=row.last_error,
+            message_id=envelope.message_id,
+        )
+
+    def _check_open(self, doing: str) -> None:
+        if self._closed:
+            raise SpoolError(f"memory spool is closed: cannot {doing}")
+
+    def _write(self, doing: str, f: Callable[..., _T], *args: Any) -> Deferred[_T]:
+        try:
+            self._check_open(doing)
+            return succeed(f(*args))
+        except (TypeError, ValueError, SpoolError) as e:
+            return fail(e)
+
+    def enqueue(self, envelope: Envelope, message: bytes) -> Deferred[list[int]]:
+        return self._write("store a message", self._enqueue, envelope, message)
+
+    def _enqueue(self, envelope: Envelope, message: bytes) -> list[int]:
+        envelope, data = _check_enqueue(envelope, message)
+        key, self._next_key = self._next_key, self._next_key + 1
+        self._messages[key] = (envelope, data)
+        ids = []
+        for destination in envelope.destinations:
+            entry_id, self._next_id = self._next_id, self._next_id + 1
+            self._entries[entry_id] = _MemoryEntry(
+                entry_id, key, destination, EntryState.QUEUED, updated_at=self._clock.seconds()
+            )
+            ids.append(entry_id)
+        return ids
+
+    def get_message(self, message_key: int) -> bytes:
+        """The stored bytes of a message; ``KeyError`` if it is not (or no longer) spooled."""
+        self._check_open(f"read message {message_key}")
+        try:
+            return self._messages[message_key][1]
+        except KeyError:
+            raise KeyError(f"no message {message_key} in the memory spool") from None
+
+    def claim_due(self, now: float, limit: int) -> Deferred[list[SpoolEntry]]:
+        return self._write("claim due entries", self._claim_due, now, limit)
+
+    def _claim_due(self, now: float, limit: int) -> list[SpoolEntry]:
+        limit = _check_limit(limit, allow_none=False)
+        due = [
+            row for row in self._entries.values()
+            if row.state is EntryState.QUEUED
+            or (row.state is EntryState.RETRY and row.next_attempt_at is not None
+                and row.next_attempt_at <= now)
+        ][:limit]
+        for row in due:
+            row.state = EntryState.INFLIGHT
+            row.updated_at = self._clock.seconds()
+        return [self._entry(row) for row in due]
+
+    def update(self, updates: Iterable[EntryUpdate]) -> Deferred[int]:
+        """Apply ``updates``; fires with how many entries changed (unknown ids are skipped)."""
+        return self._write("update entries", self._update, updates)
+
+    def _update(self, updates: Iterable[EntryUpdate]) -> int:
+        now = self._clock.seconds()
+        changed = 0
+        for update in _check_updates(updates):
+            row = self._entries.get(update.entry_id)
+            if row is None:
+                continue
+            row.state = update.state
+            row.next_attempt_at = update.next_attempt_at
+            row.last_error = update.error or row.last_error
+            if update.count_attempt:
+                row.attempts += 1
+                if row.first_attempt_at is None:
+                    row.first_attempt_at = now
+            row.updated_at = now
+            changed += 1
+        return changed
+
+    def recover(self) -> Deferred[int]:
+        return self._write("recover in-flight entries", self._recover).addCallback(
+            _log_recovered
+        )
+
+    def _recover(self) -> int:
+        return self._move({EntryState.INFLIGHT}, None, keep_retry_time=True)
+
+    def _move(
+        self, states: set[EntryState], ids: list[int] | None, keep_retry_time: bool = False
+    ) -> int:
+        rows = self._entries.values() if ids is None else [
+            self._entries[i] for i in ids if i in self._entries
+        ]
+        moved = 0
+        for row in rows:
+            if row.state in states:
+                row.state = EntryState.QUEUED
+                if not keep_retry_time:
+                    row.next_attempt_at = None
+                row.updated_at = self._clock.seconds()
+                moved += 1
+        return moved
+
+    def entries(
+        self, state: EntryState | None = None, limit: int | None = None
+    ) -> list[SpoolEntry]:
+        self._check_open("list entries")
+        state = _check_state(state)
+        limit = _check_limit(limit, allow_none=True)
+        rows = [row for row in self._entries.values() if state is None or row.state is state]
+        return [self._entry(row) for row in rows[:limit]]
+
+    def counts(self) -> dict[EntryState, int]:
+        self._check_open("count entries")
+        counts = dict.fromkeys(EntryState, 0)
+        for row in self._entries.values():
+            counts[row.state] += 1
+        return counts
+
+    def next_due(self) -> float | None:
+        self._check_open("find the next retry")
+        times = [
+            row.next_attempt_at for row in self._entries.values()
+            if row.state is EntryState.RETRY and row.next_attempt_at is not None
+        ]
+        return min(times, default=None)
+
+    def retry_now(self, entry_ids: Iterable[int] | None = None) -> Deferred[int]:
+        """Make RETRY and FAILED entries QUEUED again (attempt history is kept);
+        fires with how many changed."""
+        return self._write("requeue entries", self._retry_now, entry_ids)
+
+    def _retry_now(self, entry_ids: Iterable[int] | None) -> int:
+        ids = None if entry_ids is None else _check_ids(entry_ids)
+        return self._move({EntryState.RETRY, EntryState.FAILED}, ids)
+
+    def delete(self, entry_ids: Iterable[int]) -> Deferred[int]:
+        return self._write("delete entries", self._delete, entry_ids)
+
+    def _delete(self, entry_ids: Iterable[int]) -> int:
+        deleted = 0
+        for entry_id in _check_ids(entry_ids):
+            row = self._entries.pop(entry_id, None)
+            if row is None:
+                continue
+            deleted += 1
+            if not any(r.message_key == row.message_key for r in self._entries.values()):
+                del self._messages[row.message_key]
+        return deleted
+
+    def close(self) -> Deferred[None]:
+        self._closed = True
+        return succeed(None)

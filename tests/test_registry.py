@@ -1,0 +1,298 @@
+"""Tests for :mod:`mailrelay.registry`: one contract, two stores, plus SQLite specifics."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import stat
+import tempfile
+import time
+
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from mailrelay.errors import RegistryError, RegistryUnavailable
+from mailrelay.interfaces import IListRegistry
+from mailrelay.model import Destination, MailingList, Member
+from mailrelay.registry import SCHEMA_VERSION, MemoryRegistry, SQLiteRegistry
+
+
+def _temp_dir(case) -> str:
+    """A fresh directory removed after the test.
+
+    Not ``TestCase.mktemp``: under pytest that path is relative to the
+    checkout, so the test would leave files in the working tree.
+    """
+    path = tempfile.mkdtemp(prefix="mailrelay-test-")
+    case.addCleanup(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+class RegistryContractMixin:
+    """Behaviour every IListRegistry must have; mixed into one TestCase per store."""
+
+    def make_registry(self):
+        raise NotImplementedError
+
+    def setUp(self):
+        self.registry = self.make_registry()
+        self.addCleanup(self.registry.close)
+
+    def test_provides_interface(self):
+        """The store fully implements IListRegistry."""
+        self.assertTrue(verifyObject(IListRegistry, self.registry))
+
+    def test_create_and_get(self):
+        """A created list is returned lower-cased, with owners in order and deduplicated."""
+        created = self.registry.create_list(
+            "Test@Example.COM", "Test list", ["Owner@example.org", "b@example.org",
+                                              "owner@EXAMPLE.org"]
+        )
+        expected = MailingList("test@example.com", "Test list",
+                               ("owner@example.org", "b@example.org"))
+        self.assertEqual(created, expected)
+        self.assertEqual(self.registry.get_list("TEST@example.com"), expected)
+        self.assertIsNone(self.registry.get_list("other@example.com"))
+
+    def test_create_duplicate(self):
+        """Creating an existing list (in any case) fails, naming the address."""
+        self.registry.create_list("test@example.com")
+        e = self.assertRaises(RegistryError, self.registry.create_list, "TEST@example.com")
+        self.assertIn("test@example.com already exists", str(e))
+
+    def test_create_invalid(self):
+        """Invalid list or owner addresses are refused by name, and nothing is created."""
+        for address in ("not-an-address", "a@b@c", "te+st@example.com", ""):
+            with self.subTest(address=address):
+                e = self.assertRaises(RegistryError, self.registry.create_list, address)
+                self.assertIn(repr(address), str(e))
+        e = self.assertRaises(
+            RegistryError, self.registry.create_list, "test@example.com", "", ["bad owner"]
+        )
+        self.assertIn("'bad owner'", str(e))
+        self.assertEqual(self.registry.lists(), ())
+
+    def test_lists_sorted(self):
+        """lists() returns every list sorted by posting address."""
+        for address in ("b@example.com", "a@example.org", "a@example.com"):
+            self.registry.create_list(address)
+        self.assertEqual(
+            [m.posting_address for m in self.registry.lists()],
+            ["a@example.com", "a@example.org", "b@example.com"],
+        )
+
+    def test_delete_list(self):
+        """Deleting a list removes it and its members; re-creating it starts empty."""
+        self.registry.create_list("test@example.com")
+        self.registry.add_members("test@example.com", ["a@example.org"])
+        self.registry.delete_list("TEST@example.com")
+        self.assertIsNone(self.registry.get_list("test@example.com"))
+        self.assertIsNone(self.registry.resolve("test@example.com"))
+        self.registry.create_list("test@example.com")
+        self.assertEqual(self.registry.members("test@example.com"), ())
+
+    def test_delete_unknown(self):
+        """Deleting a list that does not exist fails, naming it."""
+        e = self.assertRaises(RegistryError, self.registry.delete_list, "nope@example.com")
+        self.assertIn("nope@example.com", str(e))
+
+    def test_add_members_reports_duplicates(self):
+        """Existing members (any case) and repeats are returned; the rest are added."""
+        self.registry.create_list("test@example.com")
+        self.assertEqual(
+            self.registry.add_members("test@example.com", [Member("a@example.org", "Anne")]), ()
+        )
+        duplicates = self.registry.add_members(
+            "test@example.com",
+            [Member("A@Example.org", "Other"), Member("b@example.org"), "c@example.org",
+             "B@example.org"],
+        )
+        self.assertEqual(duplicates, ("a@example.org", "b@example.org"))
+        self.assertEqual(
+            self.registry.members("test@example.com"),
+            (Member("a@example.org", "Anne"), Member("b@example.org"), Member("c@example.org")),
+        )
+
+    def test_add_members_is_atomic(self):
+        """One invalid address refuses the whole batch, naming the address."""
+        self.registry.create_list("test@example.com")
+        members = [f"m{i}@example.org" for i in range(100)] + ["bad address"]
+        e = self.assertRaises(RegistryError, self.registry.add_members,
+                              "test@example.com", members)
+        self.assertIn("'bad address'", str(e))
+        self.assertEqual(self.registry.members("test@example.com"), ())
+
+    def test_add_members_unknown_list(self):
+        """Adding to a list that does not exist fails, naming it."""
+        e = self.assertRaises(RegistryError, self.registry.add_members,
+                              "nope@example.com", ["a@example.org"])
+        self.assertIn("nope@example.com", str(e))
+
+    def test_members_sorted_and_filtered(self):
+        """members() is sorted by address; enabled_only drops disabled deliveries."""
+        self.registry.create_list("test@example.com")
+        self.registry.add_members("test@example.com", [
+            Member("c@example.org"), Member("a@example.org", delivery_enabled=False),
+            Member("b@example.org", "Bea"),
+        ])
+        self.assertEqual(
+            [m.address for m in self.registry.members("test@example.com")],
+            ["a@example.org", "b@example.org", "c@example.org"],
+        )
+        self.assertEqual(
+            self.registry.members("test@example.com", enabled_only=True),
+            (Member("b@example.org", "Bea"), Member("c@example.org")),
+        )
+        self.assertRaises(RegistryError, self.registry.members, "nope@example.com")
+
+    def test_remove_members(self):
+        """remove_members returns the addresses that were not members."""
+        self.registry.create_list("test@example.com")
+        self.registry.add_members("test@example.com", ["a@example.org", "b@example.org"])
+        missing = self.registry.remove_members(
+            "test@example.com", ["A@example.org", "z@example.org"]
+        )
+        self.assertEqual(missing, ("z@example.org",))
+        self.assertEqual(self.registry.members("test@example.com"), (Member("b@example.org"),))
+        self.assertRaises(RegistryError, self.registry.remove_members,
+                          "nope@example.com", ["a@example.org"])
+
+    def test_resolve(self):
+        """resolve maps posting and sub-addresses, and list-name-wins applies."""
+        self.registry.create_list("test@example.com")
+        self.assertEqual(
+            self.registry.resolve("Test-Bounces+x=y.org@example.com"),
+            Destination("test@example.com", "bounces", "test-bounces+x=y.org@example.com"),
+        )
+        self.assertEqual(self.registry.resolve("test-join@example.com").subaddress, "join")
+        self.registry.create_list("test-join@example.com")
+        self.assertEqual(
+            self.registry.resolve("test-join@example.com"),
+            Destination("test-join@example.com", None, "test-join@example.com"),
+        )
+        self.assertIsNone(self.registry.resolve("test-admin@example.com"))
+        self.assertIsNone(self.registry.resolve("notalist@example.com"))
+
+
+class MemoryRegistryTests(RegistryContractMixin, SynchronousTestCase):
+    """The contract, against MemoryRegistry."""
+
+    def make_registry(self):
+        return MemoryRegistry()
+
+
+class SQLiteRegistryTests(RegistryContractMixin, SynchronousTestCase):
+    """The contract, against SQLiteRegistry."""
+
+    def make_registry(self):
+        self.path = os.path.join(_temp_dir(self), "lists", "registry.sqlite")
+        return SQLiteRegistry(self.path)
+
+
+class SQLiteRegistryStorageTests(SynchronousTestCase):
+    """What only the SQLite store does: files, schema, sharing, errors, speed."""
+
+    def setUp(self):
+        self.path = os.path.join(_temp_dir(self), "lists", "registry.sqlite")
+
+    def open(self):
+        registry = SQLiteRegistry(self.path)
+        self.addCleanup(registry.close)
+        return registry
+
+    def test_creates_private_files(self):
+        """The directory is created 0750 and the database 0640, with the current schema."""
+        old_umask = os.umask(0o022)
+        try:
+            self.open()
+        finally:
+            os.umask(old_umask)
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.dirname(self.path)).st_mode), 0o750)
+        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o640)
+        with sqlite3.connect(self.path) as db:
+            self.assertEqual(db.execute("PRAGMA user_version").fetchone(), (SCHEMA_VERSION,))
+            tables = {name for (name,) in db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        self.assertEqual(tables, {"lists", "owners", "members"})
+
+    def test_persists(self):
+        """Lists, owners and members survive closing and reopening the file."""
+        registry = self.open()
+        registry.create_list("test@example.com", "Test", ["owner@example.org"])
+        registry.add_members("test@example.com", [Member("a@example.org", "Anne", False)])
+        registry.close()
+        again = self.open()
+        self.assertEqual(again.get_list("test@example.com"),
+                         MailingList("test@example.com", "Test", ("owner@example.org",)))
+        self.assertEqual(again.members("test@example.com"),
+                         (Member("a@example.org", "Anne", False),))
+
+    def test_newer_schema_refused(self):
+        """A file written by a newer schema is refused with a clear message, not misread."""
+        self.open().close()
+        with sqlite3.connect(self.path) as db:
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+        e = self.assertRaises(RegistryError, SQLiteRegistry, self.path)
+        self.assertIn("schema version", str(e))
+
+    def test_sees_changes_from_another_connection(self):
+        """resolve sees lists created and deleted through another connection (the CLI)."""
+        server = self.open()
+        cli = self.open()
+        self.assertIsNone(server.resolve("new@example.com"))
+        cli.create_list("new@example.com")
+        self.assertEqual(server.resolve("new-request@example.com").list_address,
+                         "new@example.com")
+        cli.delete_list("new@example.com")
+        self.assertIsNone(server.resolve("new@example.com"))
+
+    def test_sees_changes_from_raw_sql(self):
+        """Changes committed by any SQLite client, not only mailrelay, reach resolve."""
+        server = self.open()
+        self.assertIsNone(server.resolve("raw@example.com"))
+        with sqlite3.connect(self.path) as db:
+            db.execute("INSERT INTO lists VALUES ('raw@example.com', '', 0)")
+        self.assertIsNotNone(server.resolve("raw@example.com"))
+
+    def test_resolve_answers_from_memory(self):
+        """Without changes, resolve does not re-read the list table on each RCPT."""
+        server = self.open()
+        server.create_list("test@example.com")
+        statements = []
+        server._db.set_trace_callback(statements.append)
+        for _ in range(100):
+            server.resolve("test@example.com")
+        reads = [s for s in statements if "FROM lists" in s]
+        self.assertEqual(len(reads), 1)
+
+    def test_resolve_error_is_temporary(self):
+        """When SQLite fails, resolve raises RegistryUnavailable (451), never None (550)."""
+        server = self.open()
+        server.close()
+        self.assertRaises(RegistryUnavailable, server.resolve, "test@example.com")
+
+    def test_unopenable_is_unavailable(self):
+        """A file that is not a database, or a path that cannot exist, names the path."""
+        os.makedirs(os.path.dirname(self.path))
+        with open(self.path, "wb") as f:
+            f.write(b"this is not an SQLite database" * 100)
+        e = self.assertRaises(RegistryUnavailable, SQLiteRegistry, self.path)
+        self.assertIn(self.path, str(e))
+        blocked = os.path.join(self.path, "sub", "registry.sqlite")
+        e = self.assertRaises(RegistryUnavailable, SQLiteRegistry, blocked)
+        self.assertIn(blocked, str(e))
+
+    def test_hundred_thousand_members(self):
+        """100,000 members are added in one call well under 2 s, and read back sorted."""
+        registry = self.open()
+        registry.create_list("big@example.com")
+        addresses = [f"member{i:06d}@example.org" for i in range(100_000)]
+        started = time.perf_counter()
+        self.assertEqual(registry.add_members("big@example.com", reversed(addresses)), ())
+        elapsed = time.perf_counter() - started
+        self.assertLess(elapsed, 2.0)
+        members = registry.members("big@example.com")
+        self.assertEqual([m.address for m in members], addresses)
+        # The second time every one of them is a duplicate and nothing changes.
+        self.assertEqual(len(registry.add_members("big@example.com", addresses[:10])), 10)

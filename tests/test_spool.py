@@ -1,0 +1,489 @@
+"""Tests for :mod:`mailrelay.spool`: one contract, two spools, plus SQLite durability."""
+
+from __future__ import annotations
+
+import os
+import selectors
+import shutil
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from twisted.internet import reactor, task
+from twisted.internet.defer import gatherResults
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface.verify import verifyObject
+
+import mailrelay
+from mailrelay.errors import SpoolError
+from mailrelay.interfaces import ISpool
+from mailrelay.model import Destination, EntryState, Envelope
+from mailrelay.spool import SCHEMA_VERSION, EntryUpdate, MemorySpool, SQLiteSpool
+
+POST = Destination("test@example.com", None, "test@example.com")
+JOIN = Destination("test@example.com", "join", "test-join+x@example.com")
+
+
+def _temp_dir(case) -> str:
+    """A fresh directory removed after the test.
+
+    Not ``TestCase.mktemp``: under pytest that path is relative to the
+    checkout, so the test would leave files in the working tree.
+    """
+    path = tempfile.mkdtemp(prefix="mailrelay-test-")
+    case.addCleanup(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+def _envelope(*destinations: Destination, message_id: str = "<1@example.org>") -> Envelope:
+    return Envelope(
+        sender="anne@example.org",
+        destinations=destinations or (POST,),
+        received_at=1000.0,
+        peer="127.0.0.1",
+        message_id=message_id,
+    )
+
+
+class SpoolContractMixin:
+    """Behaviour every ISpool must have; mixed into one TestCase per spool."""
+
+    def make_spool(self):
+        """A fresh, empty spool; closed by a cleanup."""
+        raise NotImplementedError
+
+    def setUp(self):
+        self.spool = self.make_spool()
+
+    async def enqueue_one(self, *destinations, message=b"Subject: hi\r\n\r\nbody\r\n"):
+        return await self.spool.enqueue(_envelope(*destinations), message)
+
+    def test_provides_interface(self):
+        """The spool fully implements ISpool."""
+        self.assertTrue(verifyObject(ISpool, self.spool))
+
+    async def test_enqueue(self):
+        """One QUEUED entry per destination, in order, sharing one stored message."""
+        ids = await self.enqueue_one(POST, JOIN, POST, message=b"the message")
+        self.assertEqual(len(ids), 3)
+        self.assertEqual(ids, sorted(ids))
+        entries = self.spool.entries()
+        self.assertEqual([e.entry_id for e in entries], ids)
+        self.assertEqual([e.destination for e in entries], [POST, JOIN, POST])
+        self.assertEqual({e.message_key for e in entries}, {entries[0].message_key})
+        first = entries[0]
+        self.assertEqual(
+            (first.state, first.sender, first.received_at, first.message_id, first.attempts,
+             first.first_attempt_at, first.next_attempt_at, first.last_error),
+            (EntryState.QUEUED, "anne@example.org", 1000.0, "<1@example.org>", 0, None, None,
+             ""),
+        )
+        self.assertEqual(self.spool.get_message(first.message_key), b"the message")
+
+    async def test_enqueue_null_sender(self):
+        """The null reverse-path is stored as the empty string."""
+        envelope = Envelope("", (POST,), 5.0)
+        await self.spool.enqueue(envelope, b"x")
+        self.assertEqual(self.spool.entries()[0].sender, "")
+
+    async def test_enqueue_bad_input(self):
+        """Bad envelopes and messages fail the Deferred with a specific error; nothing is stored."""
+        with self.assertRaises(ValueError):
+            await self.spool.enqueue(Envelope("a@example.org", (), 0.0), b"x")
+        with self.assertRaises(TypeError):
+            await self.spool.enqueue(_envelope(), "not bytes")
+        with self.assertRaises(TypeError):
+            await self.spool.enqueue(("a@example.org", [POST]), b"x")
+        self.assertEqual(self.spool.entries(), [])
+
+    def test_get_message_unknown(self):
+        """An unknown message key raises KeyError."""
+        self.assertRaises(KeyError, self.spool.get_message, 12345)
+
+    async def test_claim_due(self):
+        """QUEUED and due RETRY entries go INFLIGHT, oldest first, up to the limit."""
+        ids = await self.enqueue_one(POST, POST, POST, POST)
+        await self.spool.update([EntryUpdate(ids[0], EntryState.RETRY, next_attempt_at=50.0),
+                                 EntryUpdate(ids[1], EntryState.RETRY, next_attempt_at=10.0)])
+        claimed = await self.spool.claim_due(now=20.0, limit=10)
+        self.assertEqual([e.entry_id for e in claimed], ids[1:])
+        self.assertEqual({e.state for e in claimed}, {EntryState.INFLIGHT})
+        self.assertEqual(await self.spool.claim_due(now=20.0, limit=10), [])
+        self.assertEqual(self.spool.counts()[EntryState.INFLIGHT], 3)
+        self.assertEqual([e.entry_id for e in await self.spool.claim_due(50.0, 10)], ids[:1])
+
+    async def test_claim_due_limit(self):
+        """claim_due never claims more than ``limit``, and the rest stay QUEUED."""
+        ids = await self.enqueue_one(POST, POST, POST)
+        self.assertEqual([e.entry_id for e in await self.spool.claim_due(0.0, 2)], ids[:2])
+        self.assertEqual(await self.spool.claim_due(0.0, 0), [])
+        self.assertEqual([e.entry_id for e in self.spool.entries(EntryState.QUEUED)], ids[2:])
+        with self.assertRaises(ValueError):
+            await self.spool.claim_due(0.0, -1)
+
+    async def test_update_attempts(self):
+        """count_attempt counts attempts and sets first_attempt_at once; errors are kept."""
+        (entry_id,) = await self.enqueue_one()
+        changed = await self.spool.update(
+            [EntryUpdate(entry_id, EntryState.RETRY, 100.0, "451 try later", True)]
+        )
+        self.assertEqual(changed, 1)
+        (entry,) = self.spool.entries()
+        self.assertEqual((entry.state, entry.attempts, entry.next_attempt_at, entry.last_error),
+                         (EntryState.RETRY, 1, 100.0, "451 try later"))
+        first = entry.first_attempt_at
+        self.assertIsNotNone(first)
+        await self.spool.update([EntryUpdate(entry_id, EntryState.DONE, count_attempt=True)])
+        (entry,) = self.spool.entries()
+        self.assertEqual(
+            (entry.state, entry.attempts, entry.first_attempt_at, entry.next_attempt_at,
+             entry.last_error),
+            (EntryState.DONE, 2, first, None, "451 try later"),
+        )
+
+    async def test_update_unknown_entries_skipped(self):
+        """Updates for entries that no longer exist are skipped, not fatal to the batch."""
+        (entry_id,) = await self.enqueue_one()
+        changed = await self.spool.update(
+            [EntryUpdate(entry_id + 1000, EntryState.DONE), EntryUpdate(entry_id, EntryState.DONE)]
+        )
+        self.assertEqual(changed, 1)
+        self.assertEqual(self.spool.entries()[0].state, EntryState.DONE)
+
+    async def test_update_bad_input(self):
+        """update refuses things that are not EntryUpdates."""
+        with self.assertRaises(TypeError):
+            await self.spool.update([(1, "done")])
+
+    async def test_recover(self):
+        """recover returns every INFLIGHT entry to QUEUED and counts them."""
+        await self.enqueue_one(POST, POST, POST)
+        await self.spool.claim_due(0.0, 2)
+        self.assertEqual(await self.spool.recover(), 2)
+        self.assertEqual(self.spool.counts()[EntryState.QUEUED], 3)
+        self.assertEqual(await self.spool.recover(), 0)
+
+    async def test_counts_and_next_due(self):
+        """counts covers every state; next_due is the earliest RETRY time."""
+        self.assertEqual(self.spool.counts(), dict.fromkeys(EntryState, 0))
+        self.assertIsNone(self.spool.next_due())
+        ids = await self.enqueue_one(POST, POST, POST, POST)
+        await self.spool.update([
+            EntryUpdate(ids[0], EntryState.RETRY, 300.0),
+            EntryUpdate(ids[1], EntryState.RETRY, 200.0),
+            EntryUpdate(ids[2], EntryState.FAILED, error="550 no such user"),
+        ])
+        counts = self.spool.counts()
+        self.assertEqual(counts[EntryState.RETRY], 2)
+        self.assertEqual(counts[EntryState.FAILED], 1)
+        self.assertEqual(counts[EntryState.QUEUED], 1)
+        self.assertEqual(counts[EntryState.HELD], 0)
+        self.assertEqual(self.spool.next_due(), 200.0)
+
+    async def test_entries_filter_and_limit(self):
+        """entries() filters by state and limits, in id order; a bad state is refused."""
+        ids = await self.enqueue_one(POST, POST, POST)
+        await self.spool.update([EntryUpdate(ids[1], EntryState.HELD)])
+        self.assertEqual([e.entry_id for e in self.spool.entries(EntryState.HELD)], [ids[1]])
+        self.assertEqual([e.entry_id for e in self.spool.entries("queued")], [ids[0], ids[2]])
+        self.assertEqual([e.entry_id for e in self.spool.entries(limit=2)], ids[:2])
+        self.assertRaises(ValueError, self.spool.entries, "bogus")
+        self.assertRaises(ValueError, self.spool.entries, None, -1)
+
+    async def test_retry_now(self):
+        """retry_now requeues RETRY and FAILED entries (all, or those named), keeping history."""
+        ids = await self.enqueue_one(POST, POST, POST, POST)
+        await self.spool.update([
+            EntryUpdate(ids[0], EntryState.RETRY, 300.0, "451 later", True),
+            EntryUpdate(ids[1], EntryState.FAILED, error="550 gone"),
+            EntryUpdate(ids[2], EntryState.DONE),
+        ])
+        self.assertEqual(await self.spool.retry_now([ids[1], ids[2], ids[3]]), 1)
+        self.assertEqual(await self.spool.retry_now(), 1)
+        entries = self.spool.entries()
+        self.assertEqual([e.state for e in entries],
+                         [EntryState.QUEUED, EntryState.QUEUED, EntryState.DONE,
+                          EntryState.QUEUED])
+        self.assertEqual((entries[0].attempts, entries[0].last_error, entries[0].next_attempt_at),
+                         (1, "451 later", None))
+        self.assertIsNone(self.spool.next_due())
+
+    async def test_delete_drops_message_with_last_entry(self):
+        """A message is kept while any of its entries is, and removed with the last one."""
+        ids = await self.enqueue_one(POST, JOIN)
+        key = self.spool.entries()[0].message_key
+        self.assertEqual(await self.spool.delete([ids[0], 999999]), 1)
+        self.assertEqual(self.spool.get_message(key), b"Subject: hi\r\n\r\nbody\r\n")
+        self.assertEqual(await self.spool.delete([ids[1]]), 1)
+        self.assertRaises(KeyError, self.spool.get_message, key)
+        self.assertEqual(self.spool.entries(), [])
+        with self.assertRaises(TypeError):
+            await self.spool.delete(5)
+
+    async def test_ids_never_reused(self):
+        """Deleting the newest entry does not let a later entry take its id."""
+        (first,) = await self.enqueue_one()
+        await self.spool.delete([first])
+        (second,) = await self.enqueue_one()
+        self.assertGreater(second, first)
+
+    async def test_closed_refuses_writes(self):
+        """After close, writes fail with SpoolError."""
+        await self.spool.close()
+        with self.assertRaises(SpoolError):
+            await self.enqueue_one()
+
+
+class EntryUpdateTests(SynchronousTestCase):
+    """EntryUpdate checks its fields when made."""
+
+    def test_retry_needs_time(self):
+        """A RETRY without next_attempt_at would never be due again: refused."""
+        self.assertRaises(ValueError, EntryUpdate, 1, EntryState.RETRY)
+
+    def test_state_coerced_and_checked(self):
+        """State strings become EntryState; unknown states are refused by name."""
+        self.assertIs(EntryUpdate(1, "done").state, EntryState.DONE)
+        e = self.assertRaises(ValueError, EntryUpdate, 1, "delivered")
+        self.assertIn("'delivered'", str(e))
+
+    def test_entry_id_checked(self):
+        """The entry id must be an int."""
+        self.assertRaises(TypeError, EntryUpdate, "1", EntryState.DONE)
+
+
+class MemorySpoolTests(SpoolContractMixin, TestCase):
+    """The contract, against MemorySpool."""
+
+    def make_spool(self):
+        self.clock = task.Clock()
+        spool = MemorySpool(self.clock)
+        self.addCleanup(spool.close)
+        return spool
+
+    async def test_first_attempt_uses_clock(self):
+        """first_attempt_at comes from the injected clock."""
+        self.clock.advance(1234.5)
+        (entry_id,) = await self.enqueue_one()
+        await self.spool.update([EntryUpdate(entry_id, EntryState.DONE, count_attempt=True)])
+        self.assertEqual(self.spool.entries()[0].first_attempt_at, 1234.5)
+
+
+def _hold_writer(spool):
+    """Keep the writer thread busy until the returned function is called, so
+    that the requests made meanwhile are committed together in one batch."""
+    started, gate = threading.Event(), threading.Event()
+
+    def hold(db):
+        started.set()
+        gate.wait(10)
+
+    spool._submit("wait", hold)
+    started.wait(10)
+    return gate.set
+
+
+def _writer_threads():
+    return [t for t in threading.enumerate() if t.name.startswith("mailrelay spool writer")]
+
+
+class SQLiteSpoolTests(SpoolContractMixin, TestCase):
+    """The contract, against SQLiteSpool, plus what only the SQLite spool does."""
+
+    def make_spool(self):
+        self.path = os.path.join(_temp_dir(self), "spool", "spool.sqlite")
+        return self.open()
+
+    def open(self, **kwargs):
+        spool = SQLiteSpool(self.path, reactor, **kwargs)
+        self.addCleanup(spool.close)
+        return spool
+
+    async def test_file_layout(self):
+        """WAL, synchronous=FULL writes, the schema version, a 0750 dir and a 0640 file."""
+        synchronous = await self.spool._submit(
+            "read a setting", lambda db: db.execute("PRAGMA synchronous").fetchone()
+        )
+        self.assertEqual(synchronous, (2,))  # FULL
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.dirname(self.path)).st_mode) & 0o027, 0)
+        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o640)
+        with sqlite3.connect(self.path) as db:
+            self.assertEqual(db.execute("PRAGMA journal_mode").fetchone(), ("wal",))
+            self.assertEqual(db.execute("PRAGMA user_version").fetchone(), (SCHEMA_VERSION,))
+
+    async def test_newer_schema_refused(self):
+        """A spool written by a newer schema is refused with a clear SpoolError."""
+        await self.spool.close()
+        with sqlite3.connect(self.path) as db:
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+        e = self.assertRaises(SpoolError, SQLiteSpool, self.path, reactor)
+        self.assertIn("schema version", str(e))
+
+    async def test_reads_do_not_wait_for_writer(self):
+        """Reads answer from committed data while the writer holds a write transaction."""
+        ids = await self.enqueue_one()
+        release = _hold_writer(self.spool)
+        pending = self.spool.enqueue(_envelope(), b"later")
+        try:
+            self.assertEqual([e.entry_id for e in self.spool.entries()], ids)
+            self.assertEqual(self.spool.counts()[EntryState.QUEUED], 1)
+        finally:
+            release()
+        await pending
+        self.assertEqual(self.spool.counts()[EntryState.QUEUED], 2)
+
+    async def test_survives_reopen(self):
+        """Acknowledged entries and messages are there after closing and reopening."""
+        ids = await self.enqueue_one(POST, JOIN, message=b"kept")
+        await self.spool.close()
+        again = self.open()
+        entries = again.entries()
+        self.assertEqual([e.entry_id for e in entries], ids)
+        self.assertEqual(again.get_message(entries[0].message_key), b"kept")
+
+    async def test_group_commit(self):
+        """50 concurrent enqueues share far fewer than 50 commits."""
+        before = self.spool.commit_count
+        results = await gatherResults(
+            [self.spool.enqueue(_envelope(), b"message %d" % n) for n in range(50)]
+        )
+        self.assertEqual(len({i for ids in results for i in ids}), 50)
+        self.assertLessEqual(self.spool.commit_count - before, 5)
+
+    async def test_close_drains_and_stops_thread(self):
+        """close() commits writes already requested, then the writer thread is gone."""
+        self.assertEqual(len(_writer_threads()), 1)
+        pending = [self.spool.enqueue(_envelope(), b"m") for _ in range(20)]
+        closed = self.spool.close()
+        self.assertEqual(len(await gatherResults(pending)), 20)
+        await closed
+        self.assertEqual(_writer_threads(), [])
+        self.assertRaises(SpoolError, self.spool.entries)
+        await self.spool.close()  # a second close is harmless
+        self.assertEqual(len(self.open().entries()), 20)
+
+    async def test_disk_full(self):
+        """Out of space fails that enqueue with disk_full; the rest of its batch is stored."""
+        await self.spool.close()
+        spool = self.open(max_bytes=256 * 1024)
+        release = _hold_writer(spool)
+        # Both land in one batch; SQLite rolls back the whole transaction
+        # when it runs out of pages, so the small one must be retried.
+        too_big = spool.enqueue(_envelope(), b"x" * (1024 * 1024))
+        small = spool.enqueue(_envelope(), b"small")
+        release()
+        with self.assertRaises(SpoolError) as caught:
+            await too_big
+        self.assertTrue(caught.exception.disk_full)
+        self.assertIn(self.path, str(caught.exception))
+        (small_id,) = await small
+        self.assertEqual([e.entry_id for e in spool.entries()], [small_id])
+        self.assertEqual(len(await spool.enqueue(_envelope(), b"after")), 1)
+
+    async def test_failing_request_leaves_batch_intact(self):
+        """A request that fails inside SQLite rolls back only itself."""
+        ids = await self.enqueue_one(POST, POST)
+        release = _hold_writer(self.spool)
+        # A CHECK constraint failure on one update, between two good writes.
+        good = self.spool.enqueue(_envelope(), b"good")
+        bad = self.spool._submit(
+            "break a rule",
+            lambda db: db.execute("UPDATE entries SET state = 'bogus' WHERE id = ?", (ids[0],)),
+        )
+        also_good = self.spool.update([EntryUpdate(ids[1], EntryState.DONE)])
+        release()
+        with self.assertRaises(SpoolError):
+            await bad
+        await good
+        self.assertEqual(await also_good, 1)
+        states = [e.state for e in self.spool.entries()]
+        self.assertEqual(states, [EntryState.QUEUED, EntryState.DONE, EntryState.QUEUED])
+
+
+# The crash test's child: enqueue continuously, printing "ACK n id" once each
+# enqueue's Deferred has fired (eight in flight at any time).
+_CHILD = r"""
+import sys
+from twisted.internet import reactor
+from mailrelay.model import Destination, Envelope
+from mailrelay.spool import SQLiteSpool
+
+spool = SQLiteSpool(sys.argv[1], reactor)
+destination = Destination("test@example.com", None, "test@example.com")
+
+def failed(reason):
+    sys.stderr.write(reason.getTraceback())
+    reactor.stop()
+
+def send(n):
+    d = spool.enqueue(Envelope("a@example.org", (destination,), float(n)), b"message %d" % n)
+    d.addCallback(acked, n)
+    d.addErrback(failed)
+
+def acked(ids, n):
+    sys.stdout.write("ACK %d %d\n" % (n, ids[0]))
+    sys.stdout.flush()
+    send(n + 8)
+
+for n in range(8):
+    send(n)
+reactor.run()
+"""
+
+
+class SQLiteSpoolCrashTests(TestCase):
+    """Killing the process loses nothing that was acknowledged."""
+
+    timeout = 60
+
+    def read_acks(self, child, wanted, deadline):
+        """Read ACK lines from the child until ``wanted`` of them or the deadline."""
+        acks = {}
+        buffer = b""
+        with selectors.DefaultSelector() as selector:
+            selector.register(child.stdout, selectors.EVENT_READ)
+            while len(acks) < wanted:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not selector.select(remaining):
+                    self.fail(f"only {len(acks)} ACKs before the deadline")
+                chunk = os.read(child.stdout.fileno(), 65536)
+                if not chunk:
+                    self.fail(f"child exited after {len(acks)} ACKs: {child.stderr.read()!r}")
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    _, n, entry_id = line.split()
+                    acks[int(entry_id)] = b"message %d" % int(n)
+        return acks
+
+    async def test_sigkill_loses_no_acknowledged_entry(self):
+        """Every entry acknowledged before SIGKILL is in the spool after reopening."""
+        path = os.path.abspath(os.path.join(_temp_dir(self), "spool.sqlite"))
+        root = os.path.dirname(os.path.dirname(os.path.abspath(mailrelay.__file__)))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            filter(None, [root, os.environ.get("PYTHONPATH")])))
+        child = subprocess.Popen(
+            [sys.executable, "-c", _CHILD, path],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+        )
+        try:
+            acks = self.read_acks(child, 200, time.monotonic() + 30)
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+            child.stdout.close()
+            child.stderr.close()
+        self.assertEqual(child.returncode, -signal.SIGKILL)
+        spool = SQLiteSpool(path, reactor)
+        self.addCleanup(spool.close)
+        stored = {e.entry_id: e for e in spool.entries()}
+        for entry_id, message in acks.items():
+            self.assertIn(entry_id, stored)
+            self.assertEqual(spool.get_message(stored[entry_id].message_key), message)
+        # The child was killed mid-stream, not after it had stopped writing.
+        self.assertGreaterEqual(len(stored), len(acks))
