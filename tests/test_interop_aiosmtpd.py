@@ -8,11 +8,13 @@ client certificates.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import os
 import ssl
 import tempfile
+import types
 
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
@@ -46,8 +48,8 @@ class Recorder:
 def authenticate(server, session, envelope, mechanism, auth_data):
     if isinstance(auth_data, LoginPassword):
         ok = USERS.get(auth_data.login.decode()) == auth_data.password.decode()
-        return AuthResult(success=ok, auth_data=auth_data.login.decode() if ok else None)
-    return AuthResult(success=False)
+        return AuthResult(success=ok, handled=False, auth_data=auth_data.login.decode() if ok else None)
+    return AuthResult(success=False, handled=False)
 
 
 if Controller is not None:
@@ -71,21 +73,28 @@ if Controller is not None:
             return CramSMTP(self.handler, **self.SMTP_kwargs)
 
 
+@functools.cache
+def _certificates() -> types.SimpleNamespace:
+    """One CA, server and client certificate per process (trial has no setUpClass)."""
+    if Controller is None:
+        raise AssertionError("aiosmtpd/trustme missing: install the test extras")
+    ca = trustme.CA()
+    tmp = tempfile.mkdtemp()
+    certs = types.SimpleNamespace(
+        ca=ca, server_cert=ca.issue_cert("localhost"), tmp=tmp,
+        ca_file=os.path.join(tmp, "ca.pem"),
+        client_cert=os.path.join(tmp, "client.pem"), client_key=os.path.join(tmp, "client.key"),
+    )
+    ca.cert_pem.write_to_path(certs.ca_file)
+    client = ca.issue_cert("client.example")
+    client.cert_chain_pems[0].write_to_path(certs.client_cert)
+    client.private_key_pem.write_to_path(certs.client_key)
+    return certs
+
+
 class AiosmtpdTestCase(TestCase):
-    @classmethod
-    def setUpClass(cls):
-        if Controller is None:
-            raise AssertionError("aiosmtpd/trustme missing: install the test extras")
-        cls.ca = trustme.CA()
-        cls.server_cert = cls.ca.issue_cert("localhost")
-        cls.tmp = tempfile.mkdtemp()
-        cls.ca_file = os.path.join(cls.tmp, "ca.pem")
-        cls.ca.cert_pem.write_to_path(cls.ca_file)
-        client = cls.ca.issue_cert("client.example")
-        cls.client_cert = os.path.join(cls.tmp, "client.pem")
-        cls.client_key = os.path.join(cls.tmp, "client.key")
-        client.cert_chain_pems[0].write_to_path(cls.client_cert)
-        client.private_key_pem.write_to_path(cls.client_key)
+    def setUp(self):
+        vars(self).update(vars(_certificates()))
 
     def server_context(self, require_client_cert=False):
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -136,7 +145,7 @@ class AuthTests(AiosmtpdTestCase):
             for port, handler in ((port_plain, plain_handler), (port_login, self.handler)):
                 c = self.connection(port, user="testuser", password="testpass")
                 self.assertEqual(await c.sendmail("anne@example.com", ["bart@example.com"], MESSAGE), {})
-                self.assertEqual(handler.messages[-1][3].login, b"testuser")
+                self.assertEqual(handler.messages[-1][3], "testuser")
         return as_deferred(go())
 
     def test_bad_credentials(self):

@@ -150,6 +150,7 @@ class RelayClient(smtp.ESMTPClient):
         self._is_ready = False
         self._quitting = False
         self._lost = False
+        self._tls_unconfirmed = False
         self._failure: DeliveryError | None = None
         self._current: defer.Deferred | None = None  # the running transaction's Deferred
         self._pending: deque = deque()  # replies still expected in this transaction
@@ -167,7 +168,14 @@ class RelayClient(smtp.ESMTPClient):
                 pass
         self.identity = self._ehlo_identity()
         super().connectionMade()
+        # Implicit TLS: until the greeting arrives, a lost connection is a
+        # failed handshake (bad certificate, wrong name), not a network error.
+        self._tls_unconfirmed = bool(self._tlsMode)
         self._failresponse = self._greeting_failed
+
+    def lineReceived(self, line):  # noqa: N802
+        self._tls_unconfirmed = False
+        return super().lineReceived(line)
 
     def _ehlo_identity(self) -> bytes:
         if self._helo_name:
@@ -206,6 +214,7 @@ class RelayClient(smtp.ESMTPClient):
             self._fail(TLSFailed(NO_REPLY, f"Cannot start TLS: {e}"))
             return
         self._tlsMode = True
+        self._tls_unconfirmed = True
         self.esmtpState_ehlo(code, resp)
 
     def esmtpState_serverConfig(self, code, resp):  # noqa: N802
@@ -545,6 +554,8 @@ class RelayClient(smtp.ESMTPClient):
         self._is_ready = False
         if self._current is not None or self.ready is not None:
             exc = self._failure or _describe_failure(reason)
+            if self._tls_unconfirmed and not isinstance(exc, TLSFailed):
+                exc = TLSFailed(NO_REPLY, f"TLS handshake failed: {reason.getErrorMessage()}")
             waiting, self._current = self._current, None
             ready, self.ready = self.ready, None
             for d in (waiting, ready):
