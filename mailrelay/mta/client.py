@@ -282,7 +282,10 @@ class RelayClient(smtp.ESMTPClient):
         if code == 421:
             self._fail(ServerClosing(code, resp))
             return
-        self._last_auth_reply = (code, resp)
+        if code < 400:  # e.g. smtp-sink's 250: not a success (RFC 4954 says 235)
+            self._last_auth_reply = (NO_REPLY, b"Unexpected reply to AUTH: %d %s" % (code, resp))
+        else:
+            self._last_auth_reply = (code, resp)
         self._next_mechanism()
 
     def _auth_ok(self, code, resp):
