@@ -61,6 +61,22 @@ class IListRegistry(Interface):
     def members(list_address, enabled_only=False):
         """The list's members sorted by address; ``RegistryError`` for an unknown list."""
 
+    def record_bounce(list_address, address, code, response, at):
+        """Record that the smarthost refused ``address`` permanently.
+
+        ``code`` is the SMTP reply code, ``response`` its text (str or bytes),
+        ``at`` POSIX time.  ``RegistryError`` for an unknown list or an invalid
+        address.
+        """
+
+    def record_bounces(bounces):
+        """Record many :class:`~mailrelay.model.Bounce` values in one transaction
+        (all or nothing; errors as for :meth:`record_bounce`)."""
+
+    def bounces(list_address):
+        """The :class:`~mailrelay.model.Bounce` values recorded for a list, oldest
+        first; ``RegistryError`` for an unknown list."""
+
     def close():
         """Release the store."""
 
@@ -93,6 +109,28 @@ class ISpool(Interface):
         """Apply a batch of :class:`mailrelay.spool.EntryUpdate` transitions in one
         transaction; fires when durable."""
 
+    def expand(entry_id, recipients, kind):
+        """Replace an INBOUND entry by one QUEUED entry of ``kind``
+        (:class:`~mailrelay.model.EntryKind` MEMBER or OWNER) per recipient.
+
+        The new entries share the message and list of the original and name
+        the recipient as their address; the original becomes DONE in the same
+        transaction.  Fires with the new ids; an entry that is DONE or gone
+        expands to ``[]``.
+        """
+
+    def purge(before):
+        """Delete DONE entries last changed before ``before`` (POSIX time), and
+        messages left without entries; fires with how many entries went."""
+
+    def set_status(key, text):
+        """Publish ``text`` under ``key`` for other processes, such as the
+        delivery circuit breaker's state under ``"circuit"``; ``None`` removes
+        it.  Fires when durable."""
+
+    def get_status(key):
+        """The text published under ``key``, or ``None`` (synchronous)."""
+
     def recover():
         """Return every INFLIGHT entry to QUEUED (after a crash); fires with the count."""
 
@@ -121,7 +159,12 @@ class IMessageSender(Interface):
     def sendmail(sender, recipients, message):
         """Fire with the dict of refused recipients ``{address: (code, bytes)}``
         (``{}`` when all were accepted), or fail with
-        :class:`mailrelay.mta.errors.DeliveryError` when the whole transaction failed."""
+        :class:`mailrelay.mta.errors.DeliveryError` when the whole transaction failed.
+
+        ``message`` is bytes, or a :class:`mailrelay.mta.message.WireMessage`
+        already encoded for DATA (the delivery runner encodes a message once
+        for all of its transactions).
+        """
 
     def quit():
         """Close any open connection; returns a Deferred."""

@@ -77,6 +77,20 @@ class Envelope:
     message_id: str = ""
 
 
+class EntryKind(str, enum.Enum):
+    """What a spool entry stands for, which decides how the runner handles it.
+
+    The LMTP server stores INBOUND entries, routed by their sub-address.  The
+    runner replaces a post (or ``-owner`` mail) by one MEMBER (or OWNER) entry
+    per recipient, so each recipient's delivery is retried and recorded on
+    its own; those are delivered as they are and never expanded again.
+    """
+
+    INBOUND = "inbound"  # as accepted over LMTP
+    MEMBER = "member"  # one member's copy of a post; the address is the member
+    OWNER = "owner"  # one owner's copy of mail to the list's -owner address
+
+
 class EntryState(str, enum.Enum):
     """Life cycle of one spooled recipient entry."""
 
@@ -104,3 +118,18 @@ class SpoolEntry:
     last_error: str = ""
     message_id: str = ""
     extra: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+    kind: EntryKind = EntryKind.INBOUND
+
+
+@dataclass(frozen=True)
+class Bounce:
+    """A permanent delivery failure of one member, recorded for bounce processing.
+
+    ``response`` is the smarthost's reply text; ``at`` is POSIX time.
+    """
+
+    list_address: str
+    address: str
+    code: int
+    response: str
+    at: float

@@ -21,7 +21,7 @@ from zope.interface import implementer
 from mailrelay.addresses import check_list_address, check_mailbox, resolve_recipient
 from mailrelay.errors import InvalidAddress, RegistryError, RegistryUnavailable
 from mailrelay.interfaces import IListRegistry
-from mailrelay.model import Destination, MailingList, Member
+from mailrelay.model import Bounce, Destination, MailingList, Member
 
 __all__ = ["MemoryRegistry", "SQLiteRegistry", "SCHEMA_VERSION"]
 
@@ -53,6 +53,18 @@ _MIGRATIONS: tuple[str, ...] = (
     -- "Which lists is this address on?" for the CLI and bounce processing.
     CREATE INDEX members_by_address ON members (address);
     CREATE INDEX owners_by_address ON owners (address);
+    """,
+    """
+    CREATE TABLE bounces (
+        id INTEGER PRIMARY KEY,
+        list_address TEXT NOT NULL
+            REFERENCES lists (posting_address) ON DELETE CASCADE,
+        address TEXT NOT NULL,
+        code INTEGER NOT NULL,
+        response TEXT NOT NULL,
+        at REAL NOT NULL
+    );
+    CREATE INDEX bounces_by_list ON bounces (list_address, address);
     """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -94,6 +106,26 @@ def _check_members(list_address: str, members: Iterable[Member | str]) -> list[M
     return checked
 
 
+def _check_bounce(bounce: object) -> Bounce:
+    """A validated, normalised copy of ``bounce``, or ``RegistryError``."""
+    if not isinstance(bounce, Bounce):
+        raise RegistryError(f"not a Bounce: {bounce!r}")
+    list_address = _lookup_key(bounce.list_address)
+    address = _check_address(f"bounced address for {list_address}", bounce.address)
+    code = bounce.code
+    if isinstance(code, bool) or not isinstance(code, int) or not 100 <= code <= 999:
+        raise RegistryError(f"bounce of {address}: code must be an SMTP reply code, not {code!r}")
+    response = bounce.response
+    if isinstance(response, bytes | bytearray):
+        response = bytes(response).decode("utf-8", "replace")
+    if not isinstance(response, str):
+        raise RegistryError(f"bounce of {address}: response must be text, not {response!r}")
+    at = bounce.at
+    if isinstance(at, bool) or not isinstance(at, int | float):
+        raise RegistryError(f"bounce of {address}: time must be a number, not {at!r}")
+    return Bounce(list_address, address, code, response, float(at))
+
+
 def _split_duplicates(
     members: list[Member], is_member: Callable[[str], bool]
 ) -> tuple[list[Member], tuple[str, ...]]:
@@ -117,6 +149,7 @@ class MemoryRegistry:
     def __init__(self) -> None:
         self._lists: dict[str, MailingList] = {}
         self._members: dict[str, dict[str, Member]] = {}
+        self._bounces: dict[str, list[Bounce]] = {}
 
     def resolve(self, address: str) -> Destination | None:
         return resolve_recipient(address, self._lists.__contains__)
@@ -146,6 +179,7 @@ class MemoryRegistry:
         self._require(address)
         del self._lists[address]
         del self._members[address]
+        self._bounces.pop(address, None)
 
     def add_members(
         self, list_address: str, members: Iterable[Member | str]
@@ -171,6 +205,23 @@ class MemoryRegistry:
             for address in sorted(current)
             if current[address].delivery_enabled or not enabled_only
         )
+
+    def record_bounce(
+        self, list_address: str, address: str, code: int, response: str | bytes, at: float
+    ) -> None:
+        self.record_bounces([Bounce(list_address, address, code, response, at)])
+
+    def record_bounces(self, bounces: Iterable[Bounce]) -> None:
+        checked = [_check_bounce(bounce) for bounce in bounces]
+        for bounce in checked:
+            self._require(bounce.list_address)
+        for bounce in checked:
+            self._bounces.setdefault(bounce.list_address, []).append(bounce)
+
+    def bounces(self, list_address: str) -> tuple[Bounce, ...]:
+        list_address = _lookup_key(list_address)
+        self._require(list_address)
+        return tuple(sorted(self._bounces.get(list_address, ()), key=lambda b: b.at))
 
     def close(self) -> None:
         pass
@@ -393,6 +444,39 @@ class SQLiteRegistry:
             finally:
                 self._db.execute("COMMIT")
         return tuple(Member(address, name, bool(enabled)) for address, name, enabled in rows)
+
+    def record_bounce(
+        self, list_address: str, address: str, code: int, response: str | bytes, at: float
+    ) -> None:
+        self.record_bounces([Bounce(list_address, address, code, response, at)])
+
+    def record_bounces(self, bounces: Iterable[Bounce]) -> None:
+        checked = [_check_bounce(bounce) for bounce in bounces]
+        if not checked:
+            return
+        with self._errors("recording bounces"), self._transaction():
+            for list_address in {bounce.list_address for bounce in checked}:
+                self._require(list_address)
+            self._db.executemany(
+                "INSERT INTO bounces (list_address, address, code, response, at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                [(b.list_address, b.address, b.code, b.response, b.at) for b in checked],
+            )
+
+    def bounces(self, list_address: str) -> tuple[Bounce, ...]:
+        list_address = _lookup_key(list_address)
+        with self._errors(f"reading the bounces of {list_address}"):
+            self._db.execute("BEGIN")
+            try:
+                self._require(list_address)
+                rows = self._db.execute(
+                    "SELECT address, code, response, at FROM bounces WHERE list_address = ?"
+                    " ORDER BY at, id",
+                    (list_address,),
+                ).fetchall()
+            finally:
+                self._db.execute("COMMIT")
+        return tuple(Bounce(list_address, *row) for row in rows)
 
     def close(self) -> None:
         self._db.close()

@@ -1,5 +1,16 @@
 """The durable spool: accepted messages and one entry per accepted recipient.
 
+Entries move QUEUED -> INFLIGHT -> DONE/RETRY/FAILED/HELD.  A post is stored
+as one INBOUND entry; the delivery runner replaces it, in one transaction
+(:meth:`SQLiteSpool.expand`), by one MEMBER entry per member, each of which is
+then delivered, retried and dead-lettered on its own.  Delivery is
+at-least-once: an entry that was INFLIGHT when the process died is QUEUED
+again by :meth:`~mailrelay.interfaces.ISpool.recover` and sent again, but an
+entry the smarthost accepted is DONE and is never sent twice in normal
+operation.  A small key/value table (:meth:`SQLiteSpool.set_status`) lets the
+running server publish state, such as the delivery circuit breaker, that the
+``mailrelay queue`` command (another process) shows.
+
 :class:`SQLiteSpool` keeps SQLite off the reactor thread for writes: a single
 writer thread takes every write request waiting in its queue, runs them in one
 transaction and commits once, so concurrent callers share one fsync (group
@@ -24,7 +35,7 @@ from zope.interface import implementer
 
 from mailrelay.errors import SpoolError
 from mailrelay.interfaces import ISpool
-from mailrelay.model import Destination, EntryState, Envelope, SpoolEntry
+from mailrelay.model import Destination, EntryKind, EntryState, Envelope, SpoolEntry
 
 __all__ = ["EntryUpdate", "MemorySpool", "SQLiteSpool", "SCHEMA_VERSION"]
 
@@ -94,6 +105,54 @@ def _check_ids(entry_ids: Iterable[int]) -> list[int]:
     return ids
 
 
+def _check_expand(
+    entry_id: object, recipients: Iterable[str], kind: object
+) -> tuple[int, list[str], EntryKind]:
+    if not isinstance(entry_id, int) or isinstance(entry_id, bool):
+        raise TypeError(f"entry id must be an int, not {entry_id!r}")
+    if isinstance(recipients, str | bytes):
+        raise TypeError(f"recipients must be an iterable of addresses, not {recipients!r}")
+    try:
+        kind = EntryKind(kind)
+    except ValueError:
+        raise ValueError(f"not an entry kind: {kind!r}") from None
+    if kind is EntryKind.INBOUND:
+        raise ValueError("expanded entries are MEMBER or OWNER deliveries, not INBOUND")
+    checked = []
+    for recipient in recipients:
+        if not isinstance(recipient, str) or not recipient:
+            raise TypeError(f"recipient must be a non-empty str, not {recipient!r}")
+        checked.append(recipient)
+    # A recipient listed twice gets one copy.
+    return entry_id, list(dict.fromkeys(checked)), kind
+
+
+def _expanded_subaddress(kind: EntryKind) -> str | None:
+    """Owner copies keep the ``owner`` sub-address, so the queue shows what they are."""
+    return "owner" if kind is EntryKind.OWNER else None
+
+
+def _not_expandable(entry_id: int, kind: EntryKind) -> ValueError:
+    return ValueError(
+        f"entry {entry_id} is a {kind.value} delivery, not an inbound entry: "
+        "it cannot be expanded"
+    )
+
+
+def _check_time(when: object) -> float:
+    if isinstance(when, bool) or not isinstance(when, int | float):
+        raise TypeError(f"time must be a number, not {when!r}")
+    return float(when)
+
+
+def _check_status(key: object, text: object) -> tuple[str, str | None]:
+    if not isinstance(key, str) or not key:
+        raise TypeError(f"status key must be a non-empty str, not {key!r}")
+    if text is not None and not isinstance(text, str):
+        raise TypeError(f"status text must be a str or None, not {text!r}")
+    return key, text
+
+
 def _check_state(state: object) -> EntryState | None:
     if state is None:
         return None
@@ -155,20 +214,31 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             WHEN NOT EXISTS (SELECT 1 FROM entries WHERE message_key = OLD.message_key)
             BEGIN DELETE FROM messages WHERE key = OLD.message_key; END""",
     ),
+    (
+        # Version 2: per-recipient fan-out and published runner state.
+        """ALTER TABLE entries ADD COLUMN kind TEXT NOT NULL DEFAULT 'inbound'
+            CHECK (kind IN ('inbound', 'member', 'owner'))""",
+        """CREATE TABLE status (
+            key TEXT PRIMARY KEY NOT NULL,
+            value TEXT NOT NULL,
+            updated_at REAL NOT NULL
+        ) WITHOUT ROWID""",
+    ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 _ENTRY_QUERY = """
     SELECT e.id, e.message_key, m.sender, e.list_address, e.subaddress, e.recipient,
            e.state, m.received_at, e.attempts, e.first_attempt_at, e.next_attempt_at,
-           e.last_error, m.message_id
+           e.last_error, m.message_id, e.kind
     FROM entries AS e JOIN messages AS m ON m.key = e.message_key
 """
 
 
 def _entry_from_row(row: Sequence[Any]) -> SpoolEntry:
     (entry_id, message_key, sender, list_address, subaddress, recipient, state,
-     received_at, attempts, first_attempt_at, next_attempt_at, last_error, message_id) = row
+     received_at, attempts, first_attempt_at, next_attempt_at, last_error, message_id,
+     kind) = row
     return SpoolEntry(
         entry_id=entry_id,
         message_key=message_key,
@@ -181,6 +251,7 @@ def _entry_from_row(row: Sequence[Any]) -> SpoolEntry:
         next_attempt_at=next_attempt_at,
         last_error=last_error,
         message_id=message_id,
+        kind=EntryKind(kind),
     )
 
 
@@ -499,6 +570,96 @@ class SQLiteSpool:
 
         return self._submit("update entries", apply)
 
+    def expand(
+        self, entry_id: int, recipients: Iterable[str], kind: EntryKind = EntryKind.MEMBER
+    ) -> Deferred[list[int]]:
+        """Replace INBOUND entry ``entry_id`` by one QUEUED ``kind`` entry per recipient.
+
+        The new entries share the message and list address of the original and
+        name the recipient as their address; the original becomes DONE, all in
+        one transaction.  Fires with the new ids.  An entry that is already
+        DONE, or was deleted, expands to nothing (``[]``); a MEMBER or OWNER
+        entry fails with ``ValueError``.
+        """
+        return _deferred_call(self._expand, entry_id, recipients, kind)
+
+    def _expand(
+        self, entry_id: int, recipients: Iterable[str], kind: EntryKind
+    ) -> Deferred[list[int]]:
+        entry_id, addresses, kind = _check_expand(entry_id, recipients, kind)
+        now = self._reactor.seconds()
+        subaddress = _expanded_subaddress(kind)
+
+        def expand(db: sqlite3.Connection) -> list[int]:
+            row = db.execute(
+                "SELECT message_key, list_address, state, kind FROM entries WHERE id = ?",
+                (entry_id,),
+            ).fetchone()
+            if row is None or row[2] == EntryState.DONE.value:
+                return []
+            message_key, list_address, _state, original_kind = row
+            if original_kind != EntryKind.INBOUND.value:
+                raise _not_expandable(entry_id, EntryKind(original_kind))
+            insert = (
+                "INSERT INTO entries (message_key, list_address, subaddress, recipient,"
+                " state, kind, updated_at) VALUES (?, ?, ?, ?, 'queued', ?, ?)"
+            )
+            ids = [
+                db.execute(
+                    insert, (message_key, list_address, subaddress, address, kind.value, now)
+                ).lastrowid
+                for address in addresses
+            ]
+            db.execute(
+                "UPDATE entries SET state = 'done', next_attempt_at = NULL, updated_at = ?"
+                " WHERE id = ?",
+                (now, entry_id),
+            )
+            return ids
+
+        return self._submit(f"expand entry {entry_id}", expand)
+
+    def purge(self, before: float) -> Deferred[int]:
+        """Delete DONE entries last changed before ``before`` (and messages left
+        without entries); fires with how many entries went."""
+        return _deferred_call(self._purge, before)
+
+    def _purge(self, before: float) -> Deferred[int]:
+        before = _check_time(before)
+
+        def remove(db: sqlite3.Connection) -> int:
+            # The entries_drop_message trigger removes orphaned messages.
+            return db.execute(
+                "DELETE FROM entries WHERE state = 'done' AND updated_at < ?", (before,)
+            ).rowcount
+
+        return self._submit("purge delivered entries", remove)
+
+    def set_status(self, key: str, text: str | None) -> Deferred[None]:
+        """Publish ``text`` under ``key`` for other processes (``None`` removes it)."""
+        return _deferred_call(self._set_status, key, text)
+
+    def _set_status(self, key: str, text: str | None) -> Deferred[None]:
+        key, text = _check_status(key, text)
+        now = self._reactor.seconds()
+
+        def store(db: sqlite3.Connection) -> None:
+            if text is None:
+                db.execute("DELETE FROM status WHERE key = ?", (key,))
+            else:
+                db.execute(
+                    "INSERT OR REPLACE INTO status (key, value, updated_at) VALUES (?, ?, ?)",
+                    (key, text, now),
+                )
+
+        return self._submit(f"set status {key}", store)
+
+    def get_status(self, key: str) -> str | None:
+        """The text published under ``key``, or ``None`` (synchronous)."""
+        key, _ = _check_status(key, None)
+        rows = self._read(f"read status {key}", "SELECT value FROM status WHERE key = ?", (key,))
+        return rows[0][0] if rows else None
+
     def recover(self) -> Deferred[int]:
         now = self._reactor.seconds()
 
@@ -601,6 +762,7 @@ class _MemoryEntry:
     next_attempt_at: float | None = None
     last_error: str = ""
     updated_at: float = 0.0
+    kind: EntryKind = EntryKind.INBOUND
 
 
 @implementer(ISpool)
@@ -618,6 +780,7 @@ class MemorySpool:
         self._next_key = 1
         self._next_id = 1
         self._closed = False
+        self._status: dict[str, str] = {}
 
     def _entry(self, row: _MemoryEntry) -> SpoolEntry:
         envelope = self._messages[row.message_key][0]
@@ -633,6 +796,7 @@ class MemorySpool:
             next_attempt_at=row.next_attempt_at,
             last_error=row.last_error,
             message_id=envelope.message_id,
+            kind=row.kind,
         )
 
     def _check_open(self, doing: str) -> None:
@@ -707,6 +871,68 @@ class MemorySpool:
             row.updated_at = now
             changed += 1
         return changed
+
+    def expand(
+        self, entry_id: int, recipients: Iterable[str], kind: EntryKind = EntryKind.MEMBER
+    ) -> Deferred[list[int]]:
+        """Replace INBOUND entry ``entry_id`` by one QUEUED ``kind`` entry per
+        recipient and make it DONE (see :meth:`SQLiteSpool.expand`)."""
+        return self._write(f"expand entry {entry_id}", self._expand, entry_id, recipients, kind)
+
+    def _expand(self, entry_id: int, recipients: Iterable[str], kind: EntryKind) -> list[int]:
+        entry_id, addresses, kind = _check_expand(entry_id, recipients, kind)
+        original = self._entries.get(entry_id)
+        if original is None or original.state is EntryState.DONE:
+            return []
+        if original.kind is not EntryKind.INBOUND:
+            raise _not_expandable(entry_id, original.kind)
+        now = self._clock.seconds()
+        subaddress = _expanded_subaddress(kind)
+        list_address = original.destination.list_address
+        ids = []
+        for address in addresses:
+            new_id, self._next_id = self._next_id, self._next_id + 1
+            self._entries[new_id] = _MemoryEntry(
+                new_id, original.message_key, Destination(list_address, subaddress, address),
+                EntryState.QUEUED, updated_at=now, kind=kind,
+            )
+            ids.append(new_id)
+        original.state = EntryState.DONE
+        original.next_attempt_at = None
+        original.updated_at = now
+        return ids
+
+    def purge(self, before: float) -> Deferred[int]:
+        """Delete DONE entries last changed before ``before``; fires with the count."""
+        return self._write("purge delivered entries", self._purge, before)
+
+    def _purge(self, before: float) -> int:
+        before = _check_time(before)
+        old = [row.entry_id for row in self._entries.values()
+               if row.state is EntryState.DONE and row.updated_at < before]
+        for entry_id in old:
+            del self._entries[entry_id]
+        # One pass for the messages, rather than one per deleted entry.
+        kept = {row.message_key for row in self._entries.values()}
+        for key in [key for key in self._messages if key not in kept]:
+            del self._messages[key]
+        return len(old)
+
+    def set_status(self, key: str, text: str | None) -> Deferred[None]:
+        """Publish ``text`` under ``key`` (``None`` removes it)."""
+        return self._write(f"set status {key}", self._set_status, key, text)
+
+    def _set_status(self, key: str, text: str | None) -> None:
+        key, text = _check_status(key, text)
+        if text is None:
+            self._status.pop(key, None)
+        else:
+            self._status[key] = text
+
+    def get_status(self, key: str) -> str | None:
+        """The text published under ``key``, or ``None``."""
+        self._check_open(f"read status {key}")
+        return self._status.get(_check_status(key, None)[0])
 
     def recover(self) -> Deferred[int]:
         return self._write("recover in-flight entries", self._recover).addCallback(

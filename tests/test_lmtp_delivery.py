@@ -342,6 +342,44 @@ class InboundHandlerTests(SynchronousTestCase):
         with self.assertRaises(ValueError):
             InboundHandler(self.registry, self.spool, hostname=b"x", clock=self.clock)
 
+    def test_on_stored_called_once_after_the_spool_fires(self):
+        """on_stored runs once per stored message, only after the spool's Deferred
+        fired (so the runner finds the entries), and not when storing failed."""
+        calls = []
+        handler = InboundHandler(
+            self.registry, self.spool, hostname=HOSTNAME, clock=self.clock,
+            on_stored=lambda: calls.append(len(self.spool.pending)),
+        )
+        self.spool.hold = True
+        d = handler.deliver(make_transaction(recipients=[destination("mylist@example.com")] * 2))
+        self.assertEqual(calls, [])
+        pending, ids = self.spool.pending.pop()
+        pending.callback(ids)
+        self.successResultOf(d)
+        self.assertEqual(calls, [0])
+        self.spool.hold = False
+        self.spool.error = SpoolError("database is locked")
+        self.successResultOf(handler.deliver(make_transaction()))
+        self.assertEqual(calls, [0])
+
+    def test_on_stored_failure_still_acknowledges(self):
+        """A failing on_stored hook is logged as a bug but the stored message still gets 250."""
+        def broken():
+            raise RuntimeError("bug in hook")
+
+        handler = InboundHandler(
+            self.registry, self.spool, hostname=HOSTNAME, clock=self.clock, on_stored=broken
+        )
+        replies = self.successResultOf(handler.deliver(make_transaction()))
+        self.assertEqual([r.code for r in replies], [250])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_on_stored_must_be_callable(self):
+        """A non-callable on_stored is refused at construction."""
+        with self.assertRaises(TypeError):
+            InboundHandler(self.registry, self.spool, hostname=HOSTNAME, clock=self.clock,
+                           on_stored="wake")
+
 
 class SeedScenarioTests(SynchronousTestCase):
     """The scenarios of Mailman's LMTP runner document, through the wire and the

@@ -14,8 +14,8 @@ from zope.interface.verify import verifyObject
 
 from mailrelay.errors import RegistryError, RegistryUnavailable
 from mailrelay.interfaces import IListRegistry
-from mailrelay.model import Destination, MailingList, Member
-from mailrelay.registry import SCHEMA_VERSION, MemoryRegistry, SQLiteRegistry
+from mailrelay.model import Bounce, Destination, MailingList, Member
+from mailrelay.registry import _MIGRATIONS, SCHEMA_VERSION, MemoryRegistry, SQLiteRegistry
 
 
 def _temp_dir(case) -> str:
@@ -158,6 +158,44 @@ class RegistryContractMixin:
         self.assertRaises(RegistryError, self.registry.remove_members,
                           "nope@example.com", ["a@example.org"])
 
+    def test_bounces(self):
+        """Bounces are kept per list, oldest first, with the address lower-cased
+        and a bytes response decoded; they go when the list is deleted."""
+        self.registry.create_list("test@example.com")
+        self.registry.create_list("other@example.com")
+        self.registry.record_bounce("test@example.com", "Bart@Example.ORG", 550,
+                                    b"5.1.1 No such user", 20.0)
+        self.registry.record_bounces([
+            Bounce("test@example.com", "anne@example.org", 553, "5.1.3 Bad syntax", 10.0),
+            Bounce("other@example.com", "cris@example.org", 550, "gone", 30.0),
+        ])
+        self.assertEqual(self.registry.bounces("TEST@example.com"), (
+            Bounce("test@example.com", "anne@example.org", 553, "5.1.3 Bad syntax", 10.0),
+            Bounce("test@example.com", "bart@example.org", 550, "5.1.1 No such user", 20.0),
+        ))
+        self.registry.delete_list("test@example.com")
+        self.registry.create_list("test@example.com")
+        self.assertEqual(self.registry.bounces("test@example.com"), ())
+        self.assertEqual(len(self.registry.bounces("other@example.com")), 1)
+
+    def test_bounces_errors(self):
+        """Unknown lists, bad addresses and bad codes are refused, and a batch with
+        one bad bounce records none."""
+        self.registry.create_list("test@example.com")
+        with self.assertRaises(RegistryError):
+            self.registry.bounces("nope@example.com")
+        with self.assertRaises(RegistryError):
+            self.registry.record_bounce("nope@example.com", "a@example.org", 550, "x", 1.0)
+        for bad in (Bounce("test@example.com", "not an address", 550, "x", 1.0),
+                    Bounce("test@example.com", "a@example.org", "550", "x", 1.0),
+                    Bounce("test@example.com", "a@example.org", 550, None, 1.0),
+                    ("test@example.com", "a@example.org", 550, "x", 1.0)):
+            with self.assertRaises(RegistryError, msg=bad):
+                self.registry.record_bounces(
+                    [Bounce("test@example.com", "ok@example.org", 550, "x", 1.0), bad]
+                )
+        self.assertEqual(self.registry.bounces("test@example.com"), ())
+
     def test_resolve(self):
         """resolve maps posting and sub-addresses, and list-name-wins applies."""
         self.registry.create_list("test@example.com")
@@ -214,7 +252,7 @@ class SQLiteRegistryStorageTests(SynchronousTestCase):
             self.assertEqual(db.execute("PRAGMA user_version").fetchone(), (SCHEMA_VERSION,))
             tables = {name for (name,) in db.execute(
                 "SELECT name FROM sqlite_master WHERE type = 'table'")}
-        self.assertEqual(tables, {"lists", "owners", "members"})
+        self.assertEqual(tables, {"lists", "owners", "members", "bounces"})
 
     def test_persists(self):
         """Lists, owners and members survive closing and reopening the file."""
@@ -235,6 +273,18 @@ class SQLiteRegistryStorageTests(SynchronousTestCase):
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
         e = self.assertRaises(RegistryError, SQLiteRegistry, self.path)
         self.assertIn("schema version", str(e))
+
+    def test_upgrade_from_version_1(self):
+        """A registry written before bounces existed is upgraded in place, keeping its lists."""
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        with sqlite3.connect(self.path) as db:
+            db.executescript(_MIGRATIONS[0])
+            db.execute("PRAGMA user_version = 1")
+            db.execute("INSERT INTO lists VALUES ('old@example.com', 'Old', 0)")
+        registry = self.open()
+        registry.record_bounce("old@example.com", "a@example.org", 550, "gone", 1.0)
+        self.assertEqual(len(registry.bounces("old@example.com")), 1)
+        self.assertEqual(registry.get_list("old@example.com").display_name, "Old")
 
     def test_sees_changes_from_another_connection(self):
         """resolve sees lists created and deleted through another connection (the CLI)."""

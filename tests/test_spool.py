@@ -22,8 +22,8 @@ from zope.interface.verify import verifyObject
 import mailrelay
 from mailrelay.errors import SpoolError
 from mailrelay.interfaces import ISpool
-from mailrelay.model import Destination, EntryState, Envelope
-from mailrelay.spool import SCHEMA_VERSION, EntryUpdate, MemorySpool, SQLiteSpool
+from mailrelay.model import Destination, EntryKind, EntryState, Envelope
+from mailrelay.spool import _MIGRATIONS, SCHEMA_VERSION, EntryUpdate, MemorySpool, SQLiteSpool
 
 POST = Destination("test@example.com", None, "test@example.com")
 JOIN = Destination("test@example.com", "join", "test-join+x@example.com")
@@ -232,6 +232,97 @@ class SpoolContractMixin:
         (second,) = await self.enqueue_one()
         self.assertGreater(second, first)
 
+    async def test_expand(self):
+        """expand replaces an INBOUND entry by QUEUED MEMBER entries (one per distinct
+        recipient, same message and list) and makes it DONE, atomically."""
+        (post_id,) = await self.enqueue_one(POST)
+        await self.spool.claim_due(0.0, 10)
+        ids = await self.spool.expand(post_id, ["a@example.org", "b@example.org",
+                                                "a@example.org"], EntryKind.MEMBER)
+        self.assertEqual(len(ids), 2)
+        entries = {e.entry_id: e for e in self.spool.entries()}
+        post = entries.pop(post_id)
+        self.assertEqual((post.state, post.kind), (EntryState.DONE, EntryKind.INBOUND))
+        self.assertEqual(sorted(entries), ids)
+        self.assertEqual([e.destination for e in entries.values()],
+                         [Destination("test@example.com", None, "a@example.org"),
+                          Destination("test@example.com", None, "b@example.org")])
+        for entry in entries.values():
+            self.assertEqual((entry.state, entry.kind, entry.attempts),
+                             (EntryState.QUEUED, EntryKind.MEMBER, 0))
+            self.assertEqual(entry.message_key, post.message_key)
+            self.assertEqual(entry.message_id, "<1@example.org>")
+        self.assertEqual([e.entry_id for e in await self.spool.claim_due(0.0, 10)], ids)
+
+    async def test_expand_owner_copies(self):
+        """OWNER copies keep the owner sub-address; an empty recipient list just
+        makes the original DONE."""
+        owner = Destination("test@example.com", "owner", "test-owner@example.com")
+        first, second = await self.enqueue_one(owner, owner)
+        (new_id,) = await self.spool.expand(first, ["boss@example.org"], EntryKind.OWNER)
+        copy = [e for e in self.spool.entries() if e.entry_id == new_id][0]
+        self.assertEqual((copy.kind, copy.destination),
+                         (EntryKind.OWNER,
+                          Destination("test@example.com", "owner", "boss@example.org")))
+        self.assertEqual(await self.spool.expand(second, []), [])
+        self.assertEqual(self.spool.counts()[EntryState.DONE], 2)
+
+    async def test_expand_only_once(self):
+        """A DONE or deleted entry expands to nothing; a MEMBER entry is never expanded."""
+        (post_id,) = await self.enqueue_one()
+        (member_id,) = await self.spool.expand(post_id, ["a@example.org"])
+        self.assertEqual(await self.spool.expand(post_id, ["b@example.org"]), [])
+        self.assertEqual(await self.spool.expand(999999, ["b@example.org"]), [])
+        with self.assertRaises(ValueError):
+            await self.spool.expand(member_id, ["b@example.org"])
+        self.assertEqual(len(self.spool.entries()), 2)
+
+    async def test_expand_bad_input(self):
+        """Recipients must be an iterable of strings, and the kind MEMBER or OWNER."""
+        (post_id,) = await self.enqueue_one()
+        with self.assertRaises(TypeError):
+            await self.spool.expand(post_id, "a@example.org")
+        with self.assertRaises(TypeError):
+            await self.spool.expand(post_id, [None])
+        with self.assertRaises(ValueError):
+            await self.spool.expand(post_id, ["a@example.org"], EntryKind.INBOUND)
+        with self.assertRaises(ValueError):
+            await self.spool.expand(post_id, ["a@example.org"], "bogus")
+        self.assertEqual(self.spool.entries()[0].state, EntryState.QUEUED)
+
+    async def test_purge(self):
+        """purge deletes DONE entries changed before the given time, and a message
+        with its last entry; entries in other states, or changed later, stay."""
+        post, join = await self.enqueue_one(POST, JOIN)
+        (other,) = await self.enqueue_one(POST)
+        await self.spool.update([EntryUpdate(post, EntryState.DONE),
+                                 EntryUpdate(join, EntryState.HELD),
+                                 EntryUpdate(other, EntryState.DONE)])
+        key, _, other_key = (e.message_key for e in self.spool.entries())
+        self.assertEqual(await self.spool.purge(0.0), 0)  # all changed after time 0
+        self.assertEqual(await self.spool.purge(4e9), 2)
+        self.assertEqual([e.entry_id for e in self.spool.entries()], [join])
+        self.spool.get_message(key)  # the held -join entry still needs it
+        self.assertRaises(KeyError, self.spool.get_message, other_key)
+        with self.assertRaises(TypeError):
+            await self.spool.purge("yesterday")
+
+    async def test_status(self):
+        """Status texts are stored, replaced and removed by key."""
+        self.assertIsNone(self.spool.get_status("circuit"))
+        await self.spool.set_status("circuit", "paused: 535 bad password")
+        await self.spool.set_status("other", "x")
+        self.assertEqual(self.spool.get_status("circuit"), "paused: 535 bad password")
+        await self.spool.set_status("circuit", "paused again")
+        self.assertEqual(self.spool.get_status("circuit"), "paused again")
+        await self.spool.set_status("circuit", None)
+        self.assertIsNone(self.spool.get_status("circuit"))
+        self.assertEqual(self.spool.get_status("other"), "x")
+        with self.assertRaises(TypeError):
+            await self.spool.set_status("", "x")
+        with self.assertRaises(TypeError):
+            await self.spool.set_status("circuit", 5)
+
     async def test_closed_refuses_writes(self):
         """After close, writes fail with SpoolError."""
         await self.spool.close()
@@ -323,6 +414,31 @@ class SQLiteSpoolTests(SpoolContractMixin, TestCase):
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
         e = self.assertRaises(SpoolError, SQLiteSpool, self.path, reactor)
         self.assertIn("schema version", str(e))
+
+    async def test_status_seen_by_another_process(self):
+        """A status set by the server is read by another connection (the CLI's)."""
+        await self.spool.set_status("circuit", "paused")
+        other = self.open()
+        self.assertEqual(other.get_status("circuit"), "paused")
+
+    async def test_upgrade_from_version_1(self):
+        """A spool written before entry kinds existed is upgraded in place: its
+        entries are INBOUND and the status table is there."""
+        await self.spool.close()
+        os.remove(self.path)
+        with sqlite3.connect(self.path) as db:
+            for statement in _MIGRATIONS[0]:
+                db.execute(statement)
+            db.execute("PRAGMA user_version = 1")
+            db.execute("INSERT INTO messages (sender, received_at, data) VALUES ('a@b.c', 1, 'x')")
+            db.execute("INSERT INTO entries (message_key, list_address, recipient, state,"
+                       " updated_at) VALUES (1, 'test@example.com', 'test@example.com',"
+                       " 'queued', 1)")
+        upgraded = self.open()
+        (entry,) = upgraded.entries()
+        self.assertEqual((entry.kind, entry.state), (EntryKind.INBOUND, EntryState.QUEUED))
+        await upgraded.set_status("circuit", "x")
+        self.assertEqual(upgraded.get_status("circuit"), "x")
 
     async def test_reads_do_not_wait_for_writer(self):
         """Reads answer from committed data while the writer holds a write transaction."""

@@ -12,6 +12,7 @@ has the message on stable storage.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from email import policy as email_policy
 from email.parser import BytesHeaderParser, BytesParser
@@ -131,18 +132,31 @@ class InboundHandler:
     """Accepts mail for the lists of ``registry`` and stores it in ``spool``.
 
     ``hostname`` is the domain of Message-IDs this handler creates; ``clock``
-    (an ``IReactorTime``) dates the spooled envelopes.
+    (an ``IReactorTime``) dates the spooled envelopes.  ``on_stored``, if
+    given, is called with no arguments after each message is spooled (the
+    delivery runner's ``wake``), before the replies are sent.
     """
 
     _log = Logger()
 
-    def __init__(self, registry, spool, *, hostname: str, clock):
+    def __init__(
+        self,
+        registry,
+        spool,
+        *,
+        hostname: str,
+        clock,
+        on_stored: Callable[[], object] | None = None,
+    ):
         if not isinstance(hostname, str) or not hostname:
             raise ValueError(f"hostname must be a non-empty str, not {hostname!r}")
+        if on_stored is not None and not callable(on_stored):
+            raise TypeError(f"on_stored must be callable, not {on_stored!r}")
         self._registry = registry
         self._spool = spool
         self._hostname = hostname
         self._clock = clock
+        self._on_stored = on_stored
 
     def validate_recipient(self, sender: str, recipient: str):
         """The registry's :class:`~mailrelay.model.Destination` for ``recipient``.
@@ -214,6 +228,16 @@ class InboundHandler:
             )
             return [ERROR_IN_PROCESSING] * len(recipients)
 
+        if self._on_stored is not None:
+            try:
+                self._on_stored()
+            except Exception:
+                # The message is safely stored: a broken hook must not turn
+                # into a refusal (the client would send it again).
+                self._log.failure(
+                    "on_stored hook failed after spooling {message_id}",
+                    message_id=prepared.message_id,
+                )
         ids = list(entry_ids) if isinstance(entry_ids, (list, tuple)) else []
         replies = []
         for index, recipient in enumerate(recipients):

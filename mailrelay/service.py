@@ -1,0 +1,131 @@
+"""The embedding entry point: one MultiService running mailrelay on a reactor.
+
+``twistd mailrelay`` uses :func:`makeService` through :mod:`mailrelay.tap`;
+another Twisted application can call it too and attach the result to its own
+service tree, passing its own registry, spool or sender (anything providing
+the interfaces in :mod:`mailrelay.interfaces`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application import service, strports
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from mailrelay.config import Settings
+
+log = Logger()
+
+
+class _StoreService(service.Service):
+    """Closes the registry and spool when the application stops (after the runner)."""
+
+    name = "mailrelay-stores"
+
+    def __init__(self, registry, spool, sender):
+        self._registry, self._spool, self._sender = registry, spool, sender
+
+    def stopService(self):  # noqa: N802
+        super().stopService()
+
+        async def close():
+            try:
+                await self._sender.quit()
+            finally:
+                await self._spool.close()
+                self._registry.close()
+        return defer.Deferred.fromCoroutine(close())
+
+
+def make_sender(settings: Settings, reactor: Any):
+    """The outbound connection pool configured from ``[mta]`` and ``[devmode]``."""
+    from mailrelay.mta.connection import Connection
+    from mailrelay.mta.pool import ConnectionPool
+
+    mta = settings.mta
+
+    def connection() -> Connection:
+        return Connection(
+            mta.smtp_host, mta.smtp_port, mta.max_sessions_per_connection,
+            mta.smtp_user or None, mta.smtp_pass or None, mta.smtp_secure_mode,
+            mta.smtp_verify_cert, mta.smtp_verify_hostname,
+            ca_file=mta.smtp_ca_file or None,
+            client_cert=mta.smtp_client_cert or None,
+            client_key=mta.smtp_client_key or None,
+            timeout=mta.smtp_timeout,
+            connect_timeout=mta.smtp_connect_timeout,
+            idle_timeout=mta.smtp_idle_timeout,
+            devmode_recipient=settings.devmode.recipient if settings.devmode.enabled else None,
+            credentials_file=mta.smtp_credentials_file or None,
+            allow_plaintext_auth=mta.smtp_allow_plaintext_auth,
+            helo_name=mta.smtp_helo_name or None,
+            reactor=reactor,
+        )
+
+    connection()  # fail fast on a bad TLS or credentials set-up, before listening
+    return ConnectionPool(connection, max_connections=mta.max_connections)
+
+
+def makeService(  # noqa: N802 - Twisted's naming for service factories
+    settings: Settings,
+    reactor: Any = None,
+    *,
+    registry: Any = None,
+    spool: Any = None,
+    sender: Any = None,
+) -> service.MultiService:
+    """Build the relay: LMTP listener, durable spool, delivery runner, SMTP pool.
+
+    Opens the stores at once (so a bad path is reported before anything
+    listens) and closes them when the service stops.  ``registry``, ``spool``
+    and ``sender`` replace the SQLite registry, SQLite spool and SMTP pool.
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+    from mailrelay.lmtp.delivery import InboundHandler
+    from mailrelay.lmtp.protocol import LMTPFactory
+    from mailrelay.registry import SQLiteRegistry
+    from mailrelay.runner import DeliveryRunner
+    from mailrelay.spool import SQLiteSpool
+
+    mta = settings.mta
+    if registry is None or spool is None:
+        os.makedirs(settings.paths.var_dir, mode=0o750, exist_ok=True)
+    registry = registry if registry is not None else SQLiteRegistry(settings.paths.registry_path)
+    spool = spool if spool is not None else SQLiteSpool(settings.paths.spool_path, reactor)
+    sender = sender if sender is not None else make_sender(settings, reactor)
+
+    top = service.MultiService()
+    # Children stop in reverse order: listener first, then the runner, stores last.
+    _StoreService(registry, spool, sender).setServiceParent(top)
+    runner = DeliveryRunner(
+        spool, registry, sender, clock=reactor,
+        max_recipients=mta.max_recipients,
+        retry_period=mta.delivery_retry_period,
+        min_backoff=mta.retry_min_backoff,
+        max_backoff=mta.retry_max_backoff,
+        verp=mta.verp_delivery,
+    )
+    runner.setName("mailrelay-delivery")
+    runner.setServiceParent(top)
+    hostname = mta.effective_lmtp_hostname()
+    handler = InboundHandler(registry, spool, hostname=hostname, clock=reactor, on_stored=runner.wake)
+    factory = LMTPFactory(
+        handler,
+        hostname=hostname.encode("idna"),
+        max_message_size=mta.max_message_size,
+        max_line_length=mta.lmtp_max_line_length,
+        idle_timeout=mta.lmtp_idle_timeout,
+        max_sessions=mta.lmtp_max_sessions,
+        clock=reactor,
+    )
+    listener = strports.service(mta.lmtp_endpoint, factory, reactor=reactor)
+    listener.setName("mailrelay-lmtp")
+    listener.setServiceParent(top)
+    log.info("mailrelay: LMTP on {endpoint}, smarthost {host}:{port} ({mode}), spool {spool}",
+             endpoint=mta.lmtp_endpoint, host=mta.smtp_host, port=mta.smtp_port,
+             mode=mta.smtp_secure_mode, spool=getattr(spool, "path", spool))
+    return top

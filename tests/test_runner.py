@@ -1,0 +1,756 @@
+"""Tests for :mod:`mailrelay.runner`: routing, fan-out, results, retries, the breaker.
+
+Most tests run in memory on a ``task.Clock`` with MemorySpool, MemoryRegistry
+and a scripted sender.  The devmode test drives real Connections to an
+in-memory FakeMTA; the end-to-end tests use SQLite files, the connection pool
+and FakeMTA over loopback.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+
+from twisted.internet import defer, reactor, task
+from twisted.logger import LogLevel, capturedLogs
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
+
+from mailrelay.interfaces import IMessageSender
+from mailrelay.lmtp import AcceptedRecipient, Transaction
+from mailrelay.lmtp.delivery import InboundHandler
+from mailrelay.model import Bounce, Destination, EntryKind, EntryState, Envelope, Member
+from mailrelay.mta.connection import Connection
+from mailrelay.mta.errors import (
+    AuthenticationFailed,
+    ConnectionFailed,
+    DataRefused,
+    SenderRefused,
+    TLSFailed,
+)
+from mailrelay.mta.message import WireMessage
+from mailrelay.mta.pool import ConnectionPool
+from mailrelay.registry import MemoryRegistry, SQLiteRegistry
+from mailrelay.runner import CIRCUIT_STATUS_KEY, DeliveryRunner
+from mailrelay.spool import MemorySpool, SQLiteSpool
+from mailrelay.testing.fakemta import FakeMTA
+from tests.test_pool import MemorySmarthost
+
+LIST = "test@example.com"
+POST = Destination(LIST, None, LIST)
+OWNER = Destination(LIST, "owner", "test-owner@example.com")
+MEMBERS = ("anne@example.com", "bart@example.com", "cris@example.com")
+MESSAGE = (
+    b"X-MailFrom: poster@example.org\r\n"
+    b"From: Poster <poster@example.org>\r\n"
+    b"To: test@example.com\r\n"
+    b"Subject: hello\r\n"
+    b"Message-ID: <post@example.org>\r\n"
+    b"List-Id: Upstream <up.example.net>\r\n"
+    b"\r\n"
+    b"Body line.\r\n"
+)
+START = 1_700_000_000.0
+
+
+@dataclass(frozen=True)
+class Sent:
+    sender: str
+    rcpts: tuple[str, ...]
+    message: WireMessage
+
+
+@implementer(IMessageSender)
+class ScriptedSender:
+    """Answers transactions from a script, records them, and can hold them.
+
+    ``replies[address]`` lists the replies for that recipient's successive
+    attempts (the last one repeats); anything unscripted is accepted.
+    ``error`` fails whole transactions; ``hold`` keeps them pending in ``held``.
+    """
+
+    def __init__(self, max_connections=4):
+        self.max_connections = max_connections
+        self.sent: list[Sent] = []
+        self.replies: dict[str, list[tuple[int, bytes]]] = {}
+        self.error: Exception | None = None
+        self.hold = False
+        self.held: list[tuple[Sent, defer.Deferred]] = []
+
+    def sendmail(self, sender, recipients, message):
+        sent = Sent(sender, tuple(recipients), message)
+        self.sent.append(sent)
+        if self.hold:
+            d = defer.Deferred()
+            self.held.append((sent, d))
+            return d
+        return self.answer(sent)
+
+    def answer(self, sent):
+        if self.error is not None:
+            return defer.fail(self.error)
+        refused = {}
+        for rcpt in sent.rcpts:
+            script = self.replies.get(rcpt)
+            if script:
+                reply = script.pop(0) if len(script) > 1 else script[0]
+                if reply[0] >= 300:
+                    refused[rcpt] = reply
+        return defer.succeed(refused)
+
+    def release(self):
+        """Answer the oldest held transaction as the script says."""
+        sent, d = self.held.pop(0)
+        self.answer(sent).chainDeferred(d)
+
+    def quit(self):
+        return defer.succeed(None)
+
+    def recipients(self):
+        return sorted(r for s in self.sent for r in s.rcpts)
+
+
+class RunnerCase(SynchronousTestCase):
+    """A started runner over MemorySpool, MemoryRegistry and a ScriptedSender."""
+
+    members = MEMBERS
+    runner_options: dict = {}
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.clock.advance(START)
+        self.spool = MemorySpool(self.clock)
+        self.registry = MemoryRegistry()
+        self.registry.create_list(LIST, "Test List", ["owner@example.org", "boss@example.org"])
+        self.registry.add_members(LIST, self.members)
+        self.sender = ScriptedSender()
+        self.runner = self.make_runner()
+        self.runner.startService()
+        self.addCleanup(self.stop)
+
+    def make_runner(self, **options):
+        options = {"random": random.Random(42), **self.runner_options, **options}
+        return DeliveryRunner(self.spool, self.registry, self.sender, clock=self.clock, **options)
+
+    def stop(self):
+        if self.runner.running:
+            self.successResultOf(self.runner.stopService())
+
+    def settle(self):
+        """Run every call that is due now (the runner's next reactor turns)."""
+        for _ in range(10_000):
+            if not any(c.getTime() <= self.clock.seconds() for c in self.clock.getDelayedCalls()):
+                return
+            self.clock.advance(0)
+        raise AssertionError("the runner never settled")
+
+    def advance(self, seconds):
+        self.clock.advance(seconds)
+        self.settle()
+
+    def enqueue(self, *destinations, message=MESSAGE, wake=True):
+        envelope = Envelope("poster@example.org", destinations or (POST,), self.clock.seconds(),
+                            message_id="<post@example.org>")
+        ids = self.successResultOf(self.spool.enqueue(envelope, message))
+        if wake:
+            self.runner.wake()
+            self.settle()
+        return ids
+
+    def entries(self, kind=EntryKind.MEMBER, state=None):
+        return {e.destination.address: e for e in self.spool.entries(state)
+                if e.kind is kind}
+
+    def states(self, kind=EntryKind.MEMBER):
+        return {address: e.state for address, e in self.entries(kind).items()}
+
+
+class RoutingTests(RunnerCase):
+    members = (*MEMBERS, Member("dora@example.com", delivery_enabled=False))
+
+    def test_post_goes_to_enabled_members(self):
+        """A post is replaced by one MEMBER entry per member with delivery enabled,
+        sent from the list's -bounces address; the post entry is DONE."""
+        (post_id,) = self.enqueue()
+        self.assertEqual(self.sender.recipients(), sorted(MEMBERS))
+        self.assertEqual({s.sender for s in self.sender.sent}, {"test-bounces@example.com"})
+        post = [e for e in self.spool.entries() if e.entry_id == post_id][0]
+        self.assertEqual((post.state, post.kind), (EntryState.DONE, EntryKind.INBOUND))
+        self.assertEqual(self.states(), dict.fromkeys(MEMBERS, EntryState.DONE))
+        for entry in self.entries().values():
+            self.assertEqual(entry.destination.list_address, LIST)
+            self.assertEqual(entry.message_key, post.message_key)
+            self.assertEqual(entry.attempts, 1)
+
+    def test_owner_mail_goes_to_owners_without_list_headers(self):
+        """Mail to -owner goes to every owner, as received (no list headers)."""
+        self.enqueue(OWNER)
+        self.assertEqual(self.sender.recipients(), ["boss@example.org", "owner@example.org"])
+        self.assertNotIn(b"List-Post:", self.sender.sent[0].message.data)
+        self.assertEqual(self.states(EntryKind.OWNER),
+                         dict.fromkeys(["owner@example.org", "boss@example.org"], EntryState.DONE))
+
+    def test_commands_and_bounces_are_held(self):
+        """Mail to -join/-subscribe, -leave/-unsubscribe, -request, -confirm and
+        -bounces is HELD with its sub-address, never sent and never claimed again."""
+        addresses = ["test-join@example.com", "test-subscribe@example.com",
+                     "test-leave@example.com", "test-unsubscribe@example.com",
+                     "test-request@example.com", "test-confirm+cookie@example.com",
+                     "test-bounces+anne=example.com@example.com"]
+        destinations = [self.registry.resolve(a) for a in addresses]
+        self.enqueue(*destinations)
+        self.advance(10 * 86400)
+        self.assertEqual(self.sender.sent, [])
+        held = self.spool.entries(EntryState.HELD)
+        self.assertEqual([e.destination for e in held], destinations)
+        self.assertEqual([e.destination.subaddress for e in held],
+                         ["join", "join", "leave", "leave", "request", "confirm", "bounces"])
+
+    def test_deleted_list_is_dead_lettered(self):
+        """A post to a list deleted before delivery is FAILED with the reason."""
+        self.enqueue(wake=False)
+        self.registry.delete_list(LIST)
+        self.runner.wake()
+        self.settle()
+        (entry,) = self.spool.entries()
+        self.assertEqual(entry.state, EntryState.FAILED)
+        self.assertIn("no longer exists", entry.last_error)
+        self.assertEqual(self.sender.sent, [])
+
+    def test_list_without_members(self):
+        """A post to a list with no enabled members is DONE and nothing is sent."""
+        self.registry.remove_members(LIST, MEMBERS)
+        self.enqueue()
+        self.assertEqual(self.sender.sent, [])
+        self.assertEqual(self.spool.counts()[EntryState.DONE], 1)
+
+    def test_list_without_owners(self):
+        """-owner mail for a list without owners is dead-lettered, not lost silently."""
+        self.registry.create_list("lonely@example.com")
+        self.enqueue(Destination("lonely@example.com", "owner", "lonely-owner@example.com"))
+        (entry,) = self.spool.entries()
+        self.assertEqual(entry.state, EntryState.FAILED)
+        self.assertIn("no owners", entry.last_error)
+
+    def test_duplicate_rcpt_sent_once(self):
+        """The posting address given twice in one LMTP transaction is sent once per member."""
+        self.enqueue(POST, POST)
+        self.assertEqual(self.sender.recipients(), sorted(MEMBERS))
+
+
+class FanOutTests(RunnerCase):
+    members = tuple(f"m{i:02d}@example.com" for i in range(25))
+    runner_options = {"batch_size": 7}
+
+    def test_chunks_batches_and_one_encoding(self):
+        """25 members with max_recipients=10, claimed 7 at a time: every member
+        gets exactly one copy in transactions of at most 10, and the message is
+        read and encoded once for all of them."""
+        reads = []
+        get_message = self.spool.get_message
+        self.spool.get_message = lambda key: reads.append(key) or get_message(key)
+        self.enqueue()
+        self.assertEqual(self.sender.recipients(), list(self.members))
+        self.assertTrue(all(len(s.rcpts) <= 10 for s in self.sender.sent))
+        self.assertEqual(len({id(s.message) for s in self.sender.sent}), 1)
+        self.assertEqual(len(reads), 1)
+        self.assertEqual(set(self.states().values()), {EntryState.DONE})
+
+    def test_one_transaction_when_max_recipients_zero(self):
+        """max_recipients=0 puts every member of a batch in one transaction."""
+        self.runner = self.make_runner(max_recipients=0, batch_size=100)
+        self.runner.startService()
+        self.enqueue()
+        self.assertEqual([len(s.rcpts) for s in self.sender.sent], [25])
+
+
+class HeaderTests(RunnerCase):
+    def test_list_headers_on_posts(self):
+        """Members get the post with List-* headers and Precedence: list in front;
+        the incoming List-Id is replaced; the rest of the message is unchanged."""
+        self.enqueue()
+        data = self.sender.sent[0].message.data
+        head, _, body = data.partition(b"\r\n\r\n")
+        self.assertIn(b"List-Id: Test List <test.example.com>\r\n", head)
+        for line in (b"List-Post: <mailto:test@example.com>",
+                     b"List-Help: <mailto:test-request@example.com?subject=help>",
+                     b"List-Subscribe: <mailto:test-join@example.com>",
+                     b"List-Unsubscribe: <mailto:test-leave@example.com>",
+                     b"List-Owner: <mailto:test-owner@example.com>",
+                     b"Precedence: list"):
+            self.assertIn(line + b"\r\n", head)
+        self.assertNotIn(b"up.example.net", data)
+        self.assertIn(b"X-MailFrom: poster@example.org\r\nFrom: Poster", head)
+        self.assertEqual(body, b"Body line.\r\n")
+
+
+class VERPTests(RunnerCase):
+    members = (*MEMBERS, '"odd one"@example.com')
+    runner_options = {"verp": True}
+
+    def test_one_transaction_per_member_with_verp_sender(self):
+        """With VERP each member gets a transaction of its own from
+        test-bounces+user=domain@example.com; an address that cannot be encoded
+        falls back to the plain -bounces address."""
+        self.enqueue()
+        senders = {s.rcpts: s.sender for s in self.sender.sent}
+        self.assertEqual(senders, {
+            ("anne@example.com",): "test-bounces+anne=example.com@example.com",
+            ("bart@example.com",): "test-bounces+bart=example.com@example.com",
+            ("cris@example.com",): "test-bounces+cris=example.com@example.com",
+            ('"odd one"@example.com',): "test-bounces@example.com",
+        })
+
+
+class ResultTests(RunnerCase):
+    def test_partial_refusals(self):
+        """Three outcomes: accepted is DONE; 451 is RETRY with a backoff of
+        300-375 s; 550 is FAILED and recorded as a bounce of that member."""
+        self.sender.replies = {"bart@example.com": [(550, b"5.1.1 No such user")],
+                               "cris@example.com": [(451, b"4.2.0 Try later")]}
+        self.enqueue()
+        entries = self.entries()
+        self.assertEqual(entries["anne@example.com"].state, EntryState.DONE)
+        bart, cris = entries["bart@example.com"], entries["cris@example.com"]
+        self.assertEqual((bart.state, bart.last_error),
+                         (EntryState.FAILED, "550 5.1.1 No such user"))
+        self.assertEqual((cris.state, cris.attempts, cris.last_error),
+                         (EntryState.RETRY, 1, "451 4.2.0 Try later"))
+        self.assertTrue(START + 300 <= cris.next_attempt_at <= START + 375)
+        self.assertEqual(self.registry.bounces(LIST),
+                         (Bounce(LIST, "bart@example.com", 550, "5.1.1 No such user", START),))
+
+    def test_retry_451_then_250_on_the_clock(self):
+        """A 451 is retried when its time comes (not before), then delivered; the
+        recipients already accepted are not sent the message again."""
+        self.sender.replies = {"cris@example.com": [(451, b"4.2.0 Try later"), (250, b"ok")]}
+        self.enqueue()
+        due = self.entries()["cris@example.com"].next_attempt_at
+        self.advance(due - self.clock.seconds() - 1)
+        self.assertEqual(len(self.sender.sent), 1)
+        self.advance(1)
+        self.assertEqual([s.rcpts for s in self.sender.sent[1:]], [("cris@example.com",)])
+        cris = self.entries()["cris@example.com"]
+        self.assertEqual((cris.state, cris.attempts), (EntryState.DONE, 2))
+        self.assertEqual(cris.first_attempt_at, START)
+
+    def test_only_timer_is_the_next_retry(self):
+        """No polling: after a deferral the runner's only pending call is at the retry time."""
+        self.sender.replies = {"cris@example.com": [(451, b"4.2.0 Try later")]}
+        self.enqueue()
+        due = self.entries()["cris@example.com"].next_attempt_at
+        self.assertEqual([c.getTime() for c in self.clock.getDelayedCalls()], [due])
+
+    def test_backoff_doubles_with_jitter(self):
+        """Successive delays double within 25% jitter and stop at max_backoff, and
+        recipients deferred together get different retry times."""
+        self.sender.replies = {a: [(451, b"busy")] for a in MEMBERS}
+        self.enqueue()
+        gaps = []
+        for _ in range(7):
+            entry = self.entries()["anne@example.com"]
+            gaps.append(entry.next_attempt_at - self.clock.seconds())
+            self.advance(self.spool.next_due() - self.clock.seconds())
+            while self.entries()["anne@example.com"].attempts == entry.attempts:
+                self.advance(self.spool.next_due() - self.clock.seconds())
+        for gap, nominal in zip(gaps, (300, 600, 1200, 2400, 4000, 4000, 4000), strict=True):
+            self.assertTrue(max(300, nominal * 0.75) <= gap <= min(4000, nominal * 1.25),
+                            (gap, nominal))
+        retry_times = {e.next_attempt_at for e in self.entries().values()}
+        self.assertEqual(len(retry_times), 3)
+
+    def test_dead_letter_after_retry_period(self):
+        """A recipient that keeps failing temporarily is tried a last time at
+        retry_period after its first attempt, then FAILED with a logged reason;
+        it is not a bounce."""
+        self.runner = self.make_runner(retry_period=3600)
+        self.runner.startService()
+        self.sender.replies = {"cris@example.com": [(451, b"4.2.0 Try later")]}
+        with capturedLogs() as events:
+            self.enqueue()
+            while self.entries()["cris@example.com"].state is EntryState.RETRY:
+                self.advance(self.spool.next_due() - self.clock.seconds())
+        cris = self.entries()["cris@example.com"]
+        self.assertEqual(cris.state, EntryState.FAILED)
+        self.assertEqual(self.clock.seconds(), START + 3600)
+        self.assertTrue(
+            cris.last_error.startswith(f"gave up after {cris.attempts} attempts in 1h 0m"))
+        self.assertTrue(cris.last_error.endswith("451 4.2.0 Try later"))
+        self.assertEqual(self.registry.bounces(LIST), ())
+        (event,) = [e for e in events if e["log_level"] is LogLevel.error]
+        self.assertEqual((event["recipient"], event["list"], event["message_id"]),
+                         ("cris@example.com", LIST, "<post@example.org>"))
+
+    def test_refusal_of_the_whole_message_is_not_a_bounce(self):
+        """A 5xx to DATA (say, a content filter) dead-letters the copies but blames
+        no member: no bounce is recorded."""
+        self.sender.error = DataRefused(554, b"5.7.1 Looks like spam")
+        self.enqueue()
+        self.assertEqual(set(self.states().values()), {EntryState.FAILED})
+        self.assertEqual(self.entries()["anne@example.com"].last_error, "554 5.7.1 Looks like spam")
+        self.assertEqual(self.registry.bounces(LIST), ())
+
+    def test_connection_failure_and_552_are_temporary(self):
+        """No reply (444) and 552 are retried, counted as attempts, and do not pause delivery."""
+        for error in (ConnectionFailed(444, b"Connection refused"),
+                      SenderRefused(552, b"5.3.4 Message too big for now")):
+            self.sender.error = error
+            self.enqueue()
+            self.assertEqual(set(self.states().values()), {EntryState.RETRY})
+            self.assertIsNone(self.runner.paused_until)
+            self.successResultOf(self.spool.delete([e.entry_id for e in self.spool.entries()]))
+
+    def test_transaction_log_line(self):
+        """Each SMTP transaction is logged with message id, list, recipient count,
+        time taken and refused count (Mailman's smtp.log)."""
+        self.sender.replies = {"bart@example.com": [(550, b"no")]}
+        with capturedLogs() as events:
+            self.enqueue()
+        logged = [e for e in events if "count" in e and "refused" in e]
+        self.assertEqual(len(logged), len(self.sender.sent))
+        self.assertEqual({(e["message_id"], e["list"]) for e in logged},
+                         {("<post@example.org>", LIST)})
+        self.assertEqual(sum(e["count"] for e in logged), 3)
+        self.assertEqual(sum(e["refused"] for e in logged), 1)
+        self.assertTrue(all(isinstance(e["duration"], float) for e in logged))
+        self.assertFalse(any(b"Body line" in repr(e).encode() for e in events))
+
+
+class SiteProblemTests(RunnerCase):
+    def assert_all_queued_nobody_bounced(self):
+        for entry in self.entries().values():
+            self.assertEqual((entry.state, entry.attempts), (EntryState.RETRY, 0), entry)
+            self.assertIn("site problem", entry.last_error)
+        self.assertEqual(self.registry.bounces(LIST), ())
+
+    def test_bad_credentials_pause_and_later_resume(self):
+        """571 Bad authentication: nothing is bounced or counted, the breaker opens
+        (published under "circuit"), probes one transaction after 30 s, doubles to
+        60 s when the probe fails, and closes once a transaction gets through;
+        then every member gets the post."""
+        self.registry.add_members(LIST, [f"x{i}@example.com" for i in range(20)])
+        self.sender.error = AuthenticationFailed(571, b"Bad authentication")
+        with capturedLogs() as events:
+            self.enqueue()
+        self.assertEqual(len(self.sender.sent), 1)  # the others were not even tried
+        self.assert_all_queued_nobody_bounced()
+        self.assertEqual(self.runner.paused_until, START + 30)
+        status = self.spool.get_status(CIRCUIT_STATUS_KEY)
+        self.assertIn("571 Bad authentication", status)
+        self.assertTrue(any(e["log_level"] is LogLevel.error and "reason" in e for e in events))
+
+        self.advance(29)
+        self.assertEqual(len(self.sender.sent), 1)
+        self.advance(1)  # the probe: one entry, one transaction
+        self.assertEqual([len(s.rcpts) for s in self.sender.sent[1:]], [1])
+        self.assertEqual(self.runner.paused_until, START + 30 + 60)
+        self.assert_all_queued_nobody_bounced()
+
+        self.sender.error = None
+        self.advance(60)
+        self.assertIsNone(self.runner.paused_until)
+        self.assertIsNone(self.spool.get_status(CIRCUIT_STATUS_KEY))
+        self.assertEqual(set(self.states().values()), {EntryState.DONE})
+        self.assertEqual(sorted(set(self.sender.recipients())), sorted(self.entries()))
+        self.assertEqual({e.attempts for e in self.entries().values()}, {1})
+
+    def test_other_site_problems(self):
+        """A 530 to MAIL FROM (not flagged), a TLS failure, and an authentication
+        code refusing a recipient all pause delivery instead of bouncing."""
+        cases = [("error", SenderRefused(530, b"5.7.0 Authentication required")),
+                 ("error", TLSFailed(444, b"TLS handshake failed")),
+                 ("replies", {"anne@example.com": [(535, b"5.7.8 nope")]})]
+        for attribute, value in cases:
+            self.runner = self.make_runner()
+            self.runner.startService()
+            setattr(self.sender, attribute, value)
+            self.enqueue()
+            self.assertIsNotNone(self.runner.paused_until, value)
+            self.assertEqual(self.registry.bounces(LIST), ())
+            self.assertFalse(any(e.state is EntryState.FAILED for e in self.spool.entries()))
+            self.successResultOf(self.runner.stopService())
+            self.sender.error, self.sender.replies = None, {}
+            self.successResultOf(self.spool.delete([e.entry_id for e in self.spool.entries()]))
+
+    def test_new_mail_waits_while_paused(self):
+        """While paused, new posts are queued but nothing is sent before the probe."""
+        self.sender.error = AuthenticationFailed(535, b"5.7.8 nope")
+        self.enqueue()
+        self.sender.error = None
+        self.enqueue()
+        self.assertEqual(len(self.sender.sent), 1)
+        self.advance(30)
+        self.assertEqual(set(self.states().values()), {EntryState.DONE})
+
+    def test_success_started_before_the_trip_does_not_close(self):
+        """A transaction that was already under way when the breaker opened cannot
+        close it by succeeding: only one started afterwards proves the fix."""
+        self.sender.hold = True
+        self.registry.create_list("other@example.com")
+        self.registry.add_members("other@example.com", ["zed@example.com"])
+        self.enqueue(POST, Destination("other@example.com", None, "other@example.com"))
+        self.assertEqual(len(self.sender.held), 2)
+        self.sender.error = AuthenticationFailed(535, b"5.7.8 nope")
+        self.sender.release()
+        self.sender.error = None
+        self.sender.release()
+        self.assertIsNotNone(self.runner.paused_until)
+
+    def test_stale_status_cleared_on_start(self):
+        """A breaker status left by a previous run is cleared when the runner starts."""
+        self.successResultOf(self.spool.set_status(CIRCUIT_STATUS_KEY, "old"))
+        self.make_runner().startService()
+        self.assertIsNone(self.spool.get_status(CIRCUIT_STATUS_KEY))
+
+
+class LifecycleTests(RunnerCase):
+    def test_wake_delivers_on_the_next_turn(self):
+        """wake() starts delivery on the next reactor turn, without waiting for a timer."""
+        self.enqueue(wake=False)
+        self.runner.wake()
+        self.runner.wake()
+        self.assertEqual(self.sender.sent, [])
+        self.clock.advance(0)
+        self.assertEqual(self.sender.recipients(), sorted(MEMBERS))
+
+    def test_recover_after_a_crash(self):
+        """Entries left INFLIGHT by a crash (a post and member copies) are queued
+        again on start and delivered: at-least-once."""
+        self.stop()
+        self.enqueue(wake=False)
+        self.successResultOf(self.spool.claim_due(self.clock.seconds(), 100))
+        owner_id = self.enqueue(OWNER, wake=False)[0]
+        self.successResultOf(self.spool.expand(owner_id, ["owner@example.org"], EntryKind.OWNER))
+        self.successResultOf(self.spool.claim_due(self.clock.seconds(), 100))
+        self.assertEqual(self.spool.counts()[EntryState.INFLIGHT], 2)
+        self.runner = self.make_runner()
+        self.runner.startService()
+        self.settle()
+        self.assertEqual(self.sender.recipients(), sorted([*MEMBERS, "owner@example.org"]))
+        self.assertEqual(self.spool.counts()[EntryState.INFLIGHT], 0)
+
+    def test_stop_waits_for_transactions_in_flight(self):
+        """stopService waits for the transaction being sent and records it; copies
+        not yet handed to the sender go back to the queue, unattempted."""
+        self.runner = self.make_runner(max_recipients=1, max_parallel=1)
+        self.stop()
+        self.runner.startService()
+        self.sender.hold = True
+        self.enqueue()
+        self.assertEqual(len(self.sender.held), 1)
+        stopped = self.runner.stopService()
+        self.assertNoResult(stopped)
+        self.sender.release()
+        self.successResultOf(stopped)
+        states = self.states()
+        self.assertEqual(sorted(states.values()),
+                         [EntryState.DONE, EntryState.QUEUED, EntryState.QUEUED])
+        self.assertEqual(len(self.sender.sent), 1)
+        self.enqueue()
+        self.assertEqual(len(self.sender.sent), 1)
+
+    def test_delivered_entries_purged_after_keep_done(self):
+        """Once the queue drains, DONE entries older than keep_done (7 days) are
+        deleted with their message; newer ones and dead letters stay."""
+        self.sender.replies = {"anne@example.com": [(550, b"gone")]}
+        self.enqueue()
+        first_key = self.spool.entries()[0].message_key
+        self.advance(7 * 86400 + 3600)
+        self.sender.replies = {}
+        self.enqueue()
+        states = sorted(e.state for e in self.spool.entries())
+        self.assertEqual(states, [EntryState.DONE] * 4 + [EntryState.FAILED])
+        self.assertEqual(self.spool.get_message(first_key)[:12], b"X-MailFrom: ")
+        self.assertEqual(len({e.message_key for e in self.spool.entries()}), 2)
+
+    def test_keep_done_none_keeps_everything(self):
+        """keep_done=None never purges."""
+        self.runner = self.make_runner(keep_done=None)
+        self.stop()
+        self.runner.startService()
+        self.enqueue()
+        self.advance(30 * 86400)
+        self.enqueue()
+        self.assertEqual(self.spool.counts()[EntryState.DONE], 8)
+
+    def test_when_idle(self):
+        """when_idle fires once the work due now is done, not before."""
+        self.sender.hold = True
+        self.enqueue()
+        idle = self.runner.when_idle()
+        self.assertNoResult(idle)
+        self.sender.release()
+        self.settle()
+        self.successResultOf(idle)
+
+    def test_bad_arguments(self):
+        """Bad settings are refused with clear errors."""
+        for options, error in (({"batch_size": 0}, ValueError),
+                               ({"max_recipients": -1}, ValueError),
+                               ({"min_backoff": 500, "max_backoff": 100}, ValueError),
+                               ({"verp": "yes"}, TypeError),
+                               ({"breaker_min_delay": 0}, ValueError),
+                               ({"devmode_recipient": "not an address"}, ValueError)):
+            with self.assertRaises(error, msg=options):
+                self.make_runner(**options)
+        with self.assertRaises(TypeError):
+            DeliveryRunner(self.spool, self.registry, object(), clock=self.clock)
+
+
+class DevmodeTests(SynchronousTestCase):
+    def test_devmode_connection_keeps_results_by_member(self):
+        """With Connection(devmode_recipient=...) every RCPT names the devmode
+        mailbox, yet a refusal lands on the right member's entry."""
+        smarthost = MemorySmarthost()
+        smarthost.mta.reject("rcpt", 451, b"4.2.0 Try later", count=1)
+        spool = MemorySpool(smarthost.reactor)
+        registry = MemoryRegistry()
+        registry.create_list(LIST)
+        registry.add_members(LIST, MEMBERS)
+        pool = ConnectionPool(lambda: smarthost.connection(devmode_recipient="dev@example.org"))
+        runner = DeliveryRunner(spool, registry, pool, clock=smarthost.reactor,
+                                random=random.Random(1))
+        runner.startService()
+        self.successResultOf(spool.enqueue(Envelope("p@example.org", (POST,), 0.0), MESSAGE))
+        runner.wake()
+        smarthost.run()
+        (transaction,) = smarthost.mta.transactions
+        self.assertEqual(transaction.rcpts, ("dev@example.org",) * 2)
+        states = {e.destination.address: e.state for e in spool.entries()
+                  if e.kind is EntryKind.MEMBER}
+        # chunkify sorts: anne@example.com's RCPT came first and was refused.
+        self.assertEqual(states, {"anne@example.com": EntryState.RETRY,
+                                  "bart@example.com": EntryState.DONE,
+                                  "cris@example.com": EntryState.DONE})
+        stopped = runner.stopService()
+        closed = pool.quit()
+        smarthost.run()
+        self.successResultOf(stopped)
+        self.successResultOf(closed)
+
+    def test_runner_devmode_recipient(self):
+        """The runner's own devmode_recipient sends each copy there, one per
+        transaction, and keys results by the real member."""
+        clock = task.Clock()
+        spool, registry, sender = MemorySpool(clock), MemoryRegistry(), ScriptedSender()
+        registry.create_list(LIST)
+        registry.add_members(LIST, MEMBERS)
+        sender.replies = {"dev@example.org": [(250, b"ok"), (550, b"no")]}
+        runner = DeliveryRunner(spool, registry, sender, clock=clock,
+                                devmode_recipient="dev@example.org")
+        runner.startService()
+        self.successResultOf(spool.enqueue(Envelope("p@example.org", (POST,), 0.0), MESSAGE))
+        runner.wake()
+        clock.advance(0)
+        self.assertEqual([s.rcpts for s in sender.sent], [("dev@example.org",)] * 3)
+        states = {e.destination.address: e.state for e in spool.entries()
+                  if e.kind is EntryKind.MEMBER}
+        self.assertEqual(states, {"anne@example.com": EntryState.DONE,
+                                  "bart@example.com": EntryState.FAILED,
+                                  "cris@example.com": EntryState.FAILED})
+        self.successResultOf(runner.stopService())
+
+
+def _temp_dir(case) -> str:
+    path = tempfile.mkdtemp(prefix="mailrelay-test-")
+    case.addCleanup(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+class EndToEndTests(TestCase):
+    """SQLite spool and registry, the pool, real Connections and FakeMTA over loopback."""
+
+    async def start(self, sender_factory=None, **runner_options):
+        directory = _temp_dir(self)
+        self.spool = SQLiteSpool(os.path.join(directory, "spool.sqlite3"), reactor)
+        self.addCleanup(self.spool.close)
+        self.registry = SQLiteRegistry(os.path.join(directory, "registry.sqlite3"))
+        self.addCleanup(self.registry.close)
+        self.registry.create_list(LIST, "Test List", ["owner@example.org"])
+        self.mta = FakeMTA(reactor)
+        await self.mta.start()
+        self.addCleanup(self.mta.stop)
+        if sender_factory is None:
+            self.sender = ConnectionPool(
+                lambda: Connection("127.0.0.1", self.mta.port, 0, reactor=reactor,
+                                   helo_name="relay.example", idle_timeout=5),
+                max_connections=2,
+            )
+            self.addCleanup(self.sender.quit)
+        else:
+            self.sender = sender_factory()
+        self.runner = DeliveryRunner(self.spool, self.registry, self.sender, clock=reactor,
+                                     **runner_options)
+        self.runner.startService()
+        self.addCleanup(self.runner.stopService)
+        self.handler = InboundHandler(self.registry, self.spool, hostname="relay.example",
+                                      clock=reactor, on_stored=self.runner.wake)
+
+    async def lmtp_deliver(self, *addresses, message=MESSAGE):
+        transaction = Transaction(
+            sender="poster@example.org",
+            recipients=tuple(AcceptedRecipient(a, self.registry.resolve(a)) for a in addresses),
+            message=message, peer="127.0.0.1", lhlo="mta.example.org",
+        )
+        replies = await self.handler.deliver(transaction)
+        self.assertEqual({r.code for r in replies}, {250})
+
+    async def test_post_reaches_members(self):
+        """A post accepted by the LMTP handler reaches FakeMTA once, from
+        test-bounces@, to the three members, with the list headers; -join mail is held."""
+        await self.start()
+        self.registry.add_members(LIST, MEMBERS)
+        await self.lmtp_deliver(LIST, "test-join@example.com")
+        await self.runner.when_idle()
+        (transaction,) = self.mta.transactions
+        self.assertEqual(transaction.mail_from, "test-bounces@example.com")
+        self.assertEqual(transaction.rcpts, tuple(sorted(MEMBERS)))
+        (message,) = self.mta.messages
+        self.assertEqual(message["List-Id"], "Test List <test.example.com>")
+        self.assertEqual(message["List-Post"], "<mailto:test@example.com>")
+        self.assertEqual(message["Precedence"], "list")
+        self.assertEqual(message["Message-ID"], "<post@example.org>")
+        counts = self.spool.counts()
+        self.assertEqual((counts[EntryState.DONE], counts[EntryState.HELD]), (4, 1))
+
+    async def test_bad_credentials_bounce_nobody(self):
+        """A smarthost that refuses our password: every copy stays queued, no
+        bounce, the breaker state is in the spool for `mailrelay queue`."""
+        password_mta = FakeMTA(reactor, users={"relay": "right"})
+        await password_mta.start()
+        self.addCleanup(password_mta.stop)
+
+        def factory():
+            return ConnectionPool(lambda: Connection(
+                "127.0.0.1", password_mta.port, 0, user="relay", password="wrong",
+                reactor=reactor, helo_name="relay.example", allow_plaintext_auth=True,
+            ))
+
+        await self.start(sender_factory=factory)
+        self.addCleanup(self.sender.quit)
+        self.registry.add_members(LIST, MEMBERS)
+        await self.lmtp_deliver(LIST)
+        await self.runner.when_idle()
+        self.assertEqual(password_mta.transactions, [])
+        self.assertEqual(self.registry.bounces(LIST), ())
+        counts = self.spool.counts()
+        self.assertEqual((counts[EntryState.RETRY], counts[EntryState.FAILED]), (3, 0))
+        self.assertIn("Bad authentication", self.spool.get_status(CIRCUIT_STATUS_KEY))
+
+    async def test_ten_thousand_members(self):
+        """1 post x 10,000 members through the SQLite spool takes seconds, not
+        minutes: fan-out, claims and result updates are batched."""
+        sender = ScriptedSender()
+        await self.start(sender_factory=lambda: sender)
+        self.registry.add_members(LIST, [f"m{i:05d}@example.com" for i in range(10_000)])
+        started = time.monotonic()
+        await self.lmtp_deliver(LIST)
+        await self.runner.when_idle()
+        elapsed = time.monotonic() - started
+        self.assertEqual(len(sender.recipients()), 10_000)
+        self.assertEqual(self.spool.counts()[EntryState.DONE], 10_001)
+        self.assertLess(elapsed, 20, f"10,000 members took {elapsed:.1f}s")
