@@ -144,7 +144,11 @@ class ISpool(Interface):
         """The earliest ``next_attempt_at`` of a RETRY entry, or ``None`` (synchronous)."""
 
     def retry_now(entry_ids=None):
-        """Make RETRY/FAILED entries (all when ``None``) QUEUED again; fires with the count."""
+        """Make RETRY/FAILED entries (all when ``None``) QUEUED again; fires with the count.
+
+        FAILED entries start a fresh retry period (attempts and first attempt
+        time cleared); RETRY entries keep theirs.
+        """
 
     def delete(entry_ids):
         """Remove entries; fires with the count."""

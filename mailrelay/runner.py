@@ -201,6 +201,8 @@ class DeliveryRunner(service.Service):
     bounds the transactions handed to the sender at once (default: its
     ``max_connections``, else 1).  DONE entries (and messages no entry needs
     any more) are purged ``keep_done`` seconds after delivery (``None``: never).
+    The spool is also checked every ``poll_interval`` seconds for entries
+    re-queued by another process, such as ``mailrelay queue retry``.
     """
 
     name = "delivery"
@@ -224,6 +226,7 @@ class DeliveryRunner(service.Service):
         breaker_min_delay: float = 30.0,
         breaker_max_delay: float = 600.0,
         keep_done: float | None = 7 * 86400.0,
+        poll_interval: float | None = 30.0,
     ):
         if not callable(getattr(sender, "sendmail", None)):
             raise TypeError(f"sender must provide sendmail(), not {sender!r}")
@@ -248,6 +251,11 @@ class DeliveryRunner(service.Service):
             raise ValueError(
                 f"keep_done must be a number of seconds >= 0 or None, not {keep_done!r}"
             )
+        if poll_interval is not None and not poll_interval > 0:
+            raise ValueError(f"poll_interval must be > 0 or None, not {poll_interval!r}")
+        # Entries made QUEUED by another process (``mailrelay queue retry``)
+        # send no wake(): look at the spool at least this often.
+        self._poll_interval = poll_interval
         self._keep_done = keep_done
         self._last_purge: float | None = None
         self._spool = spool
@@ -458,6 +466,9 @@ class DeliveryRunner(service.Service):
         except SpoolError as e:
             log.error("Could not read the next retry time: {error}", error=str(e))
             due = self._clock.seconds() + _SPOOL_RETRY_DELAY
+        if self._poll_interval is not None:
+            poll = self._clock.seconds() + self._poll_interval
+            due = poll if due is None else min(due, poll)
         if due is not None:
             self._schedule_at(due)
 

@@ -698,22 +698,31 @@ class SQLiteSpool:
         return rows[0][0]
 
     def retry_now(self, entry_ids: Iterable[int] | None = None) -> Deferred[int]:
-        """Make RETRY and FAILED entries QUEUED again (attempt history is kept);
-        fires with how many changed."""
+        """Make RETRY and FAILED entries QUEUED again; fires with how many changed.
+
+        RETRY entries keep their attempt history (and so their retry period);
+        FAILED (dead-lettered) entries start afresh: attempts and the time of
+        the first attempt are cleared, so they get a whole retry period again.
+        """
         return _deferred_call(self._retry_now, entry_ids)
 
     def _retry_now(self, entry_ids: Iterable[int] | None) -> Deferred[int]:
         ids = None if entry_ids is None else _check_ids(entry_ids)
         now = self._reactor.seconds()
+        # A dead-lettered entry that an operator retries gets a fresh retry
+        # period: its attempt history starts again.
         sql = (
-            "UPDATE entries SET state = 'queued', next_attempt_at = NULL, updated_at = ?"
+            "UPDATE entries SET next_attempt_at = NULL, updated_at = ?,"
+            " attempts = CASE state WHEN 'failed' THEN 0 ELSE attempts END,"
+            " first_attempt_at = CASE state WHEN 'failed' THEN NULL ELSE first_attempt_at END,"
+            " state = 'queued'"
             " WHERE state IN ('retry', 'failed')"
         )
 
         def requeue(db: sqlite3.Connection) -> int:
             if ids is None:
                 return db.execute(sql, (now,)).rowcount
-            return db.executemany(sql + " AND id = ?", [(now, i) for i in ids]).rowcount
+            return sum(db.execute(sql + " AND id = ?", (now, i)).rowcount for i in ids)
 
         return self._submit("requeue entries", requeue)
 
@@ -951,6 +960,9 @@ class MemorySpool:
         moved = 0
         for row in rows:
             if row.state in states:
+                if row.state is EntryState.FAILED:  # a fresh retry period, as in SQLiteSpool
+                    row.attempts = 0
+                    row.first_attempt_at = None
                 row.state = EntryState.QUEUED
                 if not keep_retry_time:
                     row.next_attempt_at = None
@@ -983,8 +995,12 @@ class MemorySpool:
         return min(times, default=None)
 
     def retry_now(self, entry_ids: Iterable[int] | None = None) -> Deferred[int]:
-        """Make RETRY and FAILED entries QUEUED again (attempt history is kept);
-        fires with how many changed."""
+        """Make RETRY and FAILED entries QUEUED again; fires with how many changed.
+
+        RETRY entries keep their attempt history (and so their retry period);
+        FAILED (dead-lettered) entries start afresh: attempts and the time of
+        the first attempt are cleared, so they get a whole retry period again.
+        """
         return self._write("requeue entries", self._retry_now, entry_ids)
 
     def _retry_now(self, entry_ids: Iterable[int] | None) -> int:

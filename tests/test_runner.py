@@ -133,7 +133,8 @@ class RunnerCase(SynchronousTestCase):
         self.addCleanup(self.stop)
 
     def make_runner(self, **options):
-        options = {"random": random.Random(42), **self.runner_options, **options}
+        # Most tests pin the timer schedule exactly; PollTests covers polling.
+        options = {"random": random.Random(42), "poll_interval": None, **self.runner_options, **options}
         return DeliveryRunner(self.spool, self.registry, self.sender, clock=self.clock, **options)
 
     def stop(self):
@@ -505,6 +506,19 @@ class SiteProblemTests(RunnerCase):
         self.successResultOf(self.spool.set_status(CIRCUIT_STATUS_KEY, "old"))
         self.make_runner().startService()
         self.assertIsNone(self.spool.get_status(CIRCUIT_STATUS_KEY))
+
+
+class PollTests(RunnerCase):
+    runner_options = {"poll_interval": 30.0}
+
+    def test_entries_queued_by_another_process_are_found(self):
+        """An entry re-queued without wake() (``mailrelay queue retry`` runs in another
+        process) is delivered at the next poll, not left until the next inbound message."""
+        self.enqueue(wake=False)
+        self.advance(29)
+        self.assertEqual(self.sender.sent, [])
+        self.advance(1)
+        self.assertEqual(set(self.states().values()), {EntryState.DONE})
 
 
 class LifecycleTests(RunnerCase):

@@ -213,6 +213,19 @@ class SpoolContractMixin:
                          (1, "451 later", None))
         self.assertIsNone(self.spool.next_due())
 
+    async def test_retry_now_gives_dead_letters_a_fresh_period(self):
+        """A FAILED entry an operator retries starts a new retry period; a RETRY entry keeps its own."""
+        ids = await self.enqueue_one(POST, POST)
+        await self.spool.update([
+            EntryUpdate(ids[0], EntryState.RETRY, 300.0, "451 later", True),
+            EntryUpdate(ids[1], EntryState.FAILED, error="gave up", count_attempt=True),
+        ])
+        await self.spool.retry_now()
+        retry, failed = self.spool.entries()
+        self.assertEqual(retry.attempts, 1)
+        self.assertIsNotNone(retry.first_attempt_at)
+        self.assertEqual((failed.attempts, failed.first_attempt_at, failed.last_error), (0, None, "gave up"))
+
     async def test_delete_drops_message_with_last_entry(self):
         """A message is kept while any of its entries is, and removed with the last one."""
         ids = await self.enqueue_one(POST, JOIN)

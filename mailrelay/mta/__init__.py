@@ -1,32 +1,55 @@
-"""Outbound SMTP: the Connection to the smarthost and bulk (chunked) delivery."""
+"""Outbound SMTP: the Connection to the smarthost, bulk delivery and the pool.
 
-from mailrelay.mta.bulk import BulkDelivery
-from mailrelay.mta.connection import Connection, SecureMode, as_secure_mode
-from mailrelay.mta.errors import (
-    AuthenticationFailed,
-    ConnectionFailed,
-    ConnectionTimeout,
-    DataRefused,
-    DeliveryError,
-    SenderRefused,
-    ServerClosing,
-    TLSFailed,
-)
-from mailrelay.mta.message import WireMessage, prepare_message
+Names are imported on first use: the client module imports
+``twisted.mail.smtp``, which installs the global reactor, and that must not
+happen merely because a submodule such as ``mailrelay.mta.errors`` is imported
+before ``twistd -r`` (or a test runner) has chosen a reactor.
+"""
 
-__all__ = [
-    "AuthenticationFailed",
-    "BulkDelivery",
-    "Connection",
-    "ConnectionFailed",
-    "ConnectionTimeout",
-    "DataRefused",
-    "DeliveryError",
-    "SecureMode",
-    "SenderRefused",
-    "ServerClosing",
-    "TLSFailed",
-    "WireMessage",
-    "as_secure_mode",
-    "prepare_message",
-]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mailrelay.mta.bulk import BulkDelivery
+    from mailrelay.mta.connection import Connection, SecureMode, as_secure_mode
+    from mailrelay.mta.errors import (
+        AuthenticationFailed,
+        ConnectionFailed,
+        ConnectionTimeout,
+        DataRefused,
+        DeliveryError,
+        SenderRefused,
+        ServerClosing,
+        TLSFailed,
+    )
+    from mailrelay.mta.message import WireMessage, prepare_message
+    from mailrelay.mta.pool import ConnectionPool
+
+_HOMES = {
+    "BulkDelivery": "bulk",
+    "Connection": "connection",
+    "ConnectionPool": "pool",
+    "SecureMode": "connection",
+    "as_secure_mode": "connection",
+    "WireMessage": "message",
+    "prepare_message": "message",
+    **dict.fromkeys(
+        ["AuthenticationFailed", "ConnectionFailed", "ConnectionTimeout", "DataRefused",
+         "DeliveryError", "SenderRefused", "ServerClosing", "TLSFailed"],
+        "errors",
+    ),
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOMES:
+        return getattr(importlib.import_module(f"mailrelay.mta.{_HOMES[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

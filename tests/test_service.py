@@ -1,0 +1,159 @@
+"""Wiring: the twistd plugin, tap Options, makeService, and the whole loop in one process."""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import subprocess
+import sys
+import tempfile
+
+from twisted.application.service import IServiceMaker
+from twisted.internet import endpoints, reactor
+from twisted.plugin import getPlugins
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from mailrelay import cli, tap
+from mailrelay.config import Settings
+from mailrelay.testing import FakeMTA
+from mailrelay.testing.lmtp import LMTPClient, connect_lmtp
+from tests.support import as_deferred
+
+POST = b"From: anne@example.com\r\nTo: test@example.com\r\nSubject: loop\r\n\r\nHello, list.\r\n"
+
+
+class PluginTests(SynchronousTestCase):
+    def test_plugin_is_discovered(self):
+        """twistd finds the plugin as 'mailrelay' (no __init__.py shadows twisted.plugins)."""
+        makers = {p.tapname: p for p in getPlugins(IServiceMaker)}
+        self.assertIn("mailrelay", makers)
+        self.assertIs(makers["mailrelay"].options, tap.Options)
+
+    def test_import_light(self):
+        """Importing the plugin, tap, CLI and policy modules installs no reactor (twistd -r asyncio works)."""
+        code = ("import sys, twisted.plugins.mailrelay_plugin, mailrelay.tap, mailrelay.cli, mailrelay.runner, "
+                "mailrelay.lmtp.delivery, mailrelay.mta.errors, mailrelay.mta.bulk;"
+                "sys.exit('twisted.internet.reactor' in sys.modules)")
+        self.assertEqual(subprocess.run([sys.executable, "-c", code], check=False).returncode, 0)
+
+    def test_options_default_and_config(self):
+        """Without -C the embedded defaults apply; -C reads the file."""
+        env = os.environ.pop("MAILRELAY_CONFIG", None)
+        self.addCleanup(lambda: env is not None and os.environ.__setitem__("MAILRELAY_CONFIG", env))
+        options = tap.Options()
+        options.parseOptions([])
+        self.assertEqual(options["settings"].mta.lmtp_endpoint, "tcp:8024:interface=127.0.0.1")
+        path = os.path.join(tempfile.mkdtemp(), "mailrelay.ini")
+        with open(path, "w") as f:
+            f.write("[mta]\nsmtp_port = 2525\n")
+        options = tap.Options()
+        options.parseOptions(["-C", path])
+        self.assertEqual(options["settings"].mta.smtp_port, 2525)
+
+    def test_bad_config_is_a_usage_error_naming_it(self):
+        """A bad value stops twistd with a message naming file, section, key and value."""
+        path = os.path.join(tempfile.mkdtemp(), "bad.ini")
+        with open(path, "w") as f:
+            f.write("[mta]\nsmtp_port = abc\n")
+        e = self.assertRaises(usage.UsageError, tap.Options().parseOptions, ["-C", path])
+        for part in (path, "[mta]", "smtp_port", "abc"):
+            self.assertIn(part, str(e))
+
+
+class LoopTests(TestCase):
+    """The whole relay on the test's reactor: LMTP on a unix socket, the FakeMTA as smarthost."""
+
+    async def start_relay(self, **mta):
+        self.tmp = tempfile.mkdtemp()
+        self.smarthost = FakeMTA(reactor, pipelining=True)
+        await self.smarthost.start()
+        self.addCleanup(self.smarthost.stop)
+        self.socket = os.path.join(self.tmp, "lmtp.sock")
+        self.config = os.path.join(self.tmp, "mailrelay.ini")
+        values = {"lmtp_endpoint": f"unix:{self.socket}", "smtp_host": "127.0.0.1",
+                  "smtp_port": str(self.smarthost.port), **mta}
+        with open(self.config, "w") as f:
+            f.write("[paths]\nvar_dir = var\n[mta]\n" + "".join(f"{k} = {v}\n" for k, v in values.items()))
+        from mailrelay.config import load_settings
+        from mailrelay.service import makeService
+        self.settings: Settings = load_settings(self.config)
+        self.service = makeService(self.settings, reactor)
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+
+    def admin(self, *argv: str) -> int:
+        return cli.main(["-C", self.config, *argv], stdout=io.StringIO(), stderr=io.StringIO())
+
+    async def lmtp(self) -> LMTPClient:
+        client = await connect_lmtp(endpoints.UNIXClientEndpoint(reactor, self.socket))
+        await client.lhlo("mx.example.com")
+        self.addCleanup(client.quit)
+        return client
+
+    async def delivered(self, count: int):
+        """Wait (bounded) until the smarthost holds ``count`` messages."""
+        runner = self.service.getServiceNamed("mailrelay-delivery")
+        for _ in range(200):
+            if len(self.smarthost.messages) >= count:
+                return
+            await runner.when_idle()
+            if len(self.smarthost.messages) >= count:
+                return
+            from twisted.internet import task
+            await task.deferLater(reactor, 0.01, lambda: None)
+        self.fail(f"only {len(self.smarthost.messages)} of {count} messages delivered")
+
+    def test_post_reaches_members(self):
+        """A post accepted over LMTP reaches each member through the smarthost with list headers,
+        envelope sender list-bounces; the unix socket is mode 660."""
+        async def go():
+            await self.start_relay()
+            self.assertEqual(stat.S_IMODE(os.stat(self.socket).st_mode), 0o660)
+            self.assertEqual(self.admin("lists", "create", "test@example.com"), 0)
+            self.assertEqual(self.admin("members", "add", "test@example.com", "bart@example.com",
+                                        "cate@example.org"), 0)
+            client = await self.lmtp()
+            replies = await client.sendmail("anne@example.com", ["test@example.com", "nolist@example.com"], POST)
+            self.assertEqual([r.code for r in replies], [250, 550])
+            await self.delivered(1)
+            txns = self.smarthost.transactions
+            self.assertEqual({t.mail_from for t in txns}, {"test-bounces@example.com"})
+            self.assertEqual(sorted(r for t in txns for r in t.rcpts), ["bart@example.com", "cate@example.org"])
+            msg = self.smarthost.messages[0]
+            self.assertEqual(msg["List-Id"].strip("<>").split(".")[0], "test")
+            self.assertEqual(msg["Precedence"], "list")
+            # mailrelay records the LMTP sender; the smarthost saw the list's bounces address.
+            self.assertEqual(msg.get_all("X-MailFrom"), ["anne@example.com", "test-bounces@example.com"])
+        return as_deferred(go())
+
+    def test_cli_changes_seen_by_running_service(self):
+        """A list created with the CLI (another SQLite connection) is accepted at the next RCPT,
+        and a deleted one is refused, without a restart."""
+        async def go():
+            await self.start_relay()
+            client = await self.lmtp()
+            self.assertEqual((await client.command("MAIL FROM:<anne@example.com>")).code, 250)
+            self.assertEqual((await client.command("RCPT TO:<late@example.com>")).code, 550)
+            self.admin("lists", "create", "late@example.com")
+            self.assertEqual((await client.command("RCPT TO:<late@example.com>")).code, 250)
+            self.assertEqual((await client.command("RCPT TO:<late-join@example.com>")).code, 250)
+            self.admin("lists", "delete", "late@example.com", "--yes")
+            self.assertEqual((await client.command("RCPT TO:<late@example.com>")).code, 550)
+        return as_deferred(go())
+
+    def test_commands_held_not_delivered(self):
+        """Mail to a command address is kept in the spool (HELD), never sent to members."""
+        async def go():
+            await self.start_relay()
+            self.admin("lists", "create", "test@example.com")
+            self.admin("members", "add", "test@example.com", "bart@example.com")
+            client = await self.lmtp()
+            replies = await client.sendmail("anne@example.com", ["test-join@example.com"], POST)
+            self.assertEqual([r.code for r in replies], [250])
+            await self.service.getServiceNamed("mailrelay-delivery").when_idle()
+            spool = self.service.getServiceNamed("mailrelay-stores")._spool
+            self.assertEqual([e.state.value for e in spool.entries()], ["held"])
+            self.assertEqual(self.smarthost.messages, [])
+        return as_deferred(go())
