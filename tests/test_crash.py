@@ -1,0 +1,159 @@
+"""Crash safety with a real ``twistd mailrelay`` process killed with SIGKILL.
+
+What was acknowledged with 250 over LMTP must survive a kill -9 at any moment
+and be delivered after a restart: right after the 250 (smarthost down) and in
+the middle of delivery (the smarthost is holding its reply to the message).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+
+from twisted.internet import endpoints, reactor, task
+from twisted.trial.unittest import TestCase
+
+from mailrelay import cli
+from mailrelay.testing import FakeMTA
+from mailrelay.testing.lmtp import connect_lmtp
+from tests.support import as_deferred, free_port
+
+POST = "From: anne@example.com\r\nTo: test@example.com\r\nSubject: crash {n}\r\nMessage-ID: <crash{n}@example.com>\r\n\r\nbody\r\n"
+MEMBERS = ["bart@example.com", "cate@example.org", "dave@example.net"]
+
+
+async def _poll(predicate, what: str, timeout: float = 20.0):
+    """Wait, bounded, for something another process does."""
+    for _ in range(int(timeout / 0.02)):
+        if predicate():
+            return
+        await task.deferLater(reactor, 0.02, lambda: None)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class CrashTests(TestCase):
+    timeout = 120
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp()
+        self.socket = os.path.join(self.tmp, "lmtp.sock")
+        self.config = os.path.join(self.tmp, "mailrelay.ini")
+        self.processes: list[subprocess.Popen] = []
+        self.addCleanup(self.kill_all)
+
+    def write_config(self, smtp_port: int):
+        with open(self.config, "w") as f:
+            f.write(f"[paths]\nvar_dir = var\n[mta]\nlmtp_endpoint = unix:{self.socket}\n"
+                    f"smtp_host = 127.0.0.1\nsmtp_port = {smtp_port}\n"
+                    "retry_min_backoff = 1s\nretry_max_backoff = 1s\nsmtp_timeout = 60s\n")
+
+    def create_list(self):
+        out = io.StringIO()
+        self.assertEqual(cli.main(["-C", self.config, "lists", "create", "test@example.com"],
+                                  stdout=out, stderr=out), 0, out.getvalue())
+        self.assertEqual(cli.main(["-C", self.config, "members", "add", "test@example.com", *MEMBERS],
+                                  stdout=out, stderr=out), 0, out.getvalue())
+
+    async def start_twistd(self):
+        if os.path.exists(self.socket):
+            os.unlink(self.socket)
+        log = open(os.path.join(self.tmp, "twistd.log"), "ab")
+        self.addCleanup(log.close)
+        process = subprocess.Popen(
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+             "-n", "--pidfile=", "mailrelay", "-C", self.config],
+            cwd=self.tmp, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.processes.append(process)
+
+        def listening():
+            if process.poll() is not None:
+                raise AssertionError(f"twistd exited with {process.returncode}: {self.twistd_log()}")
+            return os.path.exists(self.socket)
+        await _poll(listening, "the LMTP socket")
+        return process
+
+    def twistd_log(self) -> str:
+        with open(os.path.join(self.tmp, "twistd.log"), "rb") as f:
+            return f.read().decode("utf-8", "replace")[-3000:]
+
+    def kill_all(self):
+        for p in self.processes:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+    def kill9(self, process):
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+
+    async def post(self, n: int):
+        client = await connect_lmtp(endpoints.UNIXClientEndpoint(reactor, self.socket))
+        await client.lhlo("mx.example.com")
+        replies = await client.sendmail("anne@example.com", ["test@example.com"], POST.format(n=n))
+        await client.quit()
+        self.assertEqual([r.code for r in replies], [250])
+
+    def spool_rows(self) -> list[tuple[str, str]]:
+        """(kind, state) of every entry, read straight from the file the dead process left."""
+        db = sqlite3.connect(os.path.join(self.tmp, "var", "spool.sqlite3"))
+        try:
+            return db.execute("SELECT kind, state FROM entries").fetchall()
+        finally:
+            db.close()
+
+    async def smarthost(self) -> FakeMTA:
+        mta = FakeMTA(reactor)
+        await mta.start()
+        self.addCleanup(mta.stop)
+        return mta
+
+    def delivered(self, mta) -> set[tuple[str, str]]:
+        return {(m["Message-ID"], r) for t, m in zip(mta.transactions, mta.messages, strict=True)
+                for r in t.rcpts}
+
+    def test_kill_after_250_then_restart(self):
+        """Messages acknowledged while the smarthost is down survive SIGKILL and are delivered after a restart."""
+        async def go():
+            self.write_config(free_port())  # nothing listens there: the smarthost is down
+            self.create_list()
+            process = await self.start_twistd()
+            for n in range(5):
+                await self.post(n)
+            self.kill9(process)
+            # Each post is either still an inbound entry or already fanned out to every member.
+            rows = self.spool_rows()
+            inbound = sum(1 for kind, _ in rows if kind == "inbound")
+            members = sum(1 for kind, state in rows if kind == "member" and state != "done")
+            self.assertEqual(inbound, 5)
+            self.assertEqual(members % len(MEMBERS), 0)
+            mta = await self.smarthost()
+            self.write_config(mta.port)
+            await self.start_twistd()
+            expected = {(f"<crash{n}@example.com>", m) for n in range(5) for m in MEMBERS}
+            await _poll(lambda: expected <= self.delivered(mta), "delivery after the restart")
+        return as_deferred(go())
+
+    def test_kill_during_delivery_then_restart(self):
+        """SIGKILL while the smarthost holds its reply: after a restart every member gets the post (at least once)."""
+        async def go():
+            mta = await self.smarthost()
+            # Every copy is on the wire (members span two chunks, sent in parallel)
+            # and no 250 comes back before the kill.
+            mta.delay("eom", 300, count=100)
+            self.write_config(mta.port)
+            self.create_list()
+            process = await self.start_twistd()
+            await self.post(1)
+            await _poll(lambda: sum(c.startswith(b"DATA") for c in mta.commands) == 2, "DATA at the smarthost")
+            self.kill9(process)
+            self.assertEqual(mta.messages, [])
+            mta.clear_faults()
+            await self.start_twistd()
+            expected = {("<crash1@example.com>", m) for m in MEMBERS}
+            await _poll(lambda: expected <= self.delivered(mta), "delivery after the restart")
+        return as_deferred(go())
