@@ -37,6 +37,7 @@ setup(
             "pytest-timeout>=2.3",
             "hypothesis>=6",
             "aiosmtpd>=1.4.6",
+            "ruff>=0.6",
         ],
     },
     entry_points={"console_scripts": ["mailrelay = mailrelay.cli:main"]},

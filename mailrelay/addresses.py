@@ -20,8 +20,10 @@ _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]"
 _DOT_STRING = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*\Z")
 # Quoted-string: printable ASCII except \ and ", or a backslash pair.
 _QUOTED_STRING = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\[\x20-\x7e])*"\Z')
-_LABEL = re.compile(r"(?:[A-Za-z0-9\u0080-\U0010ffff](?:[A-Za-z0-9\-\u0080-\U0010ffff]{0,61}"
-                    r"[A-Za-z0-9\u0080-\U0010ffff])?)\Z")
+_LABEL = re.compile(
+    r"(?:[A-Za-z0-9\u0080-\U0010ffff](?:[A-Za-z0-9\-\u0080-\U0010ffff]{0,61}"
+    r"[A-Za-z0-9\u0080-\U0010ffff])?)\Z"
+)
 _ADDRESS_LITERAL = re.compile(r"\[(?:[0-9.]+|IPv6:[0-9A-Fa-f:.]+)\]\Z")
 
 MAX_PATH_LENGTH = 254  # RFC 5321 4.5.3.1.3 (256 with the angle brackets)

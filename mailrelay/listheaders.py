@@ -84,7 +84,5 @@ def add_list_headers(message: bytes, mlist: MailingList) -> bytes:
         raise TypeError(f"message must be bytes, not {type(message).__name__}")
     if not isinstance(mlist, MailingList):
         raise TypeError(f"mlist must be a MailingList, not {mlist!r}")
-    fields = b"".join(
-        f"{name}: {value}\r\n".encode() for name, value in list_headers(mlist)
-    )
+    fields = b"".join(f"{name}: {value}\r\n".encode() for name, value in list_headers(mlist))
     return fields + _strip_replaced_fields(bytes(message))

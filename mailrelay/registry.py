@@ -18,6 +18,7 @@ from dataclasses import replace
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailrelay._files import create_private_file
 from mailrelay.addresses import check_list_address, check_mailbox, resolve_recipient
 from mailrelay.errors import InvalidAddress, RegistryError, RegistryUnavailable
 from mailrelay.interfaces import IListRegistry
@@ -181,9 +182,7 @@ class MemoryRegistry:
         del self._members[address]
         self._bounces.pop(address, None)
 
-    def add_members(
-        self, list_address: str, members: Iterable[Member | str]
-    ) -> tuple[str, ...]:
+    def add_members(self, list_address: str, members: Iterable[Member | str]) -> tuple[str, ...]:
         list_address = _lookup_key(list_address)
         current = self._require(list_address)
         new, duplicates = _split_duplicates(
@@ -233,20 +232,6 @@ class MemoryRegistry:
             raise RegistryError(f"no such list: {list_address}") from None
 
 
-def _create_private_file(path: str) -> None:
-    """Create ``path`` (and its directory, mode 0750) readable only by owner and group.
-
-    Member addresses are personal data; SQLite would create the file 0644 and
-    copies the main file's mode to its -wal and -shm files.
-    """
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, mode=0o750, exist_ok=True)
-    try:
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640))
-    except FileExistsError:
-        pass
-
-
 @implementer(IListRegistry)
 class SQLiteRegistry:
     """An :class:`IListRegistry` stored in an SQLite file shared with the admin CLI.
@@ -260,7 +245,7 @@ class SQLiteRegistry:
         self.path = os.fspath(path)
         try:
             if self.path != ":memory:":
-                _create_private_file(self.path)
+                create_private_file(self.path)
             # Autocommit mode: transactions are explicit (see _transaction).
             self._db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
         except (OSError, sqlite3.Error) as e:
@@ -317,7 +302,9 @@ class SQLiteRegistry:
         except sqlite3.Error as e:
             log.warn(
                 "List registry {path} failed while {doing}: {error}",
-                path=self.path, doing=doing, error=str(e),
+                path=self.path,
+                doing=doing,
+                error=str(e),
             )
             raise RegistryUnavailable(f"list registry {self.path}: {doing}: {e}") from e
 
@@ -387,9 +374,7 @@ class SQLiteRegistry:
             self._db.execute("DELETE FROM lists WHERE posting_address = ?", (address,))
         log.info("Deleted list {list}", list=address)
 
-    def add_members(
-        self, list_address: str, members: Iterable[Member | str]
-    ) -> tuple[str, ...]:
+    def add_members(self, list_address: str, members: Iterable[Member | str]) -> tuple[str, ...]:
         list_address = _lookup_key(list_address)
         checked = _check_members(list_address, members)
         with self._errors(f"adding members to {list_address}"), self._transaction():
@@ -405,10 +390,7 @@ class SQLiteRegistry:
             self._db.executemany(
                 "INSERT INTO members (list_address, address, display_name, delivery_enabled)"
                 " VALUES (?, ?, ?, ?)",
-                [
-                    (list_address, m.address, m.display_name, int(m.delivery_enabled))
-                    for m in new
-                ],
+                [(list_address, m.address, m.display_name, int(m.delivery_enabled)) for m in new],
             )
         return duplicates
 
@@ -429,10 +411,7 @@ class SQLiteRegistry:
 
     def members(self, list_address: str, enabled_only: bool = False) -> tuple[Member, ...]:
         list_address = _lookup_key(list_address)
-        query = (
-            "SELECT address, display_name, delivery_enabled FROM members"
-            " WHERE list_address = ?"
-        )
+        query = "SELECT address, display_name, delivery_enabled FROM members WHERE list_address = ?"
         if enabled_only:
             query += " AND delivery_enabled"
         with self._errors(f"reading the members of {list_address}"):

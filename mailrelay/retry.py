@@ -101,16 +101,21 @@ class RetryPolicy:
             raise ValueError(
                 f"min_backoff ({self.min_backoff}) must not exceed max_backoff ({self.max_backoff})"
             )
-        if isinstance(self.jitter, bool) or not isinstance(self.jitter, int | float) or not (
-            0 <= self.jitter < 1
+        if (
+            isinstance(self.jitter, bool)
+            or not isinstance(self.jitter, int | float)
+            or not (0 <= self.jitter < 1)
         ):
             raise ValueError(f"jitter must be a fraction in [0, 1), not {self.jitter!r}")
 
     def backoff(self, attempt: int, random: _random.Random) -> float:
         """The delay after failed attempt number ``attempt`` (1 for the first)."""
         return backoff(
-            attempt, min_backoff=self.min_backoff, max_backoff=self.max_backoff,
-            random=random, jitter=self.jitter,
+            attempt,
+            min_backoff=self.min_backoff,
+            max_backoff=self.max_backoff,
+            random=random,
+            jitter=self.jitter,
         )
 
     def next_attempt_at(
@@ -118,9 +123,14 @@ class RetryPolicy:
     ) -> float | None:
         """When to try again after failed attempt ``attempt``, or ``None`` to give up."""
         return next_attempt_at(
-            now, attempt, first_attempt_at, retry_period=self.retry_period,
-            min_backoff=self.min_backoff, max_backoff=self.max_backoff,
-            random=random, jitter=self.jitter,
+            now,
+            attempt,
+            first_attempt_at,
+            retry_period=self.retry_period,
+            min_backoff=self.min_backoff,
+            max_backoff=self.max_backoff,
+            random=random,
+            jitter=self.jitter,
         )
 
 

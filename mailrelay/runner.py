@@ -177,7 +177,9 @@ def _verp_sender(mlist: MailingList, recipient: str) -> str:
         return candidate
     log.info(
         "Cannot VERP-encode {recipient}; using {sender}",
-        recipient=recipient, sender=mlist.bounces_address, list=mlist.posting_address,
+        recipient=recipient,
+        sender=mlist.bounces_address,
+        list=mlist.posting_address,
     )
     return mlist.bounces_address
 
@@ -409,7 +411,9 @@ class DeliveryRunner(service.Service):
             d.addErrback(
                 lambda f: log.failure(
                     "Delivery of a batch of {count} entries failed; they stay in flight "
-                    "until the next start", f, count=len(entries),
+                    "until the next start",
+                    f,
+                    count=len(entries),
                 )
             )
             d.addBoth(self._batch_done)
@@ -423,8 +427,10 @@ class DeliveryRunner(service.Service):
 
     def _maybe_purge(self) -> None:
         now = self._clock.seconds()
-        if self._keep_done is None or not self.running or (
-            self._last_purge is not None and now - self._last_purge < _PURGE_INTERVAL
+        if (
+            self._keep_done is None
+            or not self.running
+            or (self._last_purge is not None and now - self._last_purge < _PURGE_INTERVAL)
         ):
             return
         self._last_purge = now
@@ -432,12 +438,14 @@ class DeliveryRunner(service.Service):
 
         def purged(count: int) -> None:
             if count:
-                log.info("Purged {count} delivered entries older than {days:g} days",
-                         count=count, days=days)
+                log.info(
+                    "Purged {count} delivered entries older than {days:g} days",
+                    count=count,
+                    days=days,
+                )
 
         def failed(failure: Any) -> None:
-            log.warn("Could not purge delivered entries: {error}",
-                     error=failure.getErrorMessage())
+            log.warn("Could not purge delivered entries: {error}", error=failure.getErrorMessage())
 
         d = defer.maybeDeferred(self._spool.purge, now - self._keep_done)
         self._track(d.addCallbacks(purged, failed))
@@ -445,8 +453,11 @@ class DeliveryRunner(service.Service):
     def _claim_failed(self, failure: Any) -> None:
         self._claiming = False
         if failure.check(SpoolError):
-            log.error("Could not claim spool entries: {error}; trying again in {delay}s",
-                      error=str(failure.value), delay=_SPOOL_RETRY_DELAY)
+            log.error(
+                "Could not claim spool entries: {error}; trying again in {delay}s",
+                error=str(failure.value),
+                delay=_SPOOL_RETRY_DELAY,
+            )
         else:
             log.failure("Claiming spool entries failed", failure)
         if self.running:
@@ -499,8 +510,10 @@ class DeliveryRunner(service.Service):
                 deliveries[(entry.message_key, entry.destination.list_address, entry.kind)].append(
                     entry
                 )
-        groups = [defer.Deferred.fromCoroutine(self._deliver_group(key, group))
-                  for key, group in deliveries.items()]
+        groups = [
+            defer.Deferred.fromCoroutine(self._deliver_group(key, group))
+            for key, group in deliveries.items()
+        ]
         for group_updates, group_bounces in await defer.gatherResults(groups):
             updates.extend(group_updates)
             bounces.extend(group_bounces)
@@ -520,11 +533,15 @@ class DeliveryRunner(service.Service):
                     log.error(
                         "Could not record {count} delivery results: {error}; those entries "
                         "stay in flight and are sent again after a restart",
-                        count=len(updates), error=str(e),
+                        count=len(updates),
+                        error=str(e),
                     )
                     return
-                log.warn("Could not record {count} delivery results: {error}; retrying",
-                         count=len(updates), error=str(e))
+                log.warn(
+                    "Could not record {count} delivery results: {error}; retrying",
+                    count=len(updates),
+                    error=str(e),
+                )
                 await task.deferLater(self._clock, delay, lambda: None)
                 delay *= 2
 
@@ -532,16 +549,17 @@ class DeliveryRunner(service.Service):
         try:
             self._registry.record_bounces(bounces)
         except (RegistryError, RegistryUnavailable) as e:
-            log.warn("Could not record {count} bounces: {error}", count=len(bounces),
-                     error=str(e))
+            log.warn("Could not record {count} bounces: {error}", count=len(bounces), error=str(e))
 
     # -- routing inbound entries -----------------------------------------------
 
     def _later(self, entry: SpoolEntry, error: str) -> EntryUpdate:
         """Try ``entry`` again shortly, without counting an attempt (our own trouble)."""
         return EntryUpdate(
-            entry.entry_id, EntryState.RETRY,
-            next_attempt_at=self._clock.seconds() + _LOCAL_RETRY_DELAY, error=error,
+            entry.entry_id,
+            EntryState.RETRY,
+            next_attempt_at=self._clock.seconds() + _LOCAL_RETRY_DELAY,
+            error=error,
         )
 
     async def _route(
@@ -551,25 +569,38 @@ class DeliveryRunner(service.Service):
         updates: list[EntryUpdate],
     ) -> None:
         destination = entry.destination
-        fields = dict(message_id=entry.message_id, list=destination.list_address,
-                      sender=entry.sender)
+        fields = dict(
+            message_id=entry.message_id, list=destination.list_address, sender=entry.sender
+        )
         subaddress = destination.subaddress
         if subaddress in _HELD_SUBADDRESSES:
-            log.info("Holding {message_id} from {sender} to {list} -{subaddress} for later "
-                     "processing", subaddress=subaddress, **fields)
+            log.info(
+                "Holding {message_id} from {sender} to {list} -{subaddress} for later processing",
+                subaddress=subaddress,
+                **fields,
+            )
             updates.append(EntryUpdate(entry.entry_id, EntryState.HELD))
             return
         if subaddress not in (None, "owner"):
-            log.warn("Holding {message_id} to {list}: unknown sub-address {subaddress}",
-                     subaddress=subaddress, **fields)
-            updates.append(EntryUpdate(entry.entry_id, EntryState.HELD,
-                                       error=f"unknown sub-address {subaddress!r}"))
+            log.warn(
+                "Holding {message_id} to {list}: unknown sub-address {subaddress}",
+                subaddress=subaddress,
+                **fields,
+            )
+            updates.append(
+                EntryUpdate(
+                    entry.entry_id, EntryState.HELD, error=f"unknown sub-address {subaddress!r}"
+                )
+            )
             return
         key = (entry.message_key, destination.list_address, subaddress)
         if key in posts_seen:
             # The same RCPT twice in one LMTP transaction: one copy is enough.
-            log.info("{message_id} to {list}: duplicate of entry {original}, not sent twice",
-                     original=posts_seen[key], **fields)
+            log.info(
+                "{message_id} to {list}: duplicate of entry {original}, not sent twice",
+                original=posts_seen[key],
+                **fields,
+            )
             updates.append(EntryUpdate(entry.entry_id, EntryState.DONE))
             return
         posts_seen[key] = entry.entry_id
@@ -577,36 +608,60 @@ class DeliveryRunner(service.Service):
             mlist = self._registry.get_list(destination.list_address)
             if mlist is None:
                 log.warn("{message_id} to {list}: the list no longer exists", **fields)
-                updates.append(EntryUpdate(entry.entry_id, EntryState.FAILED, count_attempt=True,
-                                           error="the list no longer exists"))
+                updates.append(
+                    EntryUpdate(
+                        entry.entry_id,
+                        EntryState.FAILED,
+                        count_attempt=True,
+                        error="the list no longer exists",
+                    )
+                )
                 return
             if subaddress is None:
                 kind = EntryKind.MEMBER
-                recipients = [m.address for m in
-                              self._registry.members(mlist.posting_address, enabled_only=True)]
+                recipients = [
+                    m.address
+                    for m in self._registry.members(mlist.posting_address, enabled_only=True)
+                ]
             else:
                 kind = EntryKind.OWNER
                 recipients = list(mlist.owners)
         except (RegistryError, RegistryUnavailable) as e:
-            log.warn("{message_id} to {list}: cannot read the list ({error}); trying again "
-                     "in {delay}s", error=str(e), delay=_LOCAL_RETRY_DELAY, **fields)
+            log.warn(
+                "{message_id} to {list}: cannot read the list ({error}); trying again in {delay}s",
+                error=str(e),
+                delay=_LOCAL_RETRY_DELAY,
+                **fields,
+            )
             updates.append(self._later(entry, f"cannot read the list: {e}"))
             return
         if kind is EntryKind.OWNER and not recipients:
-            log.error("{message_id} to {list}-owner: the list has no owners; dead-lettered",
-                      **fields)
-            updates.append(EntryUpdate(entry.entry_id, EntryState.FAILED, count_attempt=True,
-                                       error="the list has no owners"))
+            log.error(
+                "{message_id} to {list}-owner: the list has no owners; dead-lettered", **fields
+            )
+            updates.append(
+                EntryUpdate(
+                    entry.entry_id,
+                    EntryState.FAILED,
+                    count_attempt=True,
+                    error="the list has no owners",
+                )
+            )
             return
         try:
             ids = await self._spool.expand(entry.entry_id, recipients, kind)
         except SpoolError as e:
-            log.error("{message_id} to {list}: cannot queue its copies ({error})",
-                      error=str(e), **fields)
+            log.error(
+                "{message_id} to {list}: cannot queue its copies ({error})", error=str(e), **fields
+            )
             updates.append(self._later(entry, f"cannot queue copies: {e}"))
             return
-        log.info("{message_id} from {sender} to {list}: {count} {kind} copies queued",
-                 count=len(ids), kind=kind.value, **fields)
+        log.info(
+            "{message_id} from {sender} to {list}: {count} {kind} copies queued",
+            count=len(ids),
+            kind=kind.value,
+            **fields,
+        )
 
     # -- delivering member and owner copies ------------------------------------
 
@@ -635,14 +690,28 @@ class DeliveryRunner(service.Service):
         try:
             mlist = self._registry.get_list(list_address)
         except (RegistryError, RegistryUnavailable) as e:
-            log.warn("{message_id}: cannot read list {list} ({error}); trying again in {delay}s",
-                     error=str(e), delay=_LOCAL_RETRY_DELAY, **fields)
+            log.warn(
+                "{message_id}: cannot read list {list} ({error}); trying again in {delay}s",
+                error=str(e),
+                delay=_LOCAL_RETRY_DELAY,
+                **fields,
+            )
             return [self._later(e_, f"cannot read the list: {e}") for e_ in entries], []
         if mlist is None:
-            log.warn("{message_id}: list {list} no longer exists; {count} copies dead-lettered",
-                     count=len(entries), **fields)
-            return [EntryUpdate(e.entry_id, EntryState.FAILED, count_attempt=True,
-                                error="the list no longer exists") for e in entries], []
+            log.warn(
+                "{message_id}: list {list} no longer exists; {count} copies dead-lettered",
+                count=len(entries),
+                **fields,
+            )
+            return [
+                EntryUpdate(
+                    e.entry_id,
+                    EntryState.FAILED,
+                    count_attempt=True,
+                    error="the list no longer exists",
+                )
+                for e in entries
+            ], []
         try:
             wire = self._wire_message(message_key, mlist, kind)
         except KeyError:
@@ -667,8 +736,9 @@ class DeliveryRunner(service.Service):
         else:
             chunks = chunkify(valid, self._max_recipients)
         transactions = [
-            defer.Deferred.fromCoroutine(self._transaction(mlist, kind, first.message_id, chunk,
-                                                           wire))
+            defer.Deferred.fromCoroutine(
+                self._transaction(mlist, kind, first.message_id, chunk, wire)
+            )
             for chunk in chunks
         ]
         for chunk_results in await defer.gatherResults(transactions):
@@ -676,7 +746,11 @@ class DeliveryRunner(service.Service):
         return self._record(mlist, kind, by_address, results)
 
     async def _transaction(
-        self, mlist: MailingList, kind: EntryKind, message_id: str, chunk: list[str],
+        self,
+        mlist: MailingList,
+        kind: EntryKind,
+        message_id: str,
+        chunk: list[str],
         wire: WireMessage,
     ) -> dict[str, _Result]:
         """Send one SMTP transaction; a result for each recipient of ``chunk``."""
@@ -687,7 +761,11 @@ class DeliveryRunner(service.Service):
             self._slots.release()
 
     async def _send(
-        self, mlist: MailingList, kind: EntryKind, message_id: str, chunk: list[str],
+        self,
+        mlist: MailingList,
+        kind: EntryKind,
+        message_id: str,
+        chunk: list[str],
         wire: WireMessage,
     ) -> dict[str, _Result]:
         if not self.running:
@@ -700,8 +778,12 @@ class DeliveryRunner(service.Service):
             envelope_sender = mlist.bounces_address
         rcpts = chunk if self._devmode_recipient is None else [self._devmode_recipient]
         generation = self._breaker.generation
-        fields = dict(message_id=message_id, list=mlist.posting_address, sender=envelope_sender,
-                      count=len(chunk))
+        fields = dict(
+            message_id=message_id,
+            list=mlist.posting_address,
+            sender=envelope_sender,
+            count=len(chunk),
+        )
         started = self._clock.seconds()
         try:
             refused = await self._sender.sendmail(envelope_sender, rcpts, wire)
@@ -718,7 +800,9 @@ class DeliveryRunner(service.Service):
         log.info(
             "{message_id} smtp to {list} for {count} recips, completed in {duration:.3f} "
             "seconds, {refused} refused",
-            duration=duration, refused=len(refused), **fields,
+            duration=duration,
+            refused=len(refused),
+            **fields,
         )
         results = {}
         site_problem = None
@@ -728,8 +812,9 @@ class DeliveryRunner(service.Service):
                 continue
             code, response = refused[address]
             verdict = classify(code)
-            results[address] = _Result(verdict, code, _text(response),
-                                       bounce=verdict is Verdict.PERMANENT)
+            results[address] = _Result(
+                verdict, code, _text(response), bounce=verdict is Verdict.PERMANENT
+            )
             if verdict is Verdict.SITE_PROBLEM:
                 site_problem = results[address].reply
         if site_problem is not None:
@@ -747,7 +832,10 @@ class DeliveryRunner(service.Service):
         log.warn(
             "{message_id} smtp to {list} for {count} recips failed after {duration:.3f} "
             "seconds: {code} {response}",
-            duration=self._clock.seconds() - started, code=error.code, response=text, **fields,
+            duration=self._clock.seconds() - started,
+            code=error.code,
+            response=text,
+            **fields,
         )
         if verdict is Verdict.SITE_PROBLEM:
             self._trip(f"{error.code} {text}")
@@ -761,14 +849,18 @@ class DeliveryRunner(service.Service):
                 "Delivery paused for {delay:.0f}s by a site problem: {reason}. No member is "
                 "bounced and every message stays queued; check the smarthost settings "
                 "(credentials, TLS).",
-                delay=self._breaker.delay, reason=reason,
+                delay=self._breaker.delay,
+                reason=reason,
             )
             self._publish(self._breaker.describe())
 
     def _publish(self, text: str | None) -> None:
         d = defer.maybeDeferred(self._spool.set_status, CIRCUIT_STATUS_KEY, text)
-        d.addErrback(lambda f: log.warn("Could not record the circuit breaker state: {error}",
-                                        error=f.getErrorMessage()))
+        d.addErrback(
+            lambda f: log.warn(
+                "Could not record the circuit breaker state: {error}", error=f.getErrorMessage()
+            )
+        )
         self._track(d)
 
     def _record(
@@ -787,8 +879,9 @@ class DeliveryRunner(service.Service):
             for entry in entries:
                 updates.append(self._update_for(entry, result, now, mlist))
             if result.verdict is Verdict.PERMANENT and result.bounce and kind is EntryKind.MEMBER:
-                bounces.append(Bounce(mlist.posting_address, address, result.code, result.text,
-                                      now))
+                bounces.append(
+                    Bounce(mlist.posting_address, address, result.code, result.text, now)
+                )
         return updates, bounces
 
     def _update_for(
@@ -805,31 +898,50 @@ class DeliveryRunner(service.Service):
             # breaker next tries (a few seconds from now if it has closed since).
             retry_at = self._breaker.retry_at or now + self._breaker.min_delay
             return EntryUpdate(
-                entry_id, EntryState.RETRY, next_attempt_at=retry_at,
+                entry_id,
+                EntryState.RETRY,
+                next_attempt_at=retry_at,
                 error=f"delivery paused by a site problem (not counted as an attempt): "
-                      f"{result.reply}",
+                f"{result.reply}",
             )
-        fields = dict(message_id=entry.message_id, list=mlist.posting_address,
-                      recipient=entry.destination.address, code=result.code,
-                      response=result.text, attempt=entry.attempts + 1)
+        fields = dict(
+            message_id=entry.message_id,
+            list=mlist.posting_address,
+            recipient=entry.destination.address,
+            code=result.code,
+            response=result.text,
+            attempt=entry.attempts + 1,
+        )
         if verdict is Verdict.PERMANENT:
-            log.warn("{message_id} to {recipient} (list {list}) refused permanently: "
-                     "{code} {response}", **fields)
-            return EntryUpdate(entry_id, EntryState.FAILED, error=result.reply,
-                               count_attempt=True)
+            log.warn(
+                "{message_id} to {recipient} (list {list}) refused permanently: {code} {response}",
+                **fields,
+            )
+            return EntryUpdate(entry_id, EntryState.FAILED, error=result.reply, count_attempt=True)
         attempt = entry.attempts + 1
         retry_at = self._policy.next_attempt_at(now, attempt, entry.first_attempt_at, self._random)
         if retry_at is None:
             since = entry.first_attempt_at if entry.first_attempt_at is not None else now
-            reason = (f"gave up after {attempt} attempts in {_duration(now - since)}: "
-                      f"{result.reply}")
-            log.error("{message_id} to {recipient} (list {list}) dead-lettered: {reason}",
-                      reason=reason, **fields)
+            reason = f"gave up after {attempt} attempts in {_duration(now - since)}: {result.reply}"
+            log.error(
+                "{message_id} to {recipient} (list {list}) dead-lettered: {reason}",
+                reason=reason,
+                **fields,
+            )
             return EntryUpdate(entry_id, EntryState.FAILED, error=reason, count_attempt=True)
-        log.info("{message_id} to {recipient} (list {list}) deferred: {code} {response}; "
-                 "attempt {attempt}, next in {delay:.0f}s", delay=retry_at - now, **fields)
-        return EntryUpdate(entry_id, EntryState.RETRY, next_attempt_at=retry_at,
-                           error=result.reply, count_attempt=True)
+        log.info(
+            "{message_id} to {recipient} (list {list}) deferred: {code} {response}; "
+            "attempt {attempt}, next in {delay:.0f}s",
+            delay=retry_at - now,
+            **fields,
+        )
+        return EntryUpdate(
+            entry_id,
+            EntryState.RETRY,
+            next_attempt_at=retry_at,
+            error=result.reply,
+            count_attempt=True,
+        )
 
 
 def _duration(seconds: float) -> str:
@@ -845,4 +957,3 @@ def _duration(seconds: float) -> str:
     if minutes:
         return f"{minutes}m {secs}s"
     return f"{secs}s"
-

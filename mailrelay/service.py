@@ -37,6 +37,7 @@ class _StoreService(service.Service):
             finally:
                 await self._spool.close()
                 self._registry.close()
+
         return defer.Deferred.fromCoroutine(close())
 
 
@@ -49,9 +50,14 @@ def make_sender(settings: Settings, reactor: Any):
 
     def connection() -> Connection:
         return Connection(
-            mta.smtp_host, mta.smtp_port, mta.max_sessions_per_connection,
-            mta.smtp_user or None, mta.smtp_pass or None, mta.smtp_secure_mode,
-            mta.smtp_verify_cert, mta.smtp_verify_hostname,
+            mta.smtp_host,
+            mta.smtp_port,
+            mta.max_sessions_per_connection,
+            mta.smtp_user or None,
+            mta.smtp_pass or None,
+            mta.smtp_secure_mode,
+            mta.smtp_verify_cert,
+            mta.smtp_verify_hostname,
             ca_file=mta.smtp_ca_file or None,
             client_cert=mta.smtp_client_cert or None,
             client_key=mta.smtp_client_key or None,
@@ -102,7 +108,10 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
     # Children stop in reverse order: listener first, then the runner, stores last.
     _StoreService(registry, spool, sender).setServiceParent(top)
     runner = DeliveryRunner(
-        spool, registry, sender, clock=reactor,
+        spool,
+        registry,
+        sender,
+        clock=reactor,
         max_recipients=mta.max_recipients,
         retry_period=mta.delivery_retry_period,
         min_backoff=mta.retry_min_backoff,
@@ -112,7 +121,9 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
     runner.setName("mailrelay-delivery")
     runner.setServiceParent(top)
     hostname = mta.effective_lmtp_hostname()
-    handler = InboundHandler(registry, spool, hostname=hostname, clock=reactor, on_stored=runner.wake)
+    handler = InboundHandler(
+        registry, spool, hostname=hostname, clock=reactor, on_stored=runner.wake
+    )
     factory = LMTPFactory(
         handler,
         hostname=hostname.encode("idna"),
@@ -125,7 +136,12 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
     listener = strports.service(mta.lmtp_endpoint, factory, reactor=reactor)
     listener.setName("mailrelay-lmtp")
     listener.setServiceParent(top)
-    log.info("mailrelay: LMTP on {endpoint}, smarthost {host}:{port} ({mode}), spool {spool}",
-             endpoint=mta.lmtp_endpoint, host=mta.smtp_host, port=mta.smtp_port,
-             mode=mta.smtp_secure_mode, spool=getattr(spool, "path", spool))
+    log.info(
+        "mailrelay: LMTP on {endpoint}, smarthost {host}:{port} ({mode}), spool {spool}",
+        endpoint=mta.lmtp_endpoint,
+        host=mta.smtp_host,
+        port=mta.smtp_port,
+        mode=mta.smtp_secure_mode,
+        spool=getattr(spool, "path", spool),
+    )
     return top

@@ -33,6 +33,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailrelay._files import create_private_file
 from mailrelay.errors import SpoolError
 from mailrelay.interfaces import ISpool
 from mailrelay.model import Destination, EntryKind, EntryState, Envelope, SpoolEntry
@@ -134,8 +135,7 @@ def _expanded_subaddress(kind: EntryKind) -> str | None:
 
 def _not_expandable(entry_id: int, kind: EntryKind) -> ValueError:
     return ValueError(
-        f"entry {entry_id} is a {kind.value} delivery, not an inbound entry: "
-        "it cannot be expanded"
+        f"entry {entry_id} is a {kind.value} delivery, not an inbound entry: it cannot be expanded"
     )
 
 
@@ -236,9 +236,22 @@ _ENTRY_QUERY = """
 
 
 def _entry_from_row(row: Sequence[Any]) -> SpoolEntry:
-    (entry_id, message_key, sender, list_address, subaddress, recipient, state,
-     received_at, attempts, first_attempt_at, next_attempt_at, last_error, message_id,
-     kind) = row
+    (
+        entry_id,
+        message_key,
+        sender,
+        list_address,
+        subaddress,
+        recipient,
+        state,
+        received_at,
+        attempts,
+        first_attempt_at,
+        next_attempt_at,
+        last_error,
+        message_id,
+        kind,
+    ) = row
     return SpoolEntry(
         entry_id=entry_id,
         message_key=message_key,
@@ -260,20 +273,6 @@ def _is_disk_full(error: BaseException) -> bool:
         getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
         or "database or disk is full" in str(error)
     )
-
-
-def _create_private_file(path: str) -> None:
-    """Create ``path`` (and its directory, mode 0750) with mode 0640.
-
-    Spooled mail is private; SQLite would create the file 0644 and copies the
-    main file's mode to its -wal and -shm files.
-    """
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, mode=0o750, exist_ok=True)
-    try:
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640))
-    except FileExistsError:
-        pass
 
 
 @dataclass
@@ -329,7 +328,7 @@ class SQLiteSpool:
 
     def _open(self, max_bytes: int | None) -> sqlite3.Connection:
         try:
-            _create_private_file(self.path)
+            create_private_file(self.path)
             # Used only by the writer thread once it starts; autocommit mode
             # because transactions are explicit (see _transaction).
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -410,9 +409,7 @@ class SQLiteSpool:
             remaining = [request for request in remaining if request is not culprit[0]]
         return [outcomes[id(request)] for request in requests]
 
-    def _transaction(
-        self, requests: list[_Request]
-    ) -> tuple[list[_Outcome], _Outcome | None]:
+    def _transaction(self, requests: list[_Request]) -> tuple[list[_Outcome], _Outcome | None]:
         db = self._writer
         results: list[_Outcome] = []
         try:
@@ -454,8 +451,11 @@ class SQLiteSpool:
             return error
         disk_full = _is_disk_full(error)
         log.warn(
-            "Spool {path} could not {doing}: {error}", path=self.path, doing=doing,
-            error=str(error), disk_full=disk_full,
+            "Spool {path} could not {doing}: {error}",
+            path=self.path,
+            doing=doing,
+            error=str(error),
+            disk_full=disk_full,
         )
         return SpoolError(f"spool {self.path}: cannot {doing}: {error}", disk_full=disk_full)
 
@@ -494,8 +494,7 @@ class SQLiteSpool:
             key = db.execute(
                 "INSERT INTO messages (sender, message_id, received_at, peer, data)"
                 " VALUES (?, ?, ?, ?, ?)",
-                (envelope.sender, envelope.message_id, envelope.received_at, envelope.peer,
-                 data),
+                (envelope.sender, envelope.message_id, envelope.received_at, envelope.peer, data),
             ).lastrowid
             return [
                 db.execute(
@@ -511,7 +510,8 @@ class SQLiteSpool:
     def get_message(self, message_key: int) -> bytes:
         """The stored bytes of a message; ``KeyError`` if it is not (or no longer) spooled."""
         rows = self._read(
-            f"read message {message_key}", "SELECT data FROM messages WHERE key = ?",
+            f"read message {message_key}",
+            "SELECT data FROM messages WHERE key = ?",
             (message_key,),
         )
         if not rows:
@@ -549,8 +549,16 @@ class SQLiteSpool:
         checked = _check_updates(updates)
         now = self._reactor.seconds()
         params = [
-            (u.state.value, u.next_attempt_at, u.error, int(u.count_attempt),
-             int(u.count_attempt), now, now, u.entry_id)
+            (
+                u.state.value,
+                u.next_attempt_at,
+                u.error,
+                int(u.count_attempt),
+                int(u.count_attempt),
+                now,
+                now,
+                u.entry_id,
+            )
             for u in checked
         ]
 
@@ -849,10 +857,14 @@ class MemorySpool:
     def _claim_due(self, now: float, limit: int) -> list[SpoolEntry]:
         limit = _check_limit(limit, allow_none=False)
         due = [
-            row for row in self._entries.values()
+            row
+            for row in self._entries.values()
             if row.state is EntryState.QUEUED
-            or (row.state is EntryState.RETRY and row.next_attempt_at is not None
-                and row.next_attempt_at <= now)
+            or (
+                row.state is EntryState.RETRY
+                and row.next_attempt_at is not None
+                and row.next_attempt_at <= now
+            )
         ][:limit]
         for row in due:
             row.state = EntryState.INFLIGHT
@@ -902,8 +914,12 @@ class MemorySpool:
         for address in addresses:
             new_id, self._next_id = self._next_id, self._next_id + 1
             self._entries[new_id] = _MemoryEntry(
-                new_id, original.message_key, Destination(list_address, subaddress, address),
-                EntryState.QUEUED, updated_at=now, kind=kind,
+                new_id,
+                original.message_key,
+                Destination(list_address, subaddress, address),
+                EntryState.QUEUED,
+                updated_at=now,
+                kind=kind,
             )
             ids.append(new_id)
         original.state = EntryState.DONE
@@ -917,8 +933,11 @@ class MemorySpool:
 
     def _purge(self, before: float) -> int:
         before = _check_time(before)
-        old = [row.entry_id for row in self._entries.values()
-               if row.state is EntryState.DONE and row.updated_at < before]
+        old = [
+            row.entry_id
+            for row in self._entries.values()
+            if row.state is EntryState.DONE and row.updated_at < before
+        ]
         for entry_id in old:
             del self._entries[entry_id]
         # One pass for the messages, rather than one per deleted entry.
@@ -944,9 +963,7 @@ class MemorySpool:
         return self._status.get(_check_status(key, None)[0])
 
     def recover(self) -> Deferred[int]:
-        return self._write("recover in-flight entries", self._recover).addCallback(
-            _log_recovered
-        )
+        return self._write("recover in-flight entries", self._recover).addCallback(_log_recovered)
 
     def _recover(self) -> int:
         return self._move({EntryState.INFLIGHT}, None, keep_retry_time=True)
@@ -954,9 +971,11 @@ class MemorySpool:
     def _move(
         self, states: set[EntryState], ids: list[int] | None, keep_retry_time: bool = False
     ) -> int:
-        rows = self._entries.values() if ids is None else [
-            self._entries[i] for i in ids if i in self._entries
-        ]
+        rows = (
+            self._entries.values()
+            if ids is None
+            else [self._entries[i] for i in ids if i in self._entries]
+        )
         moved = 0
         for row in rows:
             if row.state in states:
@@ -989,7 +1008,8 @@ class MemorySpool:
     def next_due(self) -> float | None:
         self._check_open("find the next retry")
         times = [
-            row.next_attempt_at for row in self._entries.values()
+            row.next_attempt_at
+            for row in self._entries.values()
             if row.state is EntryState.RETRY and row.next_attempt_at is not None
         ]
         return min(times, default=None)

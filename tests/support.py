@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import tempfile
 
 from twisted.internet import defer, task
 from twisted.trial.unittest import SkipTest
@@ -19,7 +20,12 @@ def peers_required() -> bool:
 def require_program(name: str) -> str:
     """Path of an external program a test needs; skip (locally) or fail (CI) without it."""
     path = shutil.which(name) or next(
-        (p for p in (f"/usr/sbin/{name}", f"/usr/lib/postfix/sbin/{name}") if os.access(p, os.X_OK)), None
+        (
+            p
+            for p in (f"/usr/sbin/{name}", f"/usr/lib/postfix/sbin/{name}")
+            if os.access(p, os.X_OK)
+        ),
+        None,
     )
     if path:
         return path
@@ -27,6 +33,17 @@ def require_program(name: str) -> str:
     if peers_required():
         raise AssertionError(message)
     raise SkipTest(message)
+
+
+def temp_dir(case) -> str:
+    """A fresh directory removed after the test.
+
+    Not ``TestCase.mktemp``: under pytest that path is relative to the
+    checkout, so the test would leave files in the working tree.
+    """
+    path = tempfile.mkdtemp(prefix="mailrelay-test-")
+    case.addCleanup(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def free_port() -> int:
@@ -45,7 +62,9 @@ async def wait_for_port(reactor, port: int, timeout: float = 10.0) -> None:
                 return
         except OSError:
             if reactor.seconds() > deadline:
-                raise AssertionError(f"nothing listening on 127.0.0.1:{port} after {timeout}s") from None
+                raise AssertionError(
+                    f"nothing listening on 127.0.0.1:{port} after {timeout}s"
+                ) from None
             await task.deferLater(reactor, 0.02, lambda: None)
 
 

@@ -103,9 +103,18 @@ class ResolveRecipientTests(SynchronousTestCase):
         """Anything that is not an RFC 5321 mailbox resolves to None without asking is_list."""
         asked = []
         for address in (
-            "", "test", "test@", "@example.com", "a@b@c", "<test@example.com>",
-            "test@example.com\r\nRCPT TO:<x@y>", " test@example.com", "test@exa mple.com",
-            None, b"test@example.com", 42,
+            "",
+            "test",
+            "test@",
+            "@example.com",
+            "a@b@c",
+            "<test@example.com>",
+            "test@example.com\r\nRCPT TO:<x@y>",
+            " test@example.com",
+            "test@exa mple.com",
+            None,
+            b"test@example.com",
+            42,
         ):
             with self.subTest(address=address):
                 self.assertIsNone(resolve_recipient(address, asked.append))
@@ -128,15 +137,14 @@ class ResolveRecipientTests(SynchronousTestCase):
         def is_list(address):
             raise RegistryUnavailable("database is locked")
 
-        self.assertRaises(
-            RegistryUnavailable, resolve_recipient, "test@example.com", is_list
-        )
+        self.assertRaises(RegistryUnavailable, resolve_recipient, "test@example.com", is_list)
 
     def test_non_ascii(self):
         """SMTPUTF8 list names resolve like ASCII ones."""
         lists = frozenset({"liste-été@exemple.fr"})
-        self.assert_resolves("LISTE-ÉTÉ-request@exemple.fr", "liste-été@exemple.fr", "request",
-                             lists)
+        self.assert_resolves(
+            "LISTE-ÉTÉ-request@exemple.fr", "liste-été@exemple.fr", "request", lists
+        )
 
 
 _ATOM = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789_", min_size=1, max_size=12)
@@ -157,9 +165,7 @@ class ResolveRecipientPropertyTests(SynchronousTestCase):
     def test_posting_address_with_any_case_and_suffix(self, local, domain, suffix, data):
         """Any case mix and any +suffix still resolves to the posting address."""
         address = f"{local}+{suffix}@{domain}" if suffix else f"{local}@{domain}"
-        mixed = "".join(
-            c.upper() if data.draw(st.booleans()) else c for c in address
-        )
+        mixed = "".join(c.upper() if data.draw(st.booleans()) else c for c in address)
         result = resolve_recipient(mixed, _lists(f"{local}@{domain}"))
         self.assertEqual(result, Destination(f"{local}@{domain}", None, address))
 

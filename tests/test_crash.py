@@ -48,16 +48,30 @@ class CrashTests(TestCase):
 
     def write_config(self, smtp_port: int):
         with open(self.config, "w") as f:
-            f.write(f"[paths]\nvar_dir = var\n[mta]\nlmtp_endpoint = unix:{self.socket}\n"
-                    f"smtp_host = 127.0.0.1\nsmtp_port = {smtp_port}\n"
-                    "retry_min_backoff = 1s\nretry_max_backoff = 1s\nsmtp_timeout = 60s\n")
+            f.write(
+                f"[paths]\nvar_dir = var\n[mta]\nlmtp_endpoint = unix:{self.socket}\n"
+                f"smtp_host = 127.0.0.1\nsmtp_port = {smtp_port}\n"
+                "retry_min_backoff = 1s\nretry_max_backoff = 1s\nsmtp_timeout = 60s\n"
+            )
 
     def create_list(self):
         out = io.StringIO()
-        self.assertEqual(cli.main(["-C", self.config, "lists", "create", "test@example.com"],
-                                  stdout=out, stderr=out), 0, out.getvalue())
-        self.assertEqual(cli.main(["-C", self.config, "members", "add", "test@example.com", *MEMBERS],
-                                  stdout=out, stderr=out), 0, out.getvalue())
+        self.assertEqual(
+            cli.main(
+                ["-C", self.config, "lists", "create", "test@example.com"], stdout=out, stderr=out
+            ),
+            0,
+            out.getvalue(),
+        )
+        self.assertEqual(
+            cli.main(
+                ["-C", self.config, "members", "add", "test@example.com", *MEMBERS],
+                stdout=out,
+                stderr=out,
+            ),
+            0,
+            out.getvalue(),
+        )
 
     async def start_twistd(self):
         if os.path.exists(self.socket):
@@ -65,15 +79,30 @@ class CrashTests(TestCase):
         log = open(os.path.join(self.tmp, "twistd.log"), "ab")
         self.addCleanup(log.close)
         process = subprocess.Popen(
-            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-             "-n", "--pidfile=", "mailrelay", "-C", self.config],
-            cwd=self.tmp, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            [
+                sys.executable,
+                "-c",
+                "from twisted.scripts.twistd import run; run()",
+                "-n",
+                "--pidfile=",
+                "mailrelay",
+                "-C",
+                self.config,
+            ],
+            cwd=self.tmp,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
         self.processes.append(process)
 
         def listening():
             if process.poll() is not None:
-                raise AssertionError(f"twistd exited with {process.returncode}: {self.twistd_log()}")
+                raise AssertionError(
+                    f"twistd exited with {process.returncode}: {self.twistd_log()}"
+                )
             return os.path.exists(self.socket)
+
         await _poll(listening, "the LMTP socket")
         return process
 
@@ -113,11 +142,15 @@ class CrashTests(TestCase):
         return mta
 
     def delivered(self, mta) -> set[tuple[str, str]]:
-        return {(m["Message-ID"], r) for t, m in zip(mta.transactions, mta.messages, strict=True)
-                for r in t.rcpts}
+        return {
+            (m["Message-ID"], r)
+            for t, m in zip(mta.transactions, mta.messages, strict=True)
+            for r in t.rcpts
+        }
 
     def test_kill_after_250_then_restart(self):
         """Messages acknowledged while the smarthost is down survive SIGKILL and are delivered after a restart."""
+
         async def go():
             self.write_config(free_port())  # nothing listens there: the smarthost is down
             self.create_list()
@@ -136,10 +169,12 @@ class CrashTests(TestCase):
             await self.start_twistd()
             expected = {(f"<crash{n}@example.com>", m) for n in range(5) for m in MEMBERS}
             await _poll(lambda: expected <= self.delivered(mta), "delivery after the restart")
+
         return as_deferred(go())
 
     def test_kill_during_delivery_then_restart(self):
         """SIGKILL while the smarthost holds its reply: after a restart every member gets the post (at least once)."""
+
         async def go():
             mta = await self.smarthost()
             # Every copy is on the wire (members span two chunks, sent in parallel)
@@ -149,11 +184,15 @@ class CrashTests(TestCase):
             self.create_list()
             process = await self.start_twistd()
             await self.post(1)
-            await _poll(lambda: sum(c.startswith(b"DATA") for c in mta.commands) == 2, "DATA at the smarthost")
+            await _poll(
+                lambda: sum(c.startswith(b"DATA") for c in mta.commands) == 2,
+                "DATA at the smarthost",
+            )
             self.kill9(process)
             self.assertEqual(mta.messages, [])
             mta.clear_faults()
             await self.start_twistd()
             expected = {("<crash1@example.com>", m) for m in MEMBERS}
             await _poll(lambda: expected <= self.delivered(mta), "delivery after the restart")
+
         return as_deferred(go())

@@ -40,15 +40,24 @@ class Recorder:
         self.messages = []
 
     async def handle_DATA(self, server, session, envelope):  # noqa: N802
-        self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content,
-                              session.auth_data, session.ssl is not None))
+        self.messages.append(
+            (
+                envelope.mail_from,
+                list(envelope.rcpt_tos),
+                envelope.content,
+                session.auth_data,
+                session.ssl is not None,
+            )
+        )
         return "250 2.0.0 OK"
 
 
 def authenticate(server, session, envelope, mechanism, auth_data):
     if isinstance(auth_data, LoginPassword):
         ok = USERS.get(auth_data.login.decode()) == auth_data.password.decode()
-        return AuthResult(success=ok, handled=False, auth_data=auth_data.login.decode() if ok else None)
+        return AuthResult(
+            success=ok, handled=False, auth_data=auth_data.login.decode() if ok else None
+        )
     return AuthResult(success=False, handled=False)
 
 
@@ -65,7 +74,8 @@ if Controller is not None:
             user, _, digest = response.decode().rpartition(" ")
             secret = USERS.get(user, "").encode()
             ok = bool(secret) and hmac.compare_digest(
-                hmac.new(secret, challenge, hashlib.md5).hexdigest(), digest)
+                hmac.new(secret, challenge, hashlib.md5).hexdigest(), digest
+            )
             return AuthResult(success=ok, handled=False, auth_data=user if ok else None)
 
     class CramController(Controller):
@@ -81,9 +91,12 @@ def _certificates() -> types.SimpleNamespace:
     ca = trustme.CA()
     tmp = tempfile.mkdtemp()
     certs = types.SimpleNamespace(
-        ca=ca, server_cert=ca.issue_cert("localhost"), tmp=tmp,
+        ca=ca,
+        server_cert=ca.issue_cert("localhost"),
+        tmp=tmp,
         ca_file=os.path.join(tmp, "ca.pem"),
-        client_cert=os.path.join(tmp, "client.pem"), client_key=os.path.join(tmp, "client.key"),
+        client_cert=os.path.join(tmp, "client.pem"),
+        client_key=os.path.join(tmp, "client.key"),
     )
     ca.cert_pem.write_to_path(certs.ca_file)
     client = ca.issue_cert("client.example")
@@ -106,13 +119,22 @@ class AiosmtpdTestCase(TestCase):
 
     def start(self, *, implicit=False, starttls=False, require_client_cert=False, exclude=(), **kw):
         self.handler = Recorder()
-        options = {"authenticator": authenticate, "auth_require_tls": False,
-                   "auth_exclude_mechanism": list(exclude), **kw}
+        options = {
+            "authenticator": authenticate,
+            "auth_require_tls": False,
+            "auth_exclude_mechanism": list(exclude),
+            **kw,
+        }
         context = self.server_context(require_client_cert) if (implicit or starttls) else None
         if starttls:
             options.update(tls_context=context, require_starttls=True)
-        controller = CramController(self.handler, hostname="127.0.0.1", port=free_port(),
-                                    ssl_context=context if implicit else None, **options)
+        controller = CramController(
+            self.handler,
+            hostname="127.0.0.1",
+            port=free_port(),
+            ssl_context=context if implicit else None,
+            **options,
+        )
         controller.start()
         self.addCleanup(controller.stop)
         return controller.port
@@ -131,8 +153,11 @@ class AuthTests(AiosmtpdTestCase):
 
         async def go():
             c = self.connection(port, user="testuser", password="testpass")
-            self.assertEqual(await c.sendmail("anne@example.com", ["bart@example.com"], MESSAGE), {})
+            self.assertEqual(
+                await c.sendmail("anne@example.com", ["bart@example.com"], MESSAGE), {}
+            )
             self.assertEqual(self.handler.messages[0][3], "testuser")
+
         return as_deferred(go())
 
     def test_plain_and_login(self):
@@ -144,8 +169,11 @@ class AuthTests(AiosmtpdTestCase):
         async def go():
             for port, handler in ((port_plain, plain_handler), (port_login, self.handler)):
                 c = self.connection(port, user="testuser", password="testpass")
-                self.assertEqual(await c.sendmail("anne@example.com", ["bart@example.com"], MESSAGE), {})
+                self.assertEqual(
+                    await c.sendmail("anne@example.com", ["bart@example.com"], MESSAGE), {}
+                )
                 self.assertEqual(handler.messages[-1][3], "testuser")
+
         return as_deferred(go())
 
     def test_bad_credentials(self):
@@ -159,6 +187,7 @@ class AuthTests(AiosmtpdTestCase):
             self.assertEqual(cm.exception.code, 535)
             self.assertNotIn("wrong", str(cm.exception))
             self.assertEqual(self.handler.messages, [])
+
         return as_deferred(go())
 
 
@@ -168,13 +197,23 @@ class TLSTests(AiosmtpdTestCase):
         port = self.start(starttls=True, auth_require_tls=True)
 
         async def go():
-            c = self.connection(port, user="testuser", password="testpass", secure_mode=SecureMode.STARTTLS,
-                                ca_file=self.ca_file)
-            self.assertEqual(await c.sendmail("anne@example.com", ["bart@example.com"], MESSAGE), {})
+            c = self.connection(
+                port,
+                user="testuser",
+                password="testpass",
+                secure_mode=SecureMode.STARTTLS,
+                ca_file=self.ca_file,
+            )
+            self.assertEqual(
+                await c.sendmail("anne@example.com", ["bart@example.com"], MESSAGE), {}
+            )
             mail_from, rcpts, content, auth, over_tls = self.handler.messages[0]
-            self.assertEqual((mail_from, rcpts, auth, over_tls),
-                             ("anne@example.com", ["bart@example.com"], "testuser", True))
+            self.assertEqual(
+                (mail_from, rcpts, auth, over_tls),
+                ("anne@example.com", ["bart@example.com"], "testuser", True),
+            )
             self.assertIn(b"\r\n.dotted line\r\n", content)
+
         return as_deferred(go())
 
     def test_implicit_tls_verified(self):
@@ -184,8 +223,11 @@ class TLSTests(AiosmtpdTestCase):
         async def go():
             c = self.connection(port, secure_mode="smtps", ca_file=self.ca_file)
             for _ in range(2):
-                self.assertEqual(await c.sendmail("anne@example.com", ["bart@example.com"], MESSAGE), {})
+                self.assertEqual(
+                    await c.sendmail("anne@example.com", ["bart@example.com"], MESSAGE), {}
+                )
             self.assertEqual(len(self.handler.messages), 2)
+
         return as_deferred(go())
 
     def test_unknown_ca(self):
@@ -203,6 +245,7 @@ class TLSTests(AiosmtpdTestCase):
                 self.assertEqual(cm.exception.code, 444)
                 self.assertTrue(cm.exception.site_problem)
             self.assertEqual(self.handler.messages, [])
+
         return as_deferred(go())
 
     def test_wrong_hostname(self):
@@ -214,9 +257,17 @@ class TLSTests(AiosmtpdTestCase):
             c = self.connection(port, host="127.0.0.1", secure_mode="smtps", ca_file=self.ca_file)
             with self.assertRaises(TLSFailed):
                 await c.sendmail("anne@example.com", ["bart@example.com"], MESSAGE)
-            c = self.connection(port, host="127.0.0.1", secure_mode="smtps", ca_file=self.ca_file,
-                                verify_hostname=False)
-            self.assertEqual(await c.sendmail("anne@example.com", ["bart@example.com"], MESSAGE), {})
+            c = self.connection(
+                port,
+                host="127.0.0.1",
+                secure_mode="smtps",
+                ca_file=self.ca_file,
+                verify_hostname=False,
+            )
+            self.assertEqual(
+                await c.sendmail("anne@example.com", ["bart@example.com"], MESSAGE), {}
+            )
+
         return as_deferred(go())
 
     def test_no_verification(self):
@@ -225,7 +276,10 @@ class TLSTests(AiosmtpdTestCase):
 
         async def go():
             c = self.connection(port, secure_mode="smtps", verify_cert=False)
-            self.assertEqual(await c.sendmail("anne@example.com", ["bart@example.com"], MESSAGE), {})
+            self.assertEqual(
+                await c.sendmail("anne@example.com", ["bart@example.com"], MESSAGE), {}
+            )
+
         return as_deferred(go())
 
     def test_client_certificate(self):
@@ -233,12 +287,20 @@ class TLSTests(AiosmtpdTestCase):
         port = self.start(implicit=True, require_client_cert=True)
 
         async def go():
-            c = self.connection(port, secure_mode="smtps", ca_file=self.ca_file,
-                                client_cert=self.client_cert, client_key=self.client_key)
-            self.assertEqual(await c.sendmail("anne@example.com", ["bart@example.com"], MESSAGE), {})
+            c = self.connection(
+                port,
+                secure_mode="smtps",
+                ca_file=self.ca_file,
+                client_cert=self.client_cert,
+                client_key=self.client_key,
+            )
+            self.assertEqual(
+                await c.sendmail("anne@example.com", ["bart@example.com"], MESSAGE), {}
+            )
             c = self.connection(port, secure_mode="smtps", ca_file=self.ca_file)
             with self.assertRaises(TLSFailed):
                 await c.sendmail("anne@example.com", ["bart@example.com"], MESSAGE)
+
         return as_deferred(go())
 
     def test_starttls_not_offered(self):
@@ -251,4 +313,5 @@ class TLSTests(AiosmtpdTestCase):
                 await c.sendmail("anne@example.com", ["bart@example.com"], MESSAGE)
             self.assertIn(b"STARTTLS", cm.exception.response)
             self.assertEqual(self.handler.messages, [])
+
         return as_deferred(go())

@@ -39,8 +39,9 @@ class ListHeadersTests(SynchronousTestCase):
 
     def test_list_id_without_display_name(self):
         """A list without a display name has a bare <list-id>."""
-        self.assertEqual(list_headers(MailingList("x@example.com"))[0],
-                         ("List-Id", "<x.example.com>"))
+        self.assertEqual(
+            list_headers(MailingList("x@example.com"))[0], ("List-Id", "<x.example.com>")
+        )
 
     def test_display_name_quoting_and_encoding(self):
         """Specials are quoted, non-ASCII is RFC 2047 encoded, and line breaks in the

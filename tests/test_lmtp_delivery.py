@@ -347,7 +347,10 @@ class InboundHandlerTests(SynchronousTestCase):
         fired (so the runner finds the entries), and not when storing failed."""
         calls = []
         handler = InboundHandler(
-            self.registry, self.spool, hostname=HOSTNAME, clock=self.clock,
+            self.registry,
+            self.spool,
+            hostname=HOSTNAME,
+            clock=self.clock,
             on_stored=lambda: calls.append(len(self.spool.pending)),
         )
         self.spool.hold = True
@@ -364,6 +367,7 @@ class InboundHandlerTests(SynchronousTestCase):
 
     def test_on_stored_failure_still_acknowledges(self):
         """A failing on_stored hook is logged as a bug but the stored message still gets 250."""
+
         def broken():
             raise RuntimeError("bug in hook")
 
@@ -377,8 +381,9 @@ class InboundHandlerTests(SynchronousTestCase):
     def test_on_stored_must_be_callable(self):
         """A non-callable on_stored is refused at construction."""
         with self.assertRaises(TypeError):
-            InboundHandler(self.registry, self.spool, hostname=HOSTNAME, clock=self.clock,
-                           on_stored="wake")
+            InboundHandler(
+                self.registry, self.spool, hostname=HOSTNAME, clock=self.clock, on_stored="wake"
+            )
 
 
 class SeedScenarioTests(SynchronousTestCase):

@@ -46,8 +46,10 @@ class ScriptedServer:
         self.clock = task.Clock()
         kwargs.setdefault("helo_name", "relay.example")
         self.client = RelayClient(clock=self.clock, **kwargs)
-        self.transport = _NoDelayTransport(peerAddress=IPv4Address("TCP", host, 25),
-                                           hostAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+        self.transport = _NoDelayTransport(
+            peerAddress=IPv4Address("TCP", host, 25),
+            hostAddress=IPv4Address("TCP", "127.0.0.1", 40000),
+        )
         self.client.makeConnection(self.transport)
         self.ready = self.client.ready
         self.testcase = testcase
@@ -72,7 +74,9 @@ class ScriptedServer:
         self.reply(*lines)
 
 
-def txn(sender="anne@example.com", rcpts=("bart@example.com",), message=b"Subject: hi\r\n\r\nbody\r\n"):
+def txn(
+    sender="anne@example.com", rcpts=("bart@example.com",), message=b"Subject: hi\r\n\r\nbody\r\n"
+):
     return Transaction(sender, tuple(rcpts), prepare_message(message))
 
 
@@ -189,7 +193,9 @@ class AuthTests(SynchronousTestCase):
 
     def test_plaintext_auth_allowed_explicitly(self):
         """allow_plaintext_auth lets AUTH go over clear text to a remote host."""
-        s = ScriptedServer(self, host="192.0.2.10", username="u", password="p", allow_plaintext_auth=True)
+        s = ScriptedServer(
+            self, host="192.0.2.10", username="u", password="p", allow_plaintext_auth=True
+        )
         s.handshake("AUTH PLAIN")
         self.assertEqual(len(s.sent()), 1)
 
@@ -256,8 +262,15 @@ class TransactionTests(SynchronousTestCase):
         """With PIPELINING, MAIL, all RCPTs and DATA go in one write (RFC 2920)."""
         s = self.ready("PIPELINING")
         d = s.client.transact(txn(rcpts=("a@example.com", "b@example.com")))
-        self.assertEqual(s.sent(), [b"MAIL FROM:<anne@example.com>", b"RCPT TO:<a@example.com>",
-                                    b"RCPT TO:<b@example.com>", b"DATA"])
+        self.assertEqual(
+            s.sent(),
+            [
+                b"MAIL FROM:<anne@example.com>",
+                b"RCPT TO:<a@example.com>",
+                b"RCPT TO:<b@example.com>",
+                b"DATA",
+            ],
+        )
         s.reply("250 ok", "250 ok", "250 ok", "354 go")
         self.assertEqual(s.sent()[-1], b".")
         s.reply("250 ok")
@@ -271,7 +284,9 @@ class TransactionTests(SynchronousTestCase):
         s.reply("250 ok", "550 no a", "451 later b", "554 no valid recipients")
         self.assertEqual(s.sent(), [b"RSET"])
         s.reply("250 reset")
-        self.assertEqual(self.successResultOf(d).refused(), {0: (550, b"no a"), 1: (451, b"later b")})
+        self.assertEqual(
+            self.successResultOf(d).refused(), {0: (550, b"no a"), 1: (451, b"later b")}
+        )
         self.assertTrue(s.client.is_usable())
 
     def test_mail_refused(self):
@@ -336,7 +351,9 @@ class TransactionTests(SynchronousTestCase):
         s = self.ready("SIZE", "8BITMIME", "SMTPUTF8")
         s.client.transact(txn(sender="jörg@example.com", message="Subject: ü\n\nü\n"))
         (mail,) = s.sent()
-        self.assertEqual(mail, "MAIL FROM:<jörg@example.com> SIZE=19 BODY=8BITMIME SMTPUTF8".encode())
+        self.assertEqual(
+            mail, "MAIL FROM:<jörg@example.com> SIZE=19 BODY=8BITMIME SMTPUTF8".encode()
+        )
 
     def test_non_ascii_recipient_without_smtputf8(self):
         """A non-ASCII recipient is refused locally (553 5.6.7) when SMTPUTF8 is not offered; others go on."""
@@ -346,8 +363,10 @@ class TransactionTests(SynchronousTestCase):
         s.reply("250 ok")
         self.assertEqual(s.sent(), [b"RCPT TO:<bart@example.com>"])
         s.reply("250 ok", "354 go", "250 ok")
-        self.assertEqual(self.successResultOf(d).refused(), {0: (553, b"5.6.7 Non-ASCII address and the "
-                                                                  b"server does not offer SMTPUTF8")})
+        self.assertEqual(
+            self.successResultOf(d).refused(),
+            {0: (553, b"5.6.7 Non-ASCII address and the server does not offer SMTPUTF8")},
+        )
 
     def test_only_non_ascii_recipients_sends_nothing(self):
         """If no recipient can be sent, no MAIL transaction is started at all."""

@@ -21,8 +21,9 @@ from mailrelay.mta.message import prepare_message
 
 def unstuff(wire: bytes) -> bytes:
     """What a receiving server reconstructs from DATA (RFC 5321 4.5.2)."""
-    return b"".join((line[1:] if line.startswith(b".") else line) + b"\r\n"
-                    for line in wire.split(b"\r\n")[:-1])
+    return b"".join(
+        (line[1:] if line.startswith(b".") else line) + b"\r\n" for line in wire.split(b"\r\n")[:-1]
+    )
 
 
 class PrepareMessageTests(SynchronousTestCase):
@@ -32,8 +33,12 @@ class PrepareMessageTests(SynchronousTestCase):
 
     def test_str_and_message_inputs(self):
         """str is UTF-8 encoded; an email.message.Message is serialised without Bcc."""
-        self.assertEqual(prepare_message("Subject: é\n\nx\n").data, "Subject: é\r\n\r\nx\r\n".encode())
-        msg = email.message_from_string("From: a@example.com\nBcc: secret@example.com\nSubject: s\n\nbody\n")
+        self.assertEqual(
+            prepare_message("Subject: é\n\nx\n").data, "Subject: é\r\n\r\nx\r\n".encode()
+        )
+        msg = email.message_from_string(
+            "From: a@example.com\nBcc: secret@example.com\nSubject: s\n\nbody\n"
+        )
         wire = prepare_message(msg)
         self.assertNotIn(b"secret@example.com", wire.data)
         self.assertIn(b"Subject: s\r\n\r\nbody\r\n", wire.data)
@@ -54,8 +59,12 @@ class PrepareMessageTests(SynchronousTestCase):
         self.assertEqual(prepare_message(b"Message-ID: <a@b>\n\nx\n").message_id, "<a@b>")
         self.assertEqual(prepare_message(b"Subject: x\n\nMessage-ID: <no>\n").message_id, "")
 
-    @given(st.lists(st.sampled_from([b".", b"..", b"x", b".x", b"\r", b"\n", b"\r\n", b" ", b"\xc3\xa9"]),
-                    max_size=60))
+    @given(
+        st.lists(
+            st.sampled_from([b".", b"..", b"x", b".x", b"\r", b"\n", b"\r\n", b" ", b"\xc3\xa9"]),
+            max_size=60,
+        )
+    )
     def test_round_trip(self, parts):
         """Whatever the input, the wire form never contains an early end of data and
         un-stuffs to the input with normalised line ends."""
@@ -96,12 +105,19 @@ class CredentialsFileTests(SynchronousTestCase):
 
     def test_no_match(self):
         """Without a default entry an unknown destination has no credentials."""
-        self.assertIsNone(CredentialsFile.load(self.write("machine a login u password p\n")).lookup("b", 25))
+        self.assertIsNone(
+            CredentialsFile.load(self.write("machine a login u password p\n")).lookup("b", 25)
+        )
 
     def test_errors_name_file_and_line(self):
         """A malformed line is a ConfigurationError naming the file and line number."""
-        for text in ("machine a login u\n", "machine a port x login u password p\n", "login u password p\n",
-                     "machine a login u password p bogus 1\n", "machine 'a\n"):
+        for text in (
+            "machine a login u\n",
+            "machine a port x login u password p\n",
+            "login u password p\n",
+            "machine a login u password p bogus 1\n",
+            "machine 'a\n",
+        ):
             path = self.write("\n" + text)
             e = self.assertRaises(ConfigurationError, CredentialsFile.load, path)
             self.assertIn(f"{path}, line 2", str(e))
@@ -131,12 +147,20 @@ class SecureModeTests(SynchronousTestCase):
 class ChunkifyTests(SynchronousTestCase):
     def test_mailman_probe(self):
         """max 2: {b,c}@example.com then d@example.org, each bucket its own chunk, sorted."""
-        self.assertEqual(chunkify(["cperson@example.com", "dperson@example.org", "bperson@example.com"], 2),
-                         [["bperson@example.com", "cperson@example.com"], ["dperson@example.org"]])
+        self.assertEqual(
+            chunkify(["cperson@example.com", "dperson@example.org", "bperson@example.com"], 2),
+            [["bperson@example.com", "cperson@example.com"], ["dperson@example.org"]],
+        )
 
     def test_buckets_largest_first_and_partial_chunks(self):
         """Buckets go largest first; a bucket's last partial chunk is not filled from another bucket."""
-        rcpts = [f"u{i}@x.com" for i in range(3)] + ["a@x.net", "b@x.org", "c@x.de", "d@x.fr", "e@x.ca"]
+        rcpts = [f"u{i}@x.com" for i in range(3)] + [
+            "a@x.net",
+            "b@x.org",
+            "c@x.de",
+            "d@x.fr",
+            "e@x.ca",
+        ]
         chunks = chunkify(rcpts, 2)
         self.assertEqual(chunks[0], ["u0@x.com", "u1@x.com"])
         # com: [u0,u1],[u2]; net+org: [a,b]; other TLDs: [c,d]; ca: [e]

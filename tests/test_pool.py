@@ -89,15 +89,21 @@ class MemorySmarthost:
                 self._joined += 1
                 client = factory.buildProtocol(None)
                 server = self.mta.buildProtocol(None)
-                self.pumps.append(iosim.connect(
-                    server, iosim.makeFakeServer(server), client, iosim.makeFakeClient(client),
-                    greet=False,
-                ))
+                self.pumps.append(
+                    iosim.connect(
+                        server,
+                        iosim.makeFakeServer(server),
+                        client,
+                        iosim.makeFakeClient(client),
+                        greet=False,
+                    )
+                )
                 busy = True
             for pump in self.pumps:
                 busy = pump.pump() or busy
-            due = [c for c in self.reactor.getDelayedCalls()
-                   if c.getTime() <= self.reactor.seconds()]
+            due = [
+                c for c in self.reactor.getDelayedCalls() if c.getTime() <= self.reactor.seconds()
+            ]
             if due:
                 self.reactor.advance(0)
                 busy = True
@@ -129,8 +135,9 @@ class DispatchTests(SynchronousTestCase):
         """Five messages with max_connections=3: three connections work at once,
         two messages wait and go, in order, to whichever connection frees up."""
         pool = ConnectionPool(self.factory, max_connections=3)
-        results = [pool.sendmail("l-bounces@example.com", [f"r{i}@example.com"], MESSAGE)
-                   for i in range(5)]
+        results = [
+            pool.sendmail("l-bounces@example.com", [f"r{i}@example.com"], MESSAGE) for i in range(5)
+        ]
         self.assertEqual(len(self.factory.made), 3)
         self.assertEqual([len(c.pending) for c in self.factory.made], [1, 1, 1])
         self.assertEqual((pool.busy, pool.waiting), (3, 2))
@@ -226,14 +233,17 @@ class RealConnectionTests(SynchronousTestCase):
         """Four messages at once with max_connections=2 open exactly two SMTP
         connections, and every message arrives."""
         pool = ConnectionPool(lambda: self.smarthost.connection(), max_connections=2)
-        sends = [pool.sendmail("l-bounces@example.com", [f"r{i}@example.com"], MESSAGE)
-                 for i in range(4)]
+        sends = [
+            pool.sendmail("l-bounces@example.com", [f"r{i}@example.com"], MESSAGE) for i in range(4)
+        ]
         self.smarthost.run()
         for d in sends:
             self.assertEqual(self.successResultOf(d), {})
         self.assertEqual(self.smarthost.mta.get_connection_count(), 2)
-        self.assertEqual(sorted(t.rcpts[0] for t in self.smarthost.mta.transactions),
-                         [f"r{i}@example.com" for i in range(4)])
+        self.assertEqual(
+            sorted(t.rcpts[0] for t in self.smarthost.mta.transactions),
+            [f"r{i}@example.com" for i in range(4)],
+        )
         closed = pool.quit()
         self.smarthost.run()
         self.successResultOf(closed)
@@ -242,8 +252,7 @@ class RealConnectionTests(SynchronousTestCase):
     def test_idle_close_on_the_clock_and_reconnect(self):
         """A connection idle for smtp_idle_timeout is closed with QUIT on the
         injected clock; the next message opens a new one."""
-        pool = ConnectionPool(lambda: self.smarthost.connection(idle_timeout=10),
-                              max_connections=2)
+        pool = ConnectionPool(lambda: self.smarthost.connection(idle_timeout=10), max_connections=2)
         d = pool.sendmail("a@example.com", ["b@example.com"], MESSAGE)
         self.smarthost.run()
         self.successResultOf(d)

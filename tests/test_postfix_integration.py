@@ -85,11 +85,17 @@ class PrivatePostfix:
             f.write(MASTER_CF.format(port=port))
 
     def postmap(self, name: str):
-        subprocess.run([require_program("postmap"), "-c", self.conf, os.path.join(self.conf, name)], check=True)
+        subprocess.run(
+            [require_program("postmap"), "-c", self.conf, os.path.join(self.conf, name)], check=True
+        )
 
     def command(self, action: str) -> subprocess.CompletedProcess:
-        return subprocess.run([require_program("postfix"), "-c", self.conf, action],
-                              capture_output=True, text=True, check=False)
+        return subprocess.run(
+            [require_program("postfix"), "-c", self.conf, action],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
 
     def log(self) -> str:
         try:
@@ -113,6 +119,7 @@ class PostfixChainTests(TestCase):
     def test_post_through_postfix_both_ways(self):
         """A post sent to Postfix reaches mailrelay over LMTP through the generated transport map,
         and mailrelay's copies reach the members through Postfix as smarthost."""
+
         async def go():
             tmp = tempfile.mkdtemp()
             members_mx = FakeMTA(reactor)
@@ -123,14 +130,20 @@ class PostfixChainTests(TestCase):
             lmtp_port = free_port()
             config = os.path.join(tmp, "mailrelay.ini")
             with open(config, "w") as f:
-                f.write(f"[paths]\nvar_dir = {tmp}/var\n[mta]\nlmtp_port = {lmtp_port}\n"
-                        f"lmtp_hostname = lists.test\nsmtp_host = 127.0.0.1\nsmtp_port = {postfix.port}\n")
+                f.write(
+                    f"[paths]\nvar_dir = {tmp}/var\n[mta]\nlmtp_port = {lmtp_port}\n"
+                    f"lmtp_hostname = lists.test\nsmtp_host = 127.0.0.1\nsmtp_port = {postfix.port}\n"
+                )
             out = io.StringIO()
-            for argv in (["lists", "create", "test@lists.test", "--owner", "owner@members.test"],
-                         ["members", "add", "test@lists.test", "bart@members.test", "cate@members.test"],
-                         ["postfix-maps", "-o", os.path.join(postfix.conf, "transport")],
-                         ["postfix-maps", "--domains", "-o", os.path.join(postfix.conf, "domains")]):
-                self.assertEqual(cli.main(["-C", config, *argv], stdout=out, stderr=out), 0, out.getvalue())
+            for argv in (
+                ["lists", "create", "test@lists.test", "--owner", "owner@members.test"],
+                ["members", "add", "test@lists.test", "bart@members.test", "cate@members.test"],
+                ["postfix-maps", "-o", os.path.join(postfix.conf, "transport")],
+                ["postfix-maps", "--domains", "-o", os.path.join(postfix.conf, "domains")],
+            ):
+                self.assertEqual(
+                    cli.main(["-C", config, *argv], stdout=out, stderr=out), 0, out.getvalue()
+                )
             with open(os.path.join(postfix.conf, "transport"), "a") as f:
                 f.write(f"members.test smtp:[127.0.0.1]:{members_mx.port}\n")
             postfix.postmap("transport")
@@ -138,6 +151,7 @@ class PostfixChainTests(TestCase):
 
             from mailrelay.config import load_settings
             from mailrelay.service import makeService
+
             relay = makeService(load_settings(config), reactor)
             relay.startService()
             self.addCleanup(relay.stopService)
@@ -150,9 +164,11 @@ class PostfixChainTests(TestCase):
             client = Connection("127.0.0.1", postfix.port, 0, reactor=reactor)
             self.addCleanup(client.quit)
             refused = await client.sendmail(
-                "anne@elsewhere.test", ["test@lists.test", "nolist@lists.test"],
+                "anne@elsewhere.test",
+                ["test@lists.test", "nolist@lists.test"],
                 "From: anne@elsewhere.test\nTo: test@lists.test\nSubject: via postfix\n"
-                "Message-ID: <pf1@elsewhere.test>\n\nHello through Postfix.\n")
+                "Message-ID: <pf1@elsewhere.test>\n\nHello through Postfix.\n",
+            )
             # Postfix itself refuses an address that is not in mailrelay's map.
             self.assertEqual(list(refused), ["nolist@lists.test"])
             self.assertEqual(refused["nolist@lists.test"][0] // 100, 5)
@@ -169,4 +185,5 @@ class PostfixChainTests(TestCase):
             self.assertEqual(message["List-Id"].split("<")[-1].rstrip(">"), "test.lists.test")
             self.assertEqual(members_mx.transactions[0].mail_from, "test-bounces@lists.test")
             self.assertIn("status=sent", postfix.log())
+
         return as_deferred(go())

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import shutil
 import sqlite3
 import stat
-import tempfile
 import time
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -16,17 +14,7 @@ from mailrelay.errors import RegistryError, RegistryUnavailable
 from mailrelay.interfaces import IListRegistry
 from mailrelay.model import Bounce, Destination, MailingList, Member
 from mailrelay.registry import _MIGRATIONS, SCHEMA_VERSION, MemoryRegistry, SQLiteRegistry
-
-
-def _temp_dir(case) -> str:
-    """A fresh directory removed after the test.
-
-    Not ``TestCase.mktemp``: under pytest that path is relative to the
-    checkout, so the test would leave files in the working tree.
-    """
-    path = tempfile.mkdtemp(prefix="mailrelay-test-")
-    case.addCleanup(shutil.rmtree, path, ignore_errors=True)
-    return path
+from tests.support import temp_dir
 
 
 class RegistryContractMixin:
@@ -46,11 +34,13 @@ class RegistryContractMixin:
     def test_create_and_get(self):
         """A created list is returned lower-cased, with owners in order and deduplicated."""
         created = self.registry.create_list(
-            "Test@Example.COM", "Test list", ["Owner@example.org", "b@example.org",
-                                              "owner@EXAMPLE.org"]
+            "Test@Example.COM",
+            "Test list",
+            ["Owner@example.org", "b@example.org", "owner@EXAMPLE.org"],
         )
-        expected = MailingList("test@example.com", "Test list",
-                               ("owner@example.org", "b@example.org"))
+        expected = MailingList(
+            "test@example.com", "Test list", ("owner@example.org", "b@example.org")
+        )
         self.assertEqual(created, expected)
         self.assertEqual(self.registry.get_list("TEST@example.com"), expected)
         self.assertIsNone(self.registry.get_list("other@example.com"))
@@ -105,8 +95,12 @@ class RegistryContractMixin:
         )
         duplicates = self.registry.add_members(
             "test@example.com",
-            [Member("A@Example.org", "Other"), Member("b@example.org"), "c@example.org",
-             "B@example.org"],
+            [
+                Member("A@Example.org", "Other"),
+                Member("b@example.org"),
+                "c@example.org",
+                "B@example.org",
+            ],
         )
         self.assertEqual(duplicates, ("a@example.org", "b@example.org"))
         self.assertEqual(
@@ -118,24 +112,28 @@ class RegistryContractMixin:
         """One invalid address refuses the whole batch, naming the address."""
         self.registry.create_list("test@example.com")
         members = [f"m{i}@example.org" for i in range(100)] + ["bad address"]
-        e = self.assertRaises(RegistryError, self.registry.add_members,
-                              "test@example.com", members)
+        e = self.assertRaises(RegistryError, self.registry.add_members, "test@example.com", members)
         self.assertIn("'bad address'", str(e))
         self.assertEqual(self.registry.members("test@example.com"), ())
 
     def test_add_members_unknown_list(self):
         """Adding to a list that does not exist fails, naming it."""
-        e = self.assertRaises(RegistryError, self.registry.add_members,
-                              "nope@example.com", ["a@example.org"])
+        e = self.assertRaises(
+            RegistryError, self.registry.add_members, "nope@example.com", ["a@example.org"]
+        )
         self.assertIn("nope@example.com", str(e))
 
     def test_members_sorted_and_filtered(self):
         """members() is sorted by address; enabled_only drops disabled deliveries."""
         self.registry.create_list("test@example.com")
-        self.registry.add_members("test@example.com", [
-            Member("c@example.org"), Member("a@example.org", delivery_enabled=False),
-            Member("b@example.org", "Bea"),
-        ])
+        self.registry.add_members(
+            "test@example.com",
+            [
+                Member("c@example.org"),
+                Member("a@example.org", delivery_enabled=False),
+                Member("b@example.org", "Bea"),
+            ],
+        )
         self.assertEqual(
             [m.address for m in self.registry.members("test@example.com")],
             ["a@example.org", "b@example.org", "c@example.org"],
@@ -155,24 +153,31 @@ class RegistryContractMixin:
         )
         self.assertEqual(missing, ("z@example.org",))
         self.assertEqual(self.registry.members("test@example.com"), (Member("b@example.org"),))
-        self.assertRaises(RegistryError, self.registry.remove_members,
-                          "nope@example.com", ["a@example.org"])
+        self.assertRaises(
+            RegistryError, self.registry.remove_members, "nope@example.com", ["a@example.org"]
+        )
 
     def test_bounces(self):
         """Bounces are kept per list, oldest first, with the address lower-cased
         and a bytes response decoded; they go when the list is deleted."""
         self.registry.create_list("test@example.com")
         self.registry.create_list("other@example.com")
-        self.registry.record_bounce("test@example.com", "Bart@Example.ORG", 550,
-                                    b"5.1.1 No such user", 20.0)
-        self.registry.record_bounces([
-            Bounce("test@example.com", "anne@example.org", 553, "5.1.3 Bad syntax", 10.0),
-            Bounce("other@example.com", "cris@example.org", 550, "gone", 30.0),
-        ])
-        self.assertEqual(self.registry.bounces("TEST@example.com"), (
-            Bounce("test@example.com", "anne@example.org", 553, "5.1.3 Bad syntax", 10.0),
-            Bounce("test@example.com", "bart@example.org", 550, "5.1.1 No such user", 20.0),
-        ))
+        self.registry.record_bounce(
+            "test@example.com", "Bart@Example.ORG", 550, b"5.1.1 No such user", 20.0
+        )
+        self.registry.record_bounces(
+            [
+                Bounce("test@example.com", "anne@example.org", 553, "5.1.3 Bad syntax", 10.0),
+                Bounce("other@example.com", "cris@example.org", 550, "gone", 30.0),
+            ]
+        )
+        self.assertEqual(
+            self.registry.bounces("TEST@example.com"),
+            (
+                Bounce("test@example.com", "anne@example.org", 553, "5.1.3 Bad syntax", 10.0),
+                Bounce("test@example.com", "bart@example.org", 550, "5.1.1 No such user", 20.0),
+            ),
+        )
         self.registry.delete_list("test@example.com")
         self.registry.create_list("test@example.com")
         self.assertEqual(self.registry.bounces("test@example.com"), ())
@@ -186,10 +191,12 @@ class RegistryContractMixin:
             self.registry.bounces("nope@example.com")
         with self.assertRaises(RegistryError):
             self.registry.record_bounce("nope@example.com", "a@example.org", 550, "x", 1.0)
-        for bad in (Bounce("test@example.com", "not an address", 550, "x", 1.0),
-                    Bounce("test@example.com", "a@example.org", "550", "x", 1.0),
-                    Bounce("test@example.com", "a@example.org", 550, None, 1.0),
-                    ("test@example.com", "a@example.org", 550, "x", 1.0)):
+        for bad in (
+            Bounce("test@example.com", "not an address", 550, "x", 1.0),
+            Bounce("test@example.com", "a@example.org", "550", "x", 1.0),
+            Bounce("test@example.com", "a@example.org", 550, None, 1.0),
+            ("test@example.com", "a@example.org", 550, "x", 1.0),
+        ):
             with self.assertRaises(RegistryError, msg=bad):
                 self.registry.record_bounces(
                     [Bounce("test@example.com", "ok@example.org", 550, "x", 1.0), bad]
@@ -224,7 +231,7 @@ class SQLiteRegistryTests(RegistryContractMixin, SynchronousTestCase):
     """The contract, against SQLiteRegistry."""
 
     def make_registry(self):
-        self.path = os.path.join(_temp_dir(self), "lists", "registry.sqlite")
+        self.path = os.path.join(temp_dir(self), "lists", "registry.sqlite")
         return SQLiteRegistry(self.path)
 
 
@@ -232,7 +239,7 @@ class SQLiteRegistryStorageTests(SynchronousTestCase):
     """What only the SQLite store does: files, schema, sharing, errors, speed."""
 
     def setUp(self):
-        self.path = os.path.join(_temp_dir(self), "lists", "registry.sqlite")
+        self.path = os.path.join(temp_dir(self), "lists", "registry.sqlite")
 
     def open(self):
         registry = SQLiteRegistry(self.path)
@@ -250,8 +257,10 @@ class SQLiteRegistryStorageTests(SynchronousTestCase):
         self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o640)
         with sqlite3.connect(self.path) as db:
             self.assertEqual(db.execute("PRAGMA user_version").fetchone(), (SCHEMA_VERSION,))
-            tables = {name for (name,) in db.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            tables = {
+                name
+                for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            }
         self.assertEqual(tables, {"lists", "owners", "members", "bounces"})
 
     def test_persists(self):
@@ -261,10 +270,13 @@ class SQLiteRegistryStorageTests(SynchronousTestCase):
         registry.add_members("test@example.com", [Member("a@example.org", "Anne", False)])
         registry.close()
         again = self.open()
-        self.assertEqual(again.get_list("test@example.com"),
-                         MailingList("test@example.com", "Test", ("owner@example.org",)))
-        self.assertEqual(again.members("test@example.com"),
-                         (Member("a@example.org", "Anne", False),))
+        self.assertEqual(
+            again.get_list("test@example.com"),
+            MailingList("test@example.com", "Test", ("owner@example.org",)),
+        )
+        self.assertEqual(
+            again.members("test@example.com"), (Member("a@example.org", "Anne", False),)
+        )
 
     def test_newer_schema_refused(self):
         """A file written by a newer schema is refused with a clear message, not misread."""
@@ -292,8 +304,7 @@ class SQLiteRegistryStorageTests(SynchronousTestCase):
         cli = self.open()
         self.assertIsNone(server.resolve("new@example.com"))
         cli.create_list("new@example.com")
-        self.assertEqual(server.resolve("new-request@example.com").list_address,
-                         "new@example.com")
+        self.assertEqual(server.resolve("new-request@example.com").list_address, "new@example.com")
         cli.delete_list("new@example.com")
         self.assertIsNone(server.resolve("new@example.com"))
 

@@ -51,8 +51,7 @@ class ClassifyTests(SynchronousTestCase):
         site problems, as is a 530 to MAIL FROM that is not flagged."""
         self.assertIs(classify_error(TLSFailed(444, b"handshake")), Verdict.SITE_PROBLEM)
         self.assertIs(classify_error(AuthenticationFailed(535, b"5.7.8 no")), Verdict.SITE_PROBLEM)
-        self.assertIs(classify_error(SenderRefused(530, b"5.7.0 auth first")),
-                      Verdict.SITE_PROBLEM)
+        self.assertIs(classify_error(SenderRefused(530, b"5.7.0 auth first")), Verdict.SITE_PROBLEM)
         self.assertIs(classify_error(ConnectionFailed(444, b"refused")), Verdict.TEMPORARY)
         self.assertIs(classify_error(DataRefused(554, b"5.7.1 spam")), Verdict.PERMANENT)
         self.assertIs(classify_error(DataRefused(552, b"5.3.4 too big")), Verdict.TEMPORARY)
@@ -67,8 +66,10 @@ class ClassifyTests(SynchronousTestCase):
 class BackoffTests(SynchronousTestCase):
     def test_doubles_from_min_to_max(self):
         """Without jitter the delays are Postfix's: 300, 600, 1200, 2400, then 4000 for ever."""
-        delays = [backoff(n, min_backoff=300, max_backoff=4000, random=random.Random(1),
-                          jitter=0) for n in range(1, 8)]
+        delays = [
+            backoff(n, min_backoff=300, max_backoff=4000, random=random.Random(1), jitter=0)
+            for n in range(1, 8)
+        ]
         self.assertEqual(delays, [300, 600, 1200, 2400, 4000, 4000, 4000])
 
     def test_jitter_spreads_within_bounds(self):
@@ -86,30 +87,37 @@ class BackoffTests(SynchronousTestCase):
 
     def test_injected_random_makes_it_repeatable(self):
         """The same seed gives the same delays."""
-        a = [backoff(n, min_backoff=300, max_backoff=4000, random=random.Random(3))
-             for n in range(1, 6)]
-        b = [backoff(n, min_backoff=300, max_backoff=4000, random=random.Random(3))
-             for n in range(1, 6)]
+        a = [
+            backoff(n, min_backoff=300, max_backoff=4000, random=random.Random(3))
+            for n in range(1, 6)
+        ]
+        b = [
+            backoff(n, min_backoff=300, max_backoff=4000, random=random.Random(3))
+            for n in range(1, 6)
+        ]
         self.assertEqual(a, b)
 
     @given(st.integers(1, 10_000), st.floats(1, 1e5), st.floats(1, 1e5), st.floats(0, 0.99))
     def test_always_between_min_and_max(self, attempt, low, high, jitter):
         """Whatever the attempt and settings, the delay is within min..max."""
         low, high = min(low, high), max(low, high)
-        delay = backoff(attempt, min_backoff=low, max_backoff=high, random=random.Random(0),
-                        jitter=jitter)
+        delay = backoff(
+            attempt, min_backoff=low, max_backoff=high, random=random.Random(0), jitter=jitter
+        )
         self.assertTrue(low <= delay <= high)
 
     def test_bad_attempt(self):
         """Attempts count from 1."""
-        self.assertRaises(ValueError, backoff, 0, min_backoff=1, max_backoff=2,
-                          random=random.Random())
+        self.assertRaises(
+            ValueError, backoff, 0, min_backoff=1, max_backoff=2, random=random.Random()
+        )
 
 
 class NextAttemptTests(SynchronousTestCase):
     def kwargs(self):
-        return dict(retry_period=3600, min_backoff=300, max_backoff=4000,
-                    random=random.Random(5), jitter=0)
+        return dict(
+            retry_period=3600, min_backoff=300, max_backoff=4000, random=random.Random(5), jitter=0
+        )
 
     def test_first_failure_counts_from_now(self):
         """Without a first attempt time the period starts now."""
@@ -129,8 +137,13 @@ class NextAttemptTests(SynchronousTestCase):
         policy = RetryPolicy(retry_period=3600, min_backoff=300, max_backoff=4000, jitter=0)
         self.assertEqual(policy.backoff(2, random.Random()), 600)
         self.assertEqual(policy.next_attempt_at(0, 1, None, random.Random()), 300)
-        for bad in (dict(min_backoff=0), dict(min_backoff=500, max_backoff=400),
-                    dict(retry_period=-1), dict(jitter=1), dict(max_backoff=float("inf")),
-                    dict(min_backoff="300")):
+        for bad in (
+            dict(min_backoff=0),
+            dict(min_backoff=500, max_backoff=400),
+            dict(retry_period=-1),
+            dict(jitter=1),
+            dict(max_backoff=float("inf")),
+            dict(min_backoff="300"),
+        ):
             with self.assertRaises(ValueError, msg=bad):
                 RetryPolicy(**bad)

@@ -134,7 +134,12 @@ class RunnerCase(SynchronousTestCase):
 
     def make_runner(self, **options):
         # Most tests pin the timer schedule exactly; PollTests covers polling.
-        options = {"random": random.Random(42), "poll_interval": None, **self.runner_options, **options}
+        options = {
+            "random": random.Random(42),
+            "poll_interval": None,
+            **self.runner_options,
+            **options,
+        }
         return DeliveryRunner(self.spool, self.registry, self.sender, clock=self.clock, **options)
 
     def stop(self):
@@ -154,8 +159,12 @@ class RunnerCase(SynchronousTestCase):
         self.settle()
 
     def enqueue(self, *destinations, message=MESSAGE, wake=True):
-        envelope = Envelope("poster@example.org", destinations or (POST,), self.clock.seconds(),
-                            message_id="<post@example.org>")
+        envelope = Envelope(
+            "poster@example.org",
+            destinations or (POST,),
+            self.clock.seconds(),
+            message_id="<post@example.org>",
+        )
         ids = self.successResultOf(self.spool.enqueue(envelope, message))
         if wake:
             self.runner.wake()
@@ -163,8 +172,7 @@ class RunnerCase(SynchronousTestCase):
         return ids
 
     def entries(self, kind=EntryKind.MEMBER, state=None):
-        return {e.destination.address: e for e in self.spool.entries(state)
-                if e.kind is kind}
+        return {e.destination.address: e for e in self.spool.entries(state) if e.kind is kind}
 
     def states(self, kind=EntryKind.MEMBER):
         return {address: e.state for address, e in self.entries(kind).items()}
@@ -192,24 +200,33 @@ class RoutingTests(RunnerCase):
         self.enqueue(OWNER)
         self.assertEqual(self.sender.recipients(), ["boss@example.org", "owner@example.org"])
         self.assertNotIn(b"List-Post:", self.sender.sent[0].message.data)
-        self.assertEqual(self.states(EntryKind.OWNER),
-                         dict.fromkeys(["owner@example.org", "boss@example.org"], EntryState.DONE))
+        self.assertEqual(
+            self.states(EntryKind.OWNER),
+            dict.fromkeys(["owner@example.org", "boss@example.org"], EntryState.DONE),
+        )
 
     def test_commands_and_bounces_are_held(self):
         """Mail to -join/-subscribe, -leave/-unsubscribe, -request, -confirm and
         -bounces is HELD with its sub-address, never sent and never claimed again."""
-        addresses = ["test-join@example.com", "test-subscribe@example.com",
-                     "test-leave@example.com", "test-unsubscribe@example.com",
-                     "test-request@example.com", "test-confirm+cookie@example.com",
-                     "test-bounces+anne=example.com@example.com"]
+        addresses = [
+            "test-join@example.com",
+            "test-subscribe@example.com",
+            "test-leave@example.com",
+            "test-unsubscribe@example.com",
+            "test-request@example.com",
+            "test-confirm+cookie@example.com",
+            "test-bounces+anne=example.com@example.com",
+        ]
         destinations = [self.registry.resolve(a) for a in addresses]
         self.enqueue(*destinations)
         self.advance(10 * 86400)
         self.assertEqual(self.sender.sent, [])
         held = self.spool.entries(EntryState.HELD)
         self.assertEqual([e.destination for e in held], destinations)
-        self.assertEqual([e.destination.subaddress for e in held],
-                         ["join", "join", "leave", "leave", "request", "confirm", "bounces"])
+        self.assertEqual(
+            [e.destination.subaddress for e in held],
+            ["join", "join", "leave", "leave", "request", "confirm", "bounces"],
+        )
 
     def test_deleted_list_is_dead_lettered(self):
         """A post to a list deleted before delivery is FAILED with the reason."""
@@ -277,12 +294,14 @@ class HeaderTests(RunnerCase):
         data = self.sender.sent[0].message.data
         head, _, body = data.partition(b"\r\n\r\n")
         self.assertIn(b"List-Id: Test List <test.example.com>\r\n", head)
-        for line in (b"List-Post: <mailto:test@example.com>",
-                     b"List-Help: <mailto:test-request@example.com?subject=help>",
-                     b"List-Subscribe: <mailto:test-join@example.com>",
-                     b"List-Unsubscribe: <mailto:test-leave@example.com>",
-                     b"List-Owner: <mailto:test-owner@example.com>",
-                     b"Precedence: list"):
+        for line in (
+            b"List-Post: <mailto:test@example.com>",
+            b"List-Help: <mailto:test-request@example.com?subject=help>",
+            b"List-Subscribe: <mailto:test-join@example.com>",
+            b"List-Unsubscribe: <mailto:test-leave@example.com>",
+            b"List-Owner: <mailto:test-owner@example.com>",
+            b"Precedence: list",
+        ):
             self.assertIn(line + b"\r\n", head)
         self.assertNotIn(b"up.example.net", data)
         self.assertIn(b"X-MailFrom: poster@example.org\r\nFrom: Poster", head)
@@ -299,31 +318,41 @@ class VERPTests(RunnerCase):
         falls back to the plain -bounces address."""
         self.enqueue()
         senders = {s.rcpts: s.sender for s in self.sender.sent}
-        self.assertEqual(senders, {
-            ("anne@example.com",): "test-bounces+anne=example.com@example.com",
-            ("bart@example.com",): "test-bounces+bart=example.com@example.com",
-            ("cris@example.com",): "test-bounces+cris=example.com@example.com",
-            ('"odd one"@example.com',): "test-bounces@example.com",
-        })
+        self.assertEqual(
+            senders,
+            {
+                ("anne@example.com",): "test-bounces+anne=example.com@example.com",
+                ("bart@example.com",): "test-bounces+bart=example.com@example.com",
+                ("cris@example.com",): "test-bounces+cris=example.com@example.com",
+                ('"odd one"@example.com',): "test-bounces@example.com",
+            },
+        )
 
 
 class ResultTests(RunnerCase):
     def test_partial_refusals(self):
         """Three outcomes: accepted is DONE; 451 is RETRY with a backoff of
         300-375 s; 550 is FAILED and recorded as a bounce of that member."""
-        self.sender.replies = {"bart@example.com": [(550, b"5.1.1 No such user")],
-                               "cris@example.com": [(451, b"4.2.0 Try later")]}
+        self.sender.replies = {
+            "bart@example.com": [(550, b"5.1.1 No such user")],
+            "cris@example.com": [(451, b"4.2.0 Try later")],
+        }
         self.enqueue()
         entries = self.entries()
         self.assertEqual(entries["anne@example.com"].state, EntryState.DONE)
         bart, cris = entries["bart@example.com"], entries["cris@example.com"]
-        self.assertEqual((bart.state, bart.last_error),
-                         (EntryState.FAILED, "550 5.1.1 No such user"))
-        self.assertEqual((cris.state, cris.attempts, cris.last_error),
-                         (EntryState.RETRY, 1, "451 4.2.0 Try later"))
+        self.assertEqual(
+            (bart.state, bart.last_error), (EntryState.FAILED, "550 5.1.1 No such user")
+        )
+        self.assertEqual(
+            (cris.state, cris.attempts, cris.last_error),
+            (EntryState.RETRY, 1, "451 4.2.0 Try later"),
+        )
         self.assertTrue(START + 300 <= cris.next_attempt_at <= START + 375)
-        self.assertEqual(self.registry.bounces(LIST),
-                         (Bounce(LIST, "bart@example.com", 550, "5.1.1 No such user", START),))
+        self.assertEqual(
+            self.registry.bounces(LIST),
+            (Bounce(LIST, "bart@example.com", 550, "5.1.1 No such user", START),),
+        )
 
     def test_retry_451_then_250_on_the_clock(self):
         """A 451 is retried when its time comes (not before), then delivered; the
@@ -359,8 +388,9 @@ class ResultTests(RunnerCase):
             while self.entries()["anne@example.com"].attempts == entry.attempts:
                 self.advance(self.spool.next_due() - self.clock.seconds())
         for gap, nominal in zip(gaps, (300, 600, 1200, 2400, 4000, 4000, 4000), strict=True):
-            self.assertTrue(max(300, nominal * 0.75) <= gap <= min(4000, nominal * 1.25),
-                            (gap, nominal))
+            self.assertTrue(
+                max(300, nominal * 0.75) <= gap <= min(4000, nominal * 1.25), (gap, nominal)
+            )
         retry_times = {e.next_attempt_at for e in self.entries().values()}
         self.assertEqual(len(retry_times), 3)
 
@@ -379,12 +409,15 @@ class ResultTests(RunnerCase):
         self.assertEqual(cris.state, EntryState.FAILED)
         self.assertEqual(self.clock.seconds(), START + 3600)
         self.assertTrue(
-            cris.last_error.startswith(f"gave up after {cris.attempts} attempts in 1h 0m"))
+            cris.last_error.startswith(f"gave up after {cris.attempts} attempts in 1h 0m")
+        )
         self.assertTrue(cris.last_error.endswith("451 4.2.0 Try later"))
         self.assertEqual(self.registry.bounces(LIST), ())
         (event,) = [e for e in events if e["log_level"] is LogLevel.error]
-        self.assertEqual((event["recipient"], event["list"], event["message_id"]),
-                         ("cris@example.com", LIST, "<post@example.org>"))
+        self.assertEqual(
+            (event["recipient"], event["list"], event["message_id"]),
+            ("cris@example.com", LIST, "<post@example.org>"),
+        )
 
     def test_refusal_of_the_whole_message_is_not_a_bounce(self):
         """A 5xx to DATA (say, a content filter) dead-letters the copies but blames
@@ -397,8 +430,10 @@ class ResultTests(RunnerCase):
 
     def test_connection_failure_and_552_are_temporary(self):
         """No reply (444) and 552 are retried, counted as attempts, and do not pause delivery."""
-        for error in (ConnectionFailed(444, b"Connection refused"),
-                      SenderRefused(552, b"5.3.4 Message too big for now")):
+        for error in (
+            ConnectionFailed(444, b"Connection refused"),
+            SenderRefused(552, b"5.3.4 Message too big for now"),
+        ):
             self.sender.error = error
             self.enqueue()
             self.assertEqual(set(self.states().values()), {EntryState.RETRY})
@@ -413,8 +448,9 @@ class ResultTests(RunnerCase):
             self.enqueue()
         logged = [e for e in events if "count" in e and "refused" in e]
         self.assertEqual(len(logged), len(self.sender.sent))
-        self.assertEqual({(e["message_id"], e["list"]) for e in logged},
-                         {("<post@example.org>", LIST)})
+        self.assertEqual(
+            {(e["message_id"], e["list"]) for e in logged}, {("<post@example.org>", LIST)}
+        )
         self.assertEqual(sum(e["count"] for e in logged), 3)
         self.assertEqual(sum(e["refused"] for e in logged), 1)
         self.assertTrue(all(isinstance(e["duration"], float) for e in logged))
@@ -462,9 +498,11 @@ class SiteProblemTests(RunnerCase):
     def test_other_site_problems(self):
         """A 530 to MAIL FROM (not flagged), a TLS failure, and an authentication
         code refusing a recipient all pause delivery instead of bouncing."""
-        cases = [("error", SenderRefused(530, b"5.7.0 Authentication required")),
-                 ("error", TLSFailed(444, b"TLS handshake failed")),
-                 ("replies", {"anne@example.com": [(535, b"5.7.8 nope")]})]
+        cases = [
+            ("error", SenderRefused(530, b"5.7.0 Authentication required")),
+            ("error", TLSFailed(444, b"TLS handshake failed")),
+            ("replies", {"anne@example.com": [(535, b"5.7.8 nope")]}),
+        ]
         for attribute, value in cases:
             self.runner = self.make_runner()
             self.runner.startService()
@@ -561,8 +599,9 @@ class LifecycleTests(RunnerCase):
         self.sender.release()
         self.successResultOf(stopped)
         states = self.states()
-        self.assertEqual(sorted(states.values()),
-                         [EntryState.DONE, EntryState.QUEUED, EntryState.QUEUED])
+        self.assertEqual(
+            sorted(states.values()), [EntryState.DONE, EntryState.QUEUED, EntryState.QUEUED]
+        )
         self.assertEqual(len(self.sender.sent), 1)
         self.enqueue()
         self.assertEqual(len(self.sender.sent), 1)
@@ -603,12 +642,14 @@ class LifecycleTests(RunnerCase):
 
     def test_bad_arguments(self):
         """Bad settings are refused with clear errors."""
-        for options, error in (({"batch_size": 0}, ValueError),
-                               ({"max_recipients": -1}, ValueError),
-                               ({"min_backoff": 500, "max_backoff": 100}, ValueError),
-                               ({"verp": "yes"}, TypeError),
-                               ({"breaker_min_delay": 0}, ValueError),
-                               ({"devmode_recipient": "not an address"}, ValueError)):
+        for options, error in (
+            ({"batch_size": 0}, ValueError),
+            ({"max_recipients": -1}, ValueError),
+            ({"min_backoff": 500, "max_backoff": 100}, ValueError),
+            ({"verp": "yes"}, TypeError),
+            ({"breaker_min_delay": 0}, ValueError),
+            ({"devmode_recipient": "not an address"}, ValueError),
+        ):
             with self.assertRaises(error, msg=options):
                 self.make_runner(**options)
         with self.assertRaises(TypeError):
@@ -626,20 +667,27 @@ class DevmodeTests(SynchronousTestCase):
         registry.create_list(LIST)
         registry.add_members(LIST, MEMBERS)
         pool = ConnectionPool(lambda: smarthost.connection(devmode_recipient="dev@example.org"))
-        runner = DeliveryRunner(spool, registry, pool, clock=smarthost.reactor,
-                                random=random.Random(1))
+        runner = DeliveryRunner(
+            spool, registry, pool, clock=smarthost.reactor, random=random.Random(1)
+        )
         runner.startService()
         self.successResultOf(spool.enqueue(Envelope("p@example.org", (POST,), 0.0), MESSAGE))
         runner.wake()
         smarthost.run()
         (transaction,) = smarthost.mta.transactions
         self.assertEqual(transaction.rcpts, ("dev@example.org",) * 2)
-        states = {e.destination.address: e.state for e in spool.entries()
-                  if e.kind is EntryKind.MEMBER}
+        states = {
+            e.destination.address: e.state for e in spool.entries() if e.kind is EntryKind.MEMBER
+        }
         # chunkify sorts: anne@example.com's RCPT came first and was refused.
-        self.assertEqual(states, {"anne@example.com": EntryState.RETRY,
-                                  "bart@example.com": EntryState.DONE,
-                                  "cris@example.com": EntryState.DONE})
+        self.assertEqual(
+            states,
+            {
+                "anne@example.com": EntryState.RETRY,
+                "bart@example.com": EntryState.DONE,
+                "cris@example.com": EntryState.DONE,
+            },
+        )
         stopped = runner.stopService()
         closed = pool.quit()
         smarthost.run()
@@ -654,18 +702,25 @@ class DevmodeTests(SynchronousTestCase):
         registry.create_list(LIST)
         registry.add_members(LIST, MEMBERS)
         sender.replies = {"dev@example.org": [(250, b"ok"), (550, b"no")]}
-        runner = DeliveryRunner(spool, registry, sender, clock=clock,
-                                devmode_recipient="dev@example.org")
+        runner = DeliveryRunner(
+            spool, registry, sender, clock=clock, devmode_recipient="dev@example.org"
+        )
         runner.startService()
         self.successResultOf(spool.enqueue(Envelope("p@example.org", (POST,), 0.0), MESSAGE))
         runner.wake()
         clock.advance(0)
         self.assertEqual([s.rcpts for s in sender.sent], [("dev@example.org",)] * 3)
-        states = {e.destination.address: e.state for e in spool.entries()
-                  if e.kind is EntryKind.MEMBER}
-        self.assertEqual(states, {"anne@example.com": EntryState.DONE,
-                                  "bart@example.com": EntryState.FAILED,
-                                  "cris@example.com": EntryState.FAILED})
+        states = {
+            e.destination.address: e.state for e in spool.entries() if e.kind is EntryKind.MEMBER
+        }
+        self.assertEqual(
+            states,
+            {
+                "anne@example.com": EntryState.DONE,
+                "bart@example.com": EntryState.FAILED,
+                "cris@example.com": EntryState.FAILED,
+            },
+        )
         self.successResultOf(runner.stopService())
 
 
@@ -690,25 +745,39 @@ class EndToEndTests(TestCase):
         self.addCleanup(self.mta.stop)
         if sender_factory is None:
             self.sender = ConnectionPool(
-                lambda: Connection("127.0.0.1", self.mta.port, 0, reactor=reactor,
-                                   helo_name="relay.example", idle_timeout=5),
+                lambda: Connection(
+                    "127.0.0.1",
+                    self.mta.port,
+                    0,
+                    reactor=reactor,
+                    helo_name="relay.example",
+                    idle_timeout=5,
+                ),
                 max_connections=2,
             )
             self.addCleanup(self.sender.quit)
         else:
             self.sender = sender_factory()
-        self.runner = DeliveryRunner(self.spool, self.registry, self.sender, clock=reactor,
-                                     **runner_options)
+        self.runner = DeliveryRunner(
+            self.spool, self.registry, self.sender, clock=reactor, **runner_options
+        )
         self.runner.startService()
         self.addCleanup(self.runner.stopService)
-        self.handler = InboundHandler(self.registry, self.spool, hostname="relay.example",
-                                      clock=reactor, on_stored=self.runner.wake)
+        self.handler = InboundHandler(
+            self.registry,
+            self.spool,
+            hostname="relay.example",
+            clock=reactor,
+            on_stored=self.runner.wake,
+        )
 
     async def lmtp_deliver(self, *addresses, message=MESSAGE):
         transaction = Transaction(
             sender="poster@example.org",
             recipients=tuple(AcceptedRecipient(a, self.registry.resolve(a)) for a in addresses),
-            message=message, peer="127.0.0.1", lhlo="mta.example.org",
+            message=message,
+            peer="127.0.0.1",
+            lhlo="mta.example.org",
         )
         replies = await self.handler.deliver(transaction)
         self.assertEqual({r.code for r in replies}, {250})
@@ -739,10 +808,18 @@ class EndToEndTests(TestCase):
         self.addCleanup(password_mta.stop)
 
         def factory():
-            return ConnectionPool(lambda: Connection(
-                "127.0.0.1", password_mta.port, 0, user="relay", password="wrong",
-                reactor=reactor, helo_name="relay.example", allow_plaintext_auth=True,
-            ))
+            return ConnectionPool(
+                lambda: Connection(
+                    "127.0.0.1",
+                    password_mta.port,
+                    0,
+                    user="relay",
+                    password="wrong",
+                    reactor=reactor,
+                    helo_name="relay.example",
+                    allow_plaintext_auth=True,
+                )
+            )
 
         await self.start(sender_factory=factory)
         self.addCleanup(self.sender.quit)

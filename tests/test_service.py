@@ -33,9 +33,11 @@ class PluginTests(SynchronousTestCase):
 
     def test_import_light(self):
         """Importing the plugin, tap, CLI and policy modules installs no reactor (twistd -r asyncio works)."""
-        code = ("import sys, twisted.plugins.mailrelay_plugin, mailrelay.tap, mailrelay.cli, mailrelay.runner, "
-                "mailrelay.lmtp.delivery, mailrelay.mta.errors, mailrelay.mta.bulk;"
-                "sys.exit('twisted.internet.reactor' in sys.modules)")
+        code = (
+            "import sys, twisted.plugins.mailrelay_plugin, mailrelay.tap, mailrelay.cli, mailrelay.runner, "
+            "mailrelay.lmtp.delivery, mailrelay.mta.errors, mailrelay.mta.bulk;"
+            "sys.exit('twisted.internet.reactor' in sys.modules)"
+        )
         self.assertEqual(subprocess.run([sys.executable, "-c", code], check=False).returncode, 0)
 
     def test_options_default_and_config(self):
@@ -72,12 +74,20 @@ class LoopTests(TestCase):
         self.addCleanup(self.smarthost.stop)
         self.socket = os.path.join(self.tmp, "lmtp.sock")
         self.config = os.path.join(self.tmp, "mailrelay.ini")
-        values = {"lmtp_endpoint": f"unix:{self.socket}", "smtp_host": "127.0.0.1",
-                  "smtp_port": str(self.smarthost.port), **mta}
+        values = {
+            "lmtp_endpoint": f"unix:{self.socket}",
+            "smtp_host": "127.0.0.1",
+            "smtp_port": str(self.smarthost.port),
+            **mta,
+        }
         with open(self.config, "w") as f:
-            f.write("[paths]\nvar_dir = var\n[mta]\n" + "".join(f"{k} = {v}\n" for k, v in values.items()))
+            f.write(
+                "[paths]\nvar_dir = var\n[mta]\n"
+                + "".join(f"{k} = {v}\n" for k, v in values.items())
+            )
         from mailrelay.config import load_settings
         from mailrelay.service import makeService
+
         self.settings: Settings = load_settings(self.config)
         self.service = makeService(self.settings, reactor)
         self.service.startService()
@@ -102,35 +112,49 @@ class LoopTests(TestCase):
             if len(self.smarthost.messages) >= count:
                 return
             from twisted.internet import task
+
             await task.deferLater(reactor, 0.01, lambda: None)
         self.fail(f"only {len(self.smarthost.messages)} of {count} messages delivered")
 
     def test_post_reaches_members(self):
         """A post accepted over LMTP reaches each member through the smarthost with list headers,
         envelope sender list-bounces; the unix socket is mode 660."""
+
         async def go():
             await self.start_relay()
             self.assertEqual(stat.S_IMODE(os.stat(self.socket).st_mode), 0o660)
             self.assertEqual(self.admin("lists", "create", "test@example.com"), 0)
-            self.assertEqual(self.admin("members", "add", "test@example.com", "bart@example.com",
-                                        "cate@example.org"), 0)
+            self.assertEqual(
+                self.admin(
+                    "members", "add", "test@example.com", "bart@example.com", "cate@example.org"
+                ),
+                0,
+            )
             client = await self.lmtp()
-            replies = await client.sendmail("anne@example.com", ["test@example.com", "nolist@example.com"], POST)
+            replies = await client.sendmail(
+                "anne@example.com", ["test@example.com", "nolist@example.com"], POST
+            )
             self.assertEqual([r.code for r in replies], [250, 550])
             await self.delivered(1)
             txns = self.smarthost.transactions
             self.assertEqual({t.mail_from for t in txns}, {"test-bounces@example.com"})
-            self.assertEqual(sorted(r for t in txns for r in t.rcpts), ["bart@example.com", "cate@example.org"])
+            self.assertEqual(
+                sorted(r for t in txns for r in t.rcpts), ["bart@example.com", "cate@example.org"]
+            )
             msg = self.smarthost.messages[0]
             self.assertEqual(msg["List-Id"].strip("<>").split(".")[0], "test")
             self.assertEqual(msg["Precedence"], "list")
             # mailrelay records the LMTP sender; the smarthost saw the list's bounces address.
-            self.assertEqual(msg.get_all("X-MailFrom"), ["anne@example.com", "test-bounces@example.com"])
+            self.assertEqual(
+                msg.get_all("X-MailFrom"), ["anne@example.com", "test-bounces@example.com"]
+            )
+
         return as_deferred(go())
 
     def test_cli_changes_seen_by_running_service(self):
         """A list created with the CLI (another SQLite connection) is accepted at the next RCPT,
         and a deleted one is refused, without a restart."""
+
         async def go():
             await self.start_relay()
             client = await self.lmtp()
@@ -141,10 +165,12 @@ class LoopTests(TestCase):
             self.assertEqual((await client.command("RCPT TO:<late-join@example.com>")).code, 250)
             self.admin("lists", "delete", "late@example.com", "--yes")
             self.assertEqual((await client.command("RCPT TO:<late@example.com>")).code, 550)
+
         return as_deferred(go())
 
     def test_commands_held_not_delivered(self):
         """Mail to a command address is kept in the spool (HELD), never sent to members."""
+
         async def go():
             await self.start_relay()
             self.admin("lists", "create", "test@example.com")
@@ -156,4 +182,5 @@ class LoopTests(TestCase):
             spool = self.service.getServiceNamed("mailrelay-stores")._spool
             self.assertEqual([e.state.value for e in spool.entries()], ["held"])
             self.assertEqual(self.smarthost.messages, [])
+
         return as_deferred(go())

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import os
 import selectors
-import shutil
 import signal
 import sqlite3
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -24,20 +22,10 @@ from mailrelay.errors import SpoolError
 from mailrelay.interfaces import ISpool
 from mailrelay.model import Destination, EntryKind, EntryState, Envelope
 from mailrelay.spool import _MIGRATIONS, SCHEMA_VERSION, EntryUpdate, MemorySpool, SQLiteSpool
+from tests.support import temp_dir
 
 POST = Destination("test@example.com", None, "test@example.com")
 JOIN = Destination("test@example.com", "join", "test-join+x@example.com")
-
-
-def _temp_dir(case) -> str:
-    """A fresh directory removed after the test.
-
-    Not ``TestCase.mktemp``: under pytest that path is relative to the
-    checkout, so the test would leave files in the working tree.
-    """
-    path = tempfile.mkdtemp(prefix="mailrelay-test-")
-    case.addCleanup(shutil.rmtree, path, ignore_errors=True)
-    return path
 
 
 def _envelope(*destinations: Destination, message_id: str = "<1@example.org>") -> Envelope:
@@ -78,10 +66,17 @@ class SpoolContractMixin:
         self.assertEqual({e.message_key for e in entries}, {entries[0].message_key})
         first = entries[0]
         self.assertEqual(
-            (first.state, first.sender, first.received_at, first.message_id, first.attempts,
-             first.first_attempt_at, first.next_attempt_at, first.last_error),
-            (EntryState.QUEUED, "anne@example.org", 1000.0, "<1@example.org>", 0, None, None,
-             ""),
+            (
+                first.state,
+                first.sender,
+                first.received_at,
+                first.message_id,
+                first.attempts,
+                first.first_attempt_at,
+                first.next_attempt_at,
+                first.last_error,
+            ),
+            (EntryState.QUEUED, "anne@example.org", 1000.0, "<1@example.org>", 0, None, None, ""),
         )
         self.assertEqual(self.spool.get_message(first.message_key), b"the message")
 
@@ -108,8 +103,12 @@ class SpoolContractMixin:
     async def test_claim_due(self):
         """QUEUED and due RETRY entries go INFLIGHT, oldest first, up to the limit."""
         ids = await self.enqueue_one(POST, POST, POST, POST)
-        await self.spool.update([EntryUpdate(ids[0], EntryState.RETRY, next_attempt_at=50.0),
-                                 EntryUpdate(ids[1], EntryState.RETRY, next_attempt_at=10.0)])
+        await self.spool.update(
+            [
+                EntryUpdate(ids[0], EntryState.RETRY, next_attempt_at=50.0),
+                EntryUpdate(ids[1], EntryState.RETRY, next_attempt_at=10.0),
+            ]
+        )
         claimed = await self.spool.claim_due(now=20.0, limit=10)
         self.assertEqual([e.entry_id for e in claimed], ids[1:])
         self.assertEqual({e.state for e in claimed}, {EntryState.INFLIGHT})
@@ -134,15 +133,22 @@ class SpoolContractMixin:
         )
         self.assertEqual(changed, 1)
         (entry,) = self.spool.entries()
-        self.assertEqual((entry.state, entry.attempts, entry.next_attempt_at, entry.last_error),
-                         (EntryState.RETRY, 1, 100.0, "451 try later"))
+        self.assertEqual(
+            (entry.state, entry.attempts, entry.next_attempt_at, entry.last_error),
+            (EntryState.RETRY, 1, 100.0, "451 try later"),
+        )
         first = entry.first_attempt_at
         self.assertIsNotNone(first)
         await self.spool.update([EntryUpdate(entry_id, EntryState.DONE, count_attempt=True)])
         (entry,) = self.spool.entries()
         self.assertEqual(
-            (entry.state, entry.attempts, entry.first_attempt_at, entry.next_attempt_at,
-             entry.last_error),
+            (
+                entry.state,
+                entry.attempts,
+                entry.first_attempt_at,
+                entry.next_attempt_at,
+                entry.last_error,
+            ),
             (EntryState.DONE, 2, first, None, "451 try later"),
         )
 
@@ -173,11 +179,13 @@ class SpoolContractMixin:
         self.assertEqual(self.spool.counts(), dict.fromkeys(EntryState, 0))
         self.assertIsNone(self.spool.next_due())
         ids = await self.enqueue_one(POST, POST, POST, POST)
-        await self.spool.update([
-            EntryUpdate(ids[0], EntryState.RETRY, 300.0),
-            EntryUpdate(ids[1], EntryState.RETRY, 200.0),
-            EntryUpdate(ids[2], EntryState.FAILED, error="550 no such user"),
-        ])
+        await self.spool.update(
+            [
+                EntryUpdate(ids[0], EntryState.RETRY, 300.0),
+                EntryUpdate(ids[1], EntryState.RETRY, 200.0),
+                EntryUpdate(ids[2], EntryState.FAILED, error="550 no such user"),
+            ]
+        )
         counts = self.spool.counts()
         self.assertEqual(counts[EntryState.RETRY], 2)
         self.assertEqual(counts[EntryState.FAILED], 1)
@@ -198,33 +206,42 @@ class SpoolContractMixin:
     async def test_retry_now(self):
         """retry_now requeues RETRY and FAILED entries (all, or those named), keeping history."""
         ids = await self.enqueue_one(POST, POST, POST, POST)
-        await self.spool.update([
-            EntryUpdate(ids[0], EntryState.RETRY, 300.0, "451 later", True),
-            EntryUpdate(ids[1], EntryState.FAILED, error="550 gone"),
-            EntryUpdate(ids[2], EntryState.DONE),
-        ])
+        await self.spool.update(
+            [
+                EntryUpdate(ids[0], EntryState.RETRY, 300.0, "451 later", True),
+                EntryUpdate(ids[1], EntryState.FAILED, error="550 gone"),
+                EntryUpdate(ids[2], EntryState.DONE),
+            ]
+        )
         self.assertEqual(await self.spool.retry_now([ids[1], ids[2], ids[3]]), 1)
         self.assertEqual(await self.spool.retry_now(), 1)
         entries = self.spool.entries()
-        self.assertEqual([e.state for e in entries],
-                         [EntryState.QUEUED, EntryState.QUEUED, EntryState.DONE,
-                          EntryState.QUEUED])
-        self.assertEqual((entries[0].attempts, entries[0].last_error, entries[0].next_attempt_at),
-                         (1, "451 later", None))
+        self.assertEqual(
+            [e.state for e in entries],
+            [EntryState.QUEUED, EntryState.QUEUED, EntryState.DONE, EntryState.QUEUED],
+        )
+        self.assertEqual(
+            (entries[0].attempts, entries[0].last_error, entries[0].next_attempt_at),
+            (1, "451 later", None),
+        )
         self.assertIsNone(self.spool.next_due())
 
     async def test_retry_now_gives_dead_letters_a_fresh_period(self):
         """A FAILED entry an operator retries starts a new retry period; a RETRY entry keeps its own."""
         ids = await self.enqueue_one(POST, POST)
-        await self.spool.update([
-            EntryUpdate(ids[0], EntryState.RETRY, 300.0, "451 later", True),
-            EntryUpdate(ids[1], EntryState.FAILED, error="gave up", count_attempt=True),
-        ])
+        await self.spool.update(
+            [
+                EntryUpdate(ids[0], EntryState.RETRY, 300.0, "451 later", True),
+                EntryUpdate(ids[1], EntryState.FAILED, error="gave up", count_attempt=True),
+            ]
+        )
         await self.spool.retry_now()
         retry, failed = self.spool.entries()
         self.assertEqual(retry.attempts, 1)
         self.assertIsNotNone(retry.first_attempt_at)
-        self.assertEqual((failed.attempts, failed.first_attempt_at, failed.last_error), (0, None, "gave up"))
+        self.assertEqual(
+            (failed.attempts, failed.first_attempt_at, failed.last_error), (0, None, "gave up")
+        )
 
     async def test_delete_drops_message_with_last_entry(self):
         """A message is kept while any of its entries is, and removed with the last one."""
@@ -250,19 +267,25 @@ class SpoolContractMixin:
         recipient, same message and list) and makes it DONE, atomically."""
         (post_id,) = await self.enqueue_one(POST)
         await self.spool.claim_due(0.0, 10)
-        ids = await self.spool.expand(post_id, ["a@example.org", "b@example.org",
-                                                "a@example.org"], EntryKind.MEMBER)
+        ids = await self.spool.expand(
+            post_id, ["a@example.org", "b@example.org", "a@example.org"], EntryKind.MEMBER
+        )
         self.assertEqual(len(ids), 2)
         entries = {e.entry_id: e for e in self.spool.entries()}
         post = entries.pop(post_id)
         self.assertEqual((post.state, post.kind), (EntryState.DONE, EntryKind.INBOUND))
         self.assertEqual(sorted(entries), ids)
-        self.assertEqual([e.destination for e in entries.values()],
-                         [Destination("test@example.com", None, "a@example.org"),
-                          Destination("test@example.com", None, "b@example.org")])
+        self.assertEqual(
+            [e.destination for e in entries.values()],
+            [
+                Destination("test@example.com", None, "a@example.org"),
+                Destination("test@example.com", None, "b@example.org"),
+            ],
+        )
         for entry in entries.values():
-            self.assertEqual((entry.state, entry.kind, entry.attempts),
-                             (EntryState.QUEUED, EntryKind.MEMBER, 0))
+            self.assertEqual(
+                (entry.state, entry.kind, entry.attempts), (EntryState.QUEUED, EntryKind.MEMBER, 0)
+            )
             self.assertEqual(entry.message_key, post.message_key)
             self.assertEqual(entry.message_id, "<1@example.org>")
         self.assertEqual([e.entry_id for e in await self.spool.claim_due(0.0, 10)], ids)
@@ -274,9 +297,10 @@ class SpoolContractMixin:
         first, second = await self.enqueue_one(owner, owner)
         (new_id,) = await self.spool.expand(first, ["boss@example.org"], EntryKind.OWNER)
         copy = [e for e in self.spool.entries() if e.entry_id == new_id][0]
-        self.assertEqual((copy.kind, copy.destination),
-                         (EntryKind.OWNER,
-                          Destination("test@example.com", "owner", "boss@example.org")))
+        self.assertEqual(
+            (copy.kind, copy.destination),
+            (EntryKind.OWNER, Destination("test@example.com", "owner", "boss@example.org")),
+        )
         self.assertEqual(await self.spool.expand(second, []), [])
         self.assertEqual(self.spool.counts()[EntryState.DONE], 2)
 
@@ -308,9 +332,13 @@ class SpoolContractMixin:
         with its last entry; entries in other states, or changed later, stay."""
         post, join = await self.enqueue_one(POST, JOIN)
         (other,) = await self.enqueue_one(POST)
-        await self.spool.update([EntryUpdate(post, EntryState.DONE),
-                                 EntryUpdate(join, EntryState.HELD),
-                                 EntryUpdate(other, EntryState.DONE)])
+        await self.spool.update(
+            [
+                EntryUpdate(post, EntryState.DONE),
+                EntryUpdate(join, EntryState.HELD),
+                EntryUpdate(other, EntryState.DONE),
+            ]
+        )
         key, _, other_key = (e.message_key for e in self.spool.entries())
         self.assertEqual(await self.spool.purge(0.0), 0)  # all changed after time 0
         self.assertEqual(await self.spool.purge(4e9), 2)
@@ -400,7 +428,7 @@ class SQLiteSpoolTests(SpoolContractMixin, TestCase):
     """The contract, against SQLiteSpool, plus what only the SQLite spool does."""
 
     def make_spool(self):
-        self.path = os.path.join(_temp_dir(self), "spool", "spool.sqlite")
+        self.path = os.path.join(temp_dir(self), "spool", "spool.sqlite")
         return self.open()
 
     def open(self, **kwargs):
@@ -444,9 +472,11 @@ class SQLiteSpoolTests(SpoolContractMixin, TestCase):
                 db.execute(statement)
             db.execute("PRAGMA user_version = 1")
             db.execute("INSERT INTO messages (sender, received_at, data) VALUES ('a@b.c', 1, 'x')")
-            db.execute("INSERT INTO entries (message_key, list_address, recipient, state,"
-                       " updated_at) VALUES (1, 'test@example.com', 'test@example.com',"
-                       " 'queued', 1)")
+            db.execute(
+                "INSERT INTO entries (message_key, list_address, recipient, state,"
+                " updated_at) VALUES (1, 'test@example.com', 'test@example.com',"
+                " 'queued', 1)"
+            )
         upgraded = self.open()
         (entry,) = upgraded.entries()
         self.assertEqual((entry.kind, entry.state), (EntryKind.INBOUND, EntryState.QUEUED))
@@ -592,13 +622,17 @@ class SQLiteSpoolCrashTests(TestCase):
 
     async def test_sigkill_loses_no_acknowledged_entry(self):
         """Every entry acknowledged before SIGKILL is in the spool after reopening."""
-        path = os.path.abspath(os.path.join(_temp_dir(self), "spool.sqlite"))
+        path = os.path.abspath(os.path.join(temp_dir(self), "spool.sqlite"))
         root = os.path.dirname(os.path.dirname(os.path.abspath(mailrelay.__file__)))
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            filter(None, [root, os.environ.get("PYTHONPATH")])))
+        env = dict(
+            os.environ,
+            PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+        )
         child = subprocess.Popen(
             [sys.executable, "-c", _CHILD, path],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
         )
         try:
             acks = self.read_acks(child, 200, time.monotonic() + 30)

@@ -387,23 +387,14 @@ class LMTPServer(smtp.ESMTP):
         if self._sender is not None:
             self._reply(_NESTED_MAIL)
             return
-        if not rest.isascii():
-            self._reply(_NON_ASCII)
+        parsed = self._parse_path_command(rest, self.mail_re, _MAIL_SYNTAX)
+        if parsed is None:
             return
-        match = self.mail_re.match(rest)
-        if match is None:
-            self._reply(_MAIL_SYNTAX)
-            return
-        try:
-            params = _parse_parameters(match.group("opts"))
-        except ValueError:
-            self._reply(_BAD_PARAMETERS)
-            return
+        path, params = parsed
         problem = self._check_mail_parameters(params)
         if problem is not None:
             self._reply(problem)
             return
-        path = match.group("path")
         if path == b"<>":
             sender = ""
         else:
@@ -415,6 +406,21 @@ class LMTPServer(smtp.ESMTP):
         self._sender = sender
         self._recipients = []
         self._reply(_SENDER_OK)
+
+    def _parse_path_command(self, rest: bytes, pattern, syntax_error: Reply):
+        """Split MAIL/RCPT arguments into (path, parameters), or reply and return None."""
+        if not rest.isascii():
+            self._reply(_NON_ASCII)
+            return None
+        match = pattern.match(rest)
+        if match is None:
+            self._reply(syntax_error)
+            return None
+        try:
+            return match.group("path"), _parse_parameters(match.group("opts"))
+        except ValueError:
+            self._reply(_BAD_PARAMETERS)
+            return None
 
     def _check_mail_parameters(self, params: dict[bytes, bytes | None]) -> Reply | None:
         if b"SMTPUTF8" in params:
@@ -435,23 +441,15 @@ class LMTPServer(smtp.ESMTP):
         if self._sender is None:
             self._reply(_NEED_MAIL)
             return
-        if not rest.isascii():
-            self._reply(_NON_ASCII)
+        parsed = self._parse_path_command(rest, self.rcpt_re, _RCPT_SYNTAX)
+        if parsed is None:
             return
-        match = self.rcpt_re.match(rest)
-        if match is None:
-            self._reply(_RCPT_SYNTAX)
-            return
-        try:
-            params = _parse_parameters(match.group("opts"))
-        except ValueError:
-            self._reply(_BAD_PARAMETERS)
-            return
+        path, params = parsed
         if params:
             self._reply(_UNKNOWN_PARAMETER)
             return
         try:
-            address = _mailbox(match.group("path"))
+            address = _mailbox(path)
         except InvalidAddress as e:
             self._reply(Reply(553, "5.1.3", f"Bad recipient address syntax: {e.reason}"))
             return

@@ -36,13 +36,38 @@ _HOMES = {
     "WireMessage": "message",
     "prepare_message": "message",
     **dict.fromkeys(
-        ["AuthenticationFailed", "ConnectionFailed", "ConnectionTimeout", "DataRefused",
-         "DeliveryError", "SenderRefused", "ServerClosing", "TLSFailed"],
+        [
+            "AuthenticationFailed",
+            "ConnectionFailed",
+            "ConnectionTimeout",
+            "DataRefused",
+            "DeliveryError",
+            "SenderRefused",
+            "ServerClosing",
+            "TLSFailed",
+        ],
         "errors",
     ),
 }
 
-__all__ = sorted(_HOMES)
+__all__ = [
+    "AuthenticationFailed",
+    "BulkDelivery",
+    "Connection",
+    "ConnectionFailed",
+    "ConnectionPool",
+    "ConnectionTimeout",
+    "DataRefused",
+    "DeliveryError",
+    "SecureMode",
+    "SenderRefused",
+    "ServerClosing",
+    "TLSFailed",
+    "WireMessage",
+    "as_secure_mode",
+    "prepare_message",
+]
+assert sorted(__all__) == sorted(_HOMES)
 
 
 def __getattr__(name: str) -> Any:

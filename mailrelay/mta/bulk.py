@@ -85,7 +85,10 @@ class BulkDelivery:
             except DeliveryError as e:
                 log.warn(
                     "{message_id} delivery of {count} recipients failed: {code} {response}",
-                    message_id=wire.message_id, count=len(chunk), code=e.code, response=e.response,
+                    message_id=wire.message_id,
+                    count=len(chunk),
+                    code=e.code,
+                    response=e.response,
                 )
                 result = {r: (e.code, e.response) for r in chunk}
             refused.update(result)

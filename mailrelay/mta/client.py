@@ -233,12 +233,25 @@ class RelayClient(smtp.ESMTPClient):
         offered = set((items.get(b"AUTH") or b"").upper().split())
         mechanisms = [m for m in MECHANISMS if m in offered]
         if not mechanisms:
-            self._fail(AuthenticationFailed(NO_REPLY, b"Credentials are configured but the server offers "
-                                                      b"no supported AUTH mechanism"))
+            self._fail(
+                AuthenticationFailed(
+                    NO_REPLY,
+                    b"Credentials are configured but the server offers no supported AUTH mechanism",
+                )
+            )
             return
-        if not (self._tlsMode or self._allow_plaintext_auth or _is_loopback(self.transport.getPeer().host)):
-            self._fail(AuthenticationFailed(NO_REPLY, b"Refusing to send credentials over an unencrypted "
-                                                      b"connection to a non-loopback host; use smtps or starttls"))
+        if not (
+            self._tlsMode
+            or self._allow_plaintext_auth
+            or _is_loopback(self.transport.getPeer().host)
+        ):
+            self._fail(
+                AuthenticationFailed(
+                    NO_REPLY,
+                    b"Refusing to send credentials over an unencrypted "
+                    b"connection to a non-loopback host; use smtps or starttls",
+                )
+            )
             return
         self._mechanisms = deque(mechanisms)
         self._last_auth_reply = (NO_REPLY, b"")
@@ -349,7 +362,9 @@ class RelayClient(smtp.ESMTPClient):
             params.append(b"SIZE=%d" % txn.message.size)
         if txn.message.eight_bit and self.supports(b"8BITMIME"):
             params.append(b"BODY=8BITMIME")
-        needs_utf8 = not txn.sender.isascii() or any(not txn.recipients[i].isascii() for i in self._sendable)
+        needs_utf8 = not txn.sender.isascii() or any(
+            not txn.recipients[i].isascii() for i in self._sendable
+        )
         if needs_utf8:
             params.append(b"SMTPUTF8")
         mail = b"MAIL FROM:<" + txn.sender.encode("utf-8") + b">"
@@ -427,7 +442,9 @@ class RelayClient(smtp.ESMTPClient):
             self._discard_message = False
             self._pending.append(("eom", None))
             sender = basic.FileSender()
-            d = sender.beginFileTransfer(_BytesReader(self._txn.message.data), self.transport, self._chunk_sent)
+            d = sender.beginFileTransfer(
+                _BytesReader(self._txn.message.data), self.transport, self._chunk_sent
+            )
             d.addCallback(lambda _: self.transport.write(b".\r\n"))
             return
         if not mail_ok:
@@ -491,7 +508,9 @@ class RelayClient(smtp.ESMTPClient):
 
     def _unexpected_reply(self, code, resp):
         if code == 421:
-            log.info("smarthost closed the idle connection: {code} {response}", code=code, response=resp)
+            log.info(
+                "smarthost closed the idle connection: {code} {response}", code=code, response=resp
+            )
         else:
             log.warn("unexpected reply while idle: {code} {response}", code=code, response=resp)
         self._is_ready = False
@@ -510,7 +529,9 @@ class RelayClient(smtp.ESMTPClient):
             if self.transport is not None and not self._lost:
                 self.setTimeout(self.timeout)
                 self._expected = range(1000)
-                self._okresponse = self._failresponse = lambda code, resp: self.transport.loseConnection()
+                self._okresponse = self._failresponse = lambda code, resp: (
+                    self.transport.loseConnection()
+                )
                 self.sendLine(b"QUIT")
         return _chain(self.closed)
 
@@ -518,7 +539,9 @@ class RelayClient(smtp.ESMTPClient):
         if self._is_ready and self._current is None and not self._quitting:
             self.quit()  # idle too long: leave politely
             return
-        self._fail(ConnectionTimeout(NO_REPLY, b"Timed out waiting for the server's reply"), abort=True)
+        self._fail(
+            ConnectionTimeout(NO_REPLY, b"Timed out waiting for the server's reply"), abort=True
+        )
 
     def sendError(self, exc):  # noqa: N802
         # Any path of Twisted's own state machine that gives up ends here;

@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailrelay.addresses import check_mailbox
-from mailrelay.errors import ConfigurationError, InvalidAddress
+from mailrelay.errors import ConfigurationError
 from mailrelay.interfaces import IMessageSender
 from mailrelay.mta.client import RelayClient, Transaction
 from mailrelay.mta.credentials import CredentialsFile
@@ -57,7 +57,9 @@ def as_secure_mode(value: str | SecureMode) -> SecureMode:
         return SecureMode(str(value).strip().lower())
     except ValueError:
         choices = ", ".join(m.value for m in SecureMode)
-        raise InvalidSecureMode(f"invalid secure mode {value!r}: expected one of {choices}") from None
+        raise InvalidSecureMode(
+            f"invalid secure mode {value!r}: expected one of {choices}"
+        ) from None
 
 
 class _ClientFactory(protocol.Factory):
@@ -151,8 +153,10 @@ class Connection:
         return self._user is not None and self._password is not None
 
     def __repr__(self) -> str:
-        return (f"<Connection {self.host}:{self.port} {self.secure_mode.value} "
-                f"sessions={self.sessions_per_connection} user={self._user!r}>")
+        return (
+            f"<Connection {self.host}:{self.port} {self.secure_mode.value} "
+            f"sessions={self.sessions_per_connection} user={self._user!r}>"
+        )
 
     # -- public API -------------------------------------------------------
 
@@ -220,7 +224,11 @@ class Connection:
                 except DeliveryError as e:
                     d.errback(e)
                 except Exception:
-                    log.failure("unexpected error while sending to {host}:{port}", host=self.host, port=self.port)
+                    log.failure(
+                        "unexpected error while sending to {host}:{port}",
+                        host=self.host,
+                        port=self.port,
+                    )
                     d.errback(ConnectionFailed(NO_REPLY, b"Internal error in the SMTP client"))
                 else:
                     d.callback(refused)
@@ -265,15 +273,21 @@ class Connection:
         )
 
     async def _connect(self) -> RelayClient:
-        endpoint = endpoints.HostnameEndpoint(self._reactor, self.host, self.port, timeout=self.connect_timeout)
+        endpoint = endpoints.HostnameEndpoint(
+            self._reactor, self.host, self.port, timeout=self.connect_timeout
+        )
         if self.secure_mode is SecureMode.IMPLICIT:
             endpoint = endpoints.wrapClientTLS(self._tls_options, endpoint)
         try:
             client = await endpoint.connect(_ClientFactory(self._make_client))
         except error.TimeoutError:
-            raise ConnectionTimeout(NO_REPLY, f"Timed out connecting to {self.host}:{self.port}") from None
+            raise ConnectionTimeout(
+                NO_REPLY, f"Timed out connecting to {self.host}:{self.port}"
+            ) from None
         except (error.ConnectError, error.DNSLookupError, OSError) as e:
-            raise ConnectionFailed(NO_REPLY, f"Cannot connect to {self.host}:{self.port}: {e}") from None
+            raise ConnectionFailed(
+                NO_REPLY, f"Cannot connect to {self.host}:{self.port}: {e}"
+            ) from None
         # ProtocolWrapper around the client when TLS wraps the endpoint.
         client = getattr(client, "wrappedProtocol", client)
         try:

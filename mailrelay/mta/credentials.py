@@ -44,7 +44,9 @@ def _parse_port(value: str, where: str) -> int:
     try:
         port = int(value)
     except ValueError:
-        raise ConfigurationError(f"{where}: port {value!r} is neither a number nor a service name") from None
+        raise ConfigurationError(
+            f"{where}: port {value!r} is neither a number nor a service name"
+        ) from None
     if not 0 < port < 65536:
         raise ConfigurationError(f"{where}: port {value!r} out of range")
     return port
@@ -72,9 +74,13 @@ class CredentialsFile:
                 mode = os.fstat(f.fileno()).st_mode
                 text = f.read()
         except OSError as e:
-            raise ConfigurationError(f"{path}: cannot read credentials file: {e.strerror}") from None
+            raise ConfigurationError(
+                f"{path}: cannot read credentials file: {e.strerror}"
+            ) from None
         if mode & (stat.S_IRWXG | stat.S_IRWXO) & ~stat.S_IRGRP:
-            log.warn("credentials file {path} is accessible to other users; chmod 600 it", path=path)
+            log.warn(
+                "credentials file {path} is accessible to other users; chmod 600 it", path=path
+            )
         return cls(list(_parse(text, path)), path)
 
     def lookup(self, host: str, port: int) -> Credentials | None:

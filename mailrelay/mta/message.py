@@ -35,8 +35,11 @@ class WireMessage:
     @property
     def message_id(self) -> str:
         """The Message-ID header, or "" (for logs)."""
-        match = re.search(rb"^message-id:[ \t]*([^\r\n]*)", self.data.split(b"\r\n\r\n", 1)[0],
-                          re.IGNORECASE | re.MULTILINE)
+        match = re.search(
+            rb"^message-id:[ \t]*([^\r\n]*)",
+            self.data.split(b"\r\n\r\n", 1)[0],
+            re.IGNORECASE | re.MULTILINE,
+        )
         return match.group(1).decode("ascii", "replace").strip() if match else ""
 
 
@@ -67,8 +70,12 @@ def prepare_message(message: bytes | str | Message | WireMessage) -> WireMessage
     elif isinstance(message, (bytes, bytearray, memoryview)):
         raw = bytes(message)
     else:
-        raise TypeError(f"message must be bytes, str or email.message.Message, not {type(message).__name__}")
+        raise TypeError(
+            f"message must be bytes, str or email.message.Message, not {type(message).__name__}"
+        )
     raw = _LINE_END.sub(b"\r\n", raw)
     if raw and not raw.endswith(b"\r\n"):
         raw += b"\r\n"
-    return WireMessage(data=_LEADING_DOT.sub(b"..", raw), size=len(raw), eight_bit=not raw.isascii())
+    return WireMessage(
+        data=_LEADING_DOT.sub(b"..", raw), size=len(raw), eight_bit=not raw.isascii()
+    )

@@ -41,8 +41,10 @@ class ConnectionPool:
     def __init__(self, factory: Callable[[], Any], max_connections: int = 4):
         if not callable(factory):
             raise TypeError(f"factory must be callable, not {factory!r}")
-        if isinstance(max_connections, bool) or not isinstance(max_connections, int) or (
-            max_connections < 1
+        if (
+            isinstance(max_connections, bool)
+            or not isinstance(max_connections, int)
+            or (max_connections < 1)
         ):
             raise ValueError(f"max_connections must be an int >= 1, not {max_connections!r}")
         self.max_connections = max_connections
@@ -55,8 +57,10 @@ class ConnectionPool:
         self._drained: list[defer.Deferred[None]] = []
 
     def __repr__(self) -> str:
-        return (f"<ConnectionPool {len(self._connections)}/{self.max_connections} connections, "
-                f"{self._busy} busy, {len(self._waiting)} waiting>")
+        return (
+            f"<ConnectionPool {len(self._connections)}/{self.max_connections} connections, "
+            f"{self._busy} busy, {len(self._waiting)} waiting>"
+        )
 
     @property
     def connection_count(self) -> int:
@@ -109,8 +113,9 @@ class ConnectionPool:
             try:
                 connection = self._factory()
             except Exception as e:
-                log.error("Cannot set up another connection to the smarthost: {error}",
-                          error=str(e))
+                log.error(
+                    "Cannot set up another connection to the smarthost: {error}", error=str(e)
+                )
                 return None
             self._connections.append(connection)
             return connection

@@ -51,7 +51,10 @@ def load_trust_root(ca_file: str | None):
     if not ca_file:
         return ssl.platformTrust()
     pem = _read(ca_file, "CA file")
-    blocks = [b"-----BEGIN CERTIFICATE-----" + part for part in pem.split(b"-----BEGIN CERTIFICATE-----")[1:]]
+    blocks = [
+        b"-----BEGIN CERTIFICATE-----" + part
+        for part in pem.split(b"-----BEGIN CERTIFICATE-----")[1:]
+    ]
     if not blocks:
         raise ConfigurationError(f"CA file {ca_file!r} holds no PEM certificate")
     try:
@@ -65,12 +68,16 @@ def load_client_certificate(cert_file: str | None, key_file: str | None):
     if not cert_file and not key_file:
         return None
     if not (cert_file and key_file):
-        raise ConfigurationError("a client certificate needs both a certificate file and a key file")
+        raise ConfigurationError(
+            "a client certificate needs both a certificate file and a key file"
+        )
     cert, key = _read(cert_file, "client certificate"), _read(key_file, "client key")
     try:
         return ssl.PrivateCertificate.loadPEM(cert + b"\n" + key)
     except Exception as e:
-        raise ConfigurationError(f"client certificate {cert_file!r} / key {key_file!r} unusable: {e}") from None
+        raise ConfigurationError(
+            f"client certificate {cert_file!r} / key {key_file!r} unusable: {e}"
+        ) from None
 
 
 def client_tls_options(
@@ -94,8 +101,10 @@ def client_tls_options(
         )
     extra = {}
     if client_certificate is not None:
-        extra = {"privateKey": client_certificate.privateKey.original,
-                 "certificate": client_certificate.original}
+        extra = {
+            "privateKey": client_certificate.privateKey.original,
+            "certificate": client_certificate.original,
+        }
     if verify_cert:
         options = ssl.CertificateOptions(trustRoot=load_trust_root(ca_file), **extra)
     else:
@@ -103,4 +112,3 @@ def client_tls_options(
     if _is_ip(hostname):
         return options
     return _WithServerName(hostname, options)
-
