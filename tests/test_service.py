@@ -10,7 +10,7 @@ import sys
 import tempfile
 
 from twisted.application.service import IServiceMaker
-from twisted.internet import endpoints, reactor
+from twisted.internet import endpoints, reactor, task
 from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -19,7 +19,7 @@ from mailrelay import cli, tap
 from mailrelay.config import Settings
 from mailrelay.testing import FakeMTA
 from mailrelay.testing.lmtp import LMTPClient, connect_lmtp
-from tests.support import as_deferred
+from tests.support import as_deferred, free_port
 
 POST = b"From: anne@example.com\r\nTo: test@example.com\r\nSubject: loop\r\n\r\nHello, list.\r\n"
 
@@ -64,20 +64,17 @@ class PluginTests(SynchronousTestCase):
             self.assertIn(part, str(e))
 
 
-class LoopTests(TestCase):
-    """The whole relay on the test's reactor: LMTP on a unix socket, the FakeMTA as smarthost."""
+class RelayCase(TestCase):
+    """The whole relay on the test's reactor, LMTP on a unix socket; subclasses pick the smarthost."""
 
-    async def start_relay(self, **mta):
+    async def start_relay(self, smtp_port: int, **mta):
         self.tmp = tempfile.mkdtemp()
-        self.smarthost = FakeMTA(reactor, pipelining=True)
-        await self.smarthost.start()
-        self.addCleanup(self.smarthost.stop)
         self.socket = os.path.join(self.tmp, "lmtp.sock")
         self.config = os.path.join(self.tmp, "mailrelay.ini")
         values = {
             "lmtp_endpoint": f"unix:{self.socket}",
             "smtp_host": "127.0.0.1",
-            "smtp_port": str(self.smarthost.port),
+            "smtp_port": str(smtp_port),
             **mta,
         }
         with open(self.config, "w") as f:
@@ -102,19 +99,28 @@ class LoopTests(TestCase):
         self.addCleanup(client.quit)
         return client
 
-    async def delivered(self, count: int):
-        """Wait (bounded) until the smarthost holds ``count`` messages."""
+    async def wait_for(self, predicate, what: str):
+        """Wait (bounded) until the runner is idle and ``predicate()`` holds."""
         runner = self.service.getServiceNamed("mailrelay-delivery")
-        for _ in range(200):
-            if len(self.smarthost.messages) >= count:
-                return
+        for _ in range(500):
             await runner.when_idle()
-            if len(self.smarthost.messages) >= count:
+            if predicate():
                 return
-            from twisted.internet import task
-
             await task.deferLater(reactor, 0.01, lambda: None)
-        self.fail(f"only {len(self.smarthost.messages)} of {count} messages delivered")
+        self.fail(f"timed out waiting for {what}")
+
+
+class LoopTests(RelayCase):
+    """The loop with the FakeMTA as smarthost."""
+
+    async def start_relay(self, **mta):
+        self.smarthost = FakeMTA(reactor, pipelining=True)
+        await self.smarthost.start()
+        self.addCleanup(self.smarthost.stop)
+        await super().start_relay(self.smarthost.port, **mta)
+
+    async def delivered(self, count: int):
+        await self.wait_for(lambda: len(self.smarthost.messages) >= count, f"{count} messages")
 
     def test_post_reaches_members(self):
         """A post accepted over LMTP reaches each member through the smarthost with list headers,
@@ -182,5 +188,73 @@ class LoopTests(TestCase):
             spool = self.service.getServiceNamed("mailrelay-stores")._spool
             self.assertEqual([e.state.value for e in spool.entries()], ["held"])
             self.assertEqual(self.smarthost.messages, [])
+
+        return as_deferred(go())
+
+
+class IndependentSmarthostTests(RelayCase):
+    """The same loop with aiosmtpd (an independent implementation) as the smarthost."""
+
+    async def start_relay(self, **mta):
+        try:
+            from aiosmtpd.controller import Controller
+        except ImportError as e:  # pragma: no cover - a test dependency
+            raise AssertionError("aiosmtpd missing: install the test extras") from e
+
+        class Handler:
+            def __init__(self):
+                self.envelopes = []
+
+            async def handle_RCPT(self, server, session, envelope, address, options):  # noqa: N802
+                if address.startswith("gone@"):
+                    return "550 5.1.1 <gone@example.com>: no such user"
+                envelope.rcpt_tos.append(address)
+                return "250 2.1.5 OK"
+
+            async def handle_DATA(self, server, session, envelope):  # noqa: N802
+                self.envelopes.append(
+                    (envelope.mail_from, list(envelope.rcpt_tos), envelope.content)
+                )
+                return "250 2.0.0 OK"
+
+        self.handler = Handler()
+        controller = Controller(self.handler, hostname="127.0.0.1", port=free_port())
+        controller.start()
+        self.addCleanup(controller.stop)
+        await super().start_relay(controller.port, **mta)
+
+    def test_members_receive_post_and_refusal_bounces(self):
+        """aiosmtpd receives the post for each member from list-bounces with the list headers; a member it
+        refuses permanently is dead-lettered and recorded as a bounce, the others are delivered."""
+
+        async def go():
+            await self.start_relay()
+            self.admin("lists", "create", "test@example.com")
+            self.admin("members", "add", "test@example.com", "bart@example.com", "gone@example.com")
+            client = await self.lmtp()
+            replies = await client.sendmail("anne@example.com", ["test@example.com"], POST)
+            self.assertEqual([r.code for r in replies], [250])
+            stores = self.service.getServiceNamed("mailrelay-stores")
+            await self.wait_for(
+                lambda: self.handler.envelopes and stores._registry.bounces("test@example.com"),
+                "delivery and the bounce",
+            )
+            ((mail_from, rcpts, content),) = self.handler.envelopes
+            self.assertEqual((mail_from, rcpts), ("test-bounces@example.com", ["bart@example.com"]))
+            for header in (
+                b"List-Id: <test.example.com>",
+                b"List-Post: <mailto:test@example.com>",
+                b"Precedence: list",
+                b"Subject: loop",
+            ):
+                self.assertIn(header, content)
+            (bounce,) = stores._registry.bounces("test@example.com")
+            self.assertEqual((bounce.address, bounce.code), ("gone@example.com", 550))
+            states = {
+                e.destination.address: e.state.value
+                for e in stores._spool.entries()
+                if e.kind.value == "member"
+            }
+            self.assertEqual(states, {"bart@example.com": "done", "gone@example.com": "failed"})
 
         return as_deferred(go())
