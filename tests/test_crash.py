@@ -73,7 +73,7 @@ class CrashTests(TestCase):
             out.getvalue(),
         )
 
-    async def start_twistd(self):
+    async def start_twistd(self, *twistd_options: str):
         if os.path.exists(self.socket):
             os.unlink(self.socket)
         log = open(os.path.join(self.tmp, "twistd.log"), "ab")
@@ -85,6 +85,7 @@ class CrashTests(TestCase):
                 "from twisted.scripts.twistd import run; run()",
                 "-n",
                 "--pidfile=",
+                *twistd_options,
                 "mailrelay",
                 "-C",
                 self.config,
@@ -194,5 +195,17 @@ class CrashTests(TestCase):
             await self.start_twistd()
             expected = {("<crash1@example.com>", m) for m in MEMBERS}
             await _poll(lambda: expected <= self.delivered(mta), "delivery after the restart")
+
+        return as_deferred(go())
+
+    def test_asyncio_reactor(self):
+        """``twistd -r asyncio mailrelay`` starts (the plugin installs no reactor) and accepts mail."""
+
+        async def go():
+            self.write_config(free_port())
+            self.create_list()
+            await self.start_twistd("-r", "asyncio")
+            await self.post(1)
+            self.assertIn("AsyncioSelectorReactor", self.twistd_log())
 
         return as_deferred(go())
