@@ -41,6 +41,27 @@ class _StoreService(service.Service):
         return defer.Deferred.fromCoroutine(close())
 
 
+class _OrderedStop(service.MultiService):
+    """A MultiService whose children stop one after the other, last added first.
+
+    Twisted's MultiService stops every child at once; here the listener must
+    be gone before the runner drains, and the runner must have recorded its
+    last results before the stores close.
+    """
+
+    def stopService(self):  # noqa: N802
+        service.Service.stopService(self)
+
+        async def stop_each():
+            for child in reversed(list(self)):
+                try:
+                    await defer.maybeDeferred(child.stopService)
+                except Exception:
+                    log.failure("Stopping {service} failed", service=child.name)
+
+        return defer.Deferred.fromCoroutine(stop_each())
+
+
 def make_sender(settings: Settings, reactor: Any):
     """The outbound connection pool configured from ``[mta]`` and ``[devmode]``."""
     from mailrelay.mta.connection import Connection
@@ -104,8 +125,9 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
     spool = spool if spool is not None else SQLiteSpool(settings.paths.spool_path, reactor)
     sender = sender if sender is not None else make_sender(settings, reactor)
 
-    top = service.MultiService()
-    # Children stop in reverse order: listener first, then the runner, stores last.
+    top = _OrderedStop()
+    # Children stop in reverse order, each after the previous one has finished:
+    # listener first, then the runner, stores last.
     _StoreService(registry, spool, sender).setServiceParent(top)
     runner = DeliveryRunner(
         spool,

@@ -14,8 +14,12 @@ running server publish state, such as the delivery circuit breaker, that the
 :class:`SQLiteSpool` keeps SQLite off the reactor thread for writes: a single
 writer thread takes every write request waiting in its queue, runs them in one
 transaction and commits once, so concurrent callers share one fsync (group
-commit).  Reads are quick indexed queries on a second connection in the
-reactor thread, which WAL mode lets run alongside the writer.
+commit).  Only storing a message (what LMTP acknowledges) and operator
+changes are fsynced; the runner's bookkeeping (claims, results, fan-out)
+commits without a sync of its own: a process crash loses none of it (it is in
+the WAL), and a power cut can only make some deliveries happen twice.  Reads
+are quick indexed queries on a second connection in the reactor thread, which
+WAL mode lets run alongside the writer.
 :class:`MemorySpool` honours the same contract in memory.
 """
 
@@ -282,6 +286,7 @@ class _Request:
     doing: str
     operation: Callable[[sqlite3.Connection], Any]
     deferred: Deferred[Any]
+    durable: bool = True
 
 
 # (request, succeeded, result or exception)
@@ -291,7 +296,8 @@ _STOP = object()
 
 @implementer(ISpool)
 class SQLiteSpool:
-    """An :class:`ISpool` in an SQLite file (WAL, ``synchronous=FULL``).
+    """An :class:`ISpool` in an SQLite file (WAL, ``synchronous=FULL`` for what
+    must survive a power cut, ``NORMAL`` for delivery bookkeeping).
 
     ``reactor`` must provide ``IReactorThreads`` and ``IReactorTime``: results
     come back through ``callFromThread``.  ``max_bytes`` caps the database size;
@@ -314,6 +320,7 @@ class SQLiteSpool:
         self._closing = False
         self._close_waiters: list[Deferred[None]] | None = []
         self._writer = self._open(max_bytes)
+        self._synced = True  # the writer's synchronous setting is FULL
         try:
             self._reader = sqlite3.connect(self.path, isolation_level=None)
             self._reader.execute("PRAGMA query_only = ON")
@@ -412,7 +419,13 @@ class SQLiteSpool:
     def _transaction(self, requests: list[_Request]) -> tuple[list[_Outcome], _Outcome | None]:
         db = self._writer
         results: list[_Outcome] = []
+        durable = any(request.durable for request in requests)
         try:
+            if durable != self._synced:
+                # Only what must survive a power cut pays for an fsync; a
+                # later durable commit syncs the earlier frames of the WAL too.
+                db.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
+                self._synced = durable
             db.execute("BEGIN IMMEDIATE")
             for request in requests:
                 # A savepoint per request: one failing request leaves the
@@ -459,11 +472,21 @@ class SQLiteSpool:
         )
         return SpoolError(f"spool {self.path}: cannot {doing}: {error}", disk_full=disk_full)
 
-    def _submit(self, doing: str, operation: Callable[[sqlite3.Connection], _T]) -> Deferred[_T]:
+    def _submit(
+        self,
+        doing: str,
+        operation: Callable[[sqlite3.Connection], _T],
+        *,
+        durable: bool = True,
+    ) -> Deferred[_T]:
+        """Queue ``operation`` for the writer thread.  ``durable=False`` is for
+        bookkeeping whose loss in a power cut (not a process crash: the WAL
+        holds it) costs at most a repeated delivery: it is committed without
+        an fsync of its own."""
         if self._closing:
             return fail(SpoolError(f"spool {self.path} is closed: cannot {doing}"))
         d: Deferred[_T] = Deferred()
-        self._queue.put(_Request(doing, operation, d))
+        self._queue.put(_Request(doing, operation, d, durable))
         return d
 
     def _read(self, doing: str, query: str, params: Sequence[Any] = ()) -> list[Any]:
@@ -538,7 +561,7 @@ class SQLiteSpool:
             )
             return [_entry_from_row(row[:6] + ("inflight",) + row[7:]) for row in rows]
 
-        return self._submit("claim due entries", claim)
+        return self._submit("claim due entries", claim, durable=False)
 
     def update(self, updates: Iterable[EntryUpdate]) -> Deferred[int]:
         """Apply ``updates`` in one transaction; fires with how many entries
@@ -576,7 +599,7 @@ class SQLiteSpool:
                 params,
             ).rowcount
 
-        return self._submit("update entries", apply)
+        return self._submit("update entries", apply, durable=False)
 
     def expand(
         self, entry_id: int, recipients: Iterable[str], kind: EntryKind = EntryKind.MEMBER
@@ -625,7 +648,7 @@ class SQLiteSpool:
             )
             return ids
 
-        return self._submit(f"expand entry {entry_id}", expand)
+        return self._submit(f"expand entry {entry_id}", expand, durable=False)
 
     def purge(self, before: float) -> Deferred[int]:
         """Delete DONE entries last changed before ``before`` (and messages left

@@ -56,6 +56,9 @@ _AUTHENTICATORS = {
     b"LOGIN": _cred.LOGINAuthenticator,
 }
 
+# Messages up to this size are written in one go rather than through a producer.
+_SINGLE_WRITE = 256 * 1024
+
 UTF8_REFUSAL = (553, b"5.6.7 Non-ASCII address and the server does not offer SMTPUTF8")
 
 
@@ -441,6 +444,12 @@ class RelayClient(smtp.ESMTPClient):
                 return
             self._discard_message = False
             self._pending.append(("eom", None))
+            data = self._txn.message.data
+            if len(data) <= _SINGLE_WRITE:
+                # One write for message and terminator: a producer would cost
+                # a reactor turn and a syscall per chunk, plus one for ".".
+                self.transport.writeSequence((data, b".\r\n"))
+                return
             sender = basic.FileSender()
             d = sender.beginFileTransfer(
                 _BytesReader(self._txn.message.data), self.transport, self._chunk_sent

@@ -1,0 +1,1 @@
+"""The programs mailrelay is measured against (run as separate processes)."""
