@@ -228,6 +228,12 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             updated_at REAL NOT NULL
         ) WITHOUT ROWID""",
     ),
+    (
+        # Version 3: queued entries in id order straight from an index (the
+        # rowid is the index's last column), so claiming the oldest N costs
+        # O(N) however many are queued, rather than a sort of all of them.
+        "CREATE INDEX entries_by_state ON entries (state)",
+    ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -237,6 +243,13 @@ _ENTRY_QUERY = """
            e.last_error, m.message_id, e.kind
     FROM entries AS e JOIN messages AS m ON m.key = e.message_key
 """
+
+# The claim's two queries; each must be answered in index order, without a sort.
+_CLAIM_QUEUED = _ENTRY_QUERY + " WHERE e.state = 'queued' ORDER BY e.id LIMIT ?"
+_CLAIM_RETRY = (
+    _ENTRY_QUERY + " WHERE e.state = 'retry' AND e.next_attempt_at <= ?"
+    " ORDER BY e.next_attempt_at LIMIT ?"
+)
 
 
 def _entry_from_row(row: Sequence[Any]) -> SpoolEntry:
@@ -549,12 +562,11 @@ class SQLiteSpool:
         updated_at = self._reactor.seconds()
 
         def claim(db: sqlite3.Connection) -> list[SpoolEntry]:
-            rows = db.execute(
-                _ENTRY_QUERY + " WHERE e.state = 'queued'"
-                " OR (e.state = 'retry' AND e.next_attempt_at <= ?)"
-                " ORDER BY e.id LIMIT ?",
-                (now, limit),
-            ).fetchall()
+            # Two index-ordered queries instead of one with OR, which SQLite
+            # could only answer by sorting every queued entry on each claim.
+            rows = db.execute(_CLAIM_QUEUED, (limit,)).fetchall()
+            rows += db.execute(_CLAIM_RETRY, (now, limit)).fetchall()
+            rows = sorted(rows)[:limit]
             db.executemany(
                 "UPDATE entries SET state = 'inflight', updated_at = ? WHERE id = ?",
                 [(updated_at, row[0]) for row in rows],

@@ -21,7 +21,15 @@ import mailrelay
 from mailrelay.errors import SpoolError
 from mailrelay.interfaces import ISpool
 from mailrelay.model import Destination, EntryKind, EntryState, Envelope
-from mailrelay.spool import _MIGRATIONS, SCHEMA_VERSION, EntryUpdate, MemorySpool, SQLiteSpool
+from mailrelay.spool import (
+    _CLAIM_QUEUED,
+    _CLAIM_RETRY,
+    _MIGRATIONS,
+    SCHEMA_VERSION,
+    EntryUpdate,
+    MemorySpool,
+    SQLiteSpool,
+)
 from tests.support import temp_dir
 
 POST = Destination("test@example.com", None, "test@example.com")
@@ -447,6 +455,17 @@ class SQLiteSpoolTests(SpoolContractMixin, TestCase):
         with sqlite3.connect(self.path) as db:
             self.assertEqual(db.execute("PRAGMA journal_mode").fetchone(), ("wal",))
             self.assertEqual(db.execute("PRAGMA user_version").fetchone(), (SCHEMA_VERSION,))
+
+    async def test_claim_queries_need_no_sort(self):
+        """Claiming reads queued entries in id order and due retries in time order straight
+        from indexes, so a claim costs O(batch) however many entries are queued."""
+        with sqlite3.connect(self.path) as db:
+            for query, args in ((_CLAIM_QUEUED, (200,)), (_CLAIM_RETRY, (0.0, 200))):
+                plan = " | ".join(
+                    row[-1] for row in db.execute("EXPLAIN QUERY PLAN " + query, args)
+                )
+                self.assertNotIn("TEMP B-TREE", plan)
+                self.assertIn("USING INDEX", plan)
 
     async def test_newer_schema_refused(self):
         """A spool written by a newer schema is refused with a clear SpoolError."""
