@@ -92,7 +92,8 @@ def make_sender(settings: Settings, reactor: Any):
             reactor=reactor,
         )
 
-    connection()  # fail fast on a bad TLS or credentials set-up, before listening
+    # The pool makes its first connection at once: a bad TLS or credentials
+    # set-up fails here, before anything listens.
     return ConnectionPool(connection, max_connections=mta.max_connections)
 
 

@@ -24,9 +24,31 @@ class Options(usage.Options):
     def postOptions(self):  # noqa: N802
         path = self["config"] or os.environ.get("MAILRELAY_CONFIG") or None
         try:
-            self["settings"] = load_settings(path)
+            self["settings"] = settings = load_settings(path)
+            check_outbound(settings)
         except ConfigurationError as e:
             raise usage.UsageError(str(e)) from None
+
+
+def check_outbound(settings) -> None:
+    """Load the TLS material and credentials file the smarthost connection will
+    use, so that a file that exists but is unusable (not PEM, a malformed
+    authinfo line) stops twistd with a one-line error instead of a traceback."""
+    from mailrelay.mta.credentials import CredentialsFile
+    from mailrelay.mta.tls import client_tls_options
+
+    mta = settings.mta
+    if mta.smtp_secure_mode != "smtp":
+        client_tls_options(
+            mta.smtp_host,
+            verify_cert=mta.smtp_verify_cert,
+            verify_hostname=mta.smtp_verify_hostname,
+            ca_file=mta.smtp_ca_file or None,
+            client_cert=mta.smtp_client_cert or None,
+            client_key=mta.smtp_client_key or None,
+        )
+    if mta.smtp_credentials_file:
+        CredentialsFile.load(mta.smtp_credentials_file)
 
 
 def makeService(options):  # noqa: N802

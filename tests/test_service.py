@@ -64,6 +64,33 @@ class PluginTests(SynchronousTestCase):
             self.assertIn(part, str(e))
 
 
+class OutboundCheckTests(SynchronousTestCase):
+    def test_unusable_ca_file_is_a_usage_error(self):
+        """A CA file that exists but holds no certificate stops twistd with a message naming it."""
+        tmp = tempfile.mkdtemp()
+        ca = os.path.join(tmp, "ca.pem")
+        with open(ca, "w") as f:
+            f.write("not a certificate\n")
+        path = os.path.join(tmp, "mailrelay.ini")
+        with open(path, "w") as f:
+            f.write(f"[mta]\nsmtp_secure_mode = starttls\nsmtp_ca_file = {ca}\n")
+        e = self.assertRaises(usage.UsageError, tap.Options().parseOptions, ["-C", path])
+        self.assertIn(ca, str(e))
+
+    def test_malformed_credentials_file_is_a_usage_error(self):
+        """A malformed authinfo line stops twistd with the file and line number."""
+        tmp = tempfile.mkdtemp()
+        authinfo = os.path.join(tmp, "authinfo")
+        with open(authinfo, "w") as f:
+            f.write("machine smtp.example.com login relay\n")
+        os.chmod(authinfo, 0o600)
+        path = os.path.join(tmp, "mailrelay.ini")
+        with open(path, "w") as f:
+            f.write(f"[mta]\nsmtp_credentials_file = {authinfo}\n")
+        e = self.assertRaises(usage.UsageError, tap.Options().parseOptions, ["-C", path])
+        self.assertIn(f"{authinfo}, line 1", str(e))
+
+
 class RelayCase(TestCase):
     """The whole relay on the test's reactor, LMTP on a unix socket; subclasses pick the smarthost."""
 
