@@ -10,7 +10,7 @@ import sys
 import tempfile
 
 from twisted.application.service import IServiceMaker
-from twisted.internet import endpoints, reactor, task
+from twisted.internet import defer, endpoints, reactor, task
 from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -94,7 +94,7 @@ class OutboundCheckTests(SynchronousTestCase):
 class RelayCase(TestCase):
     """The whole relay on the test's reactor, LMTP on a unix socket; subclasses pick the smarthost."""
 
-    async def start_relay(self, smtp_port: int, **mta):
+    async def start_relay(self, smtp_port: int, *, sender=None, **mta):
         self.tmp = tempfile.mkdtemp()
         self.socket = os.path.join(self.tmp, "lmtp.sock")
         self.config = os.path.join(self.tmp, "mailrelay.ini")
@@ -113,7 +113,7 @@ class RelayCase(TestCase):
         from mailrelay.service import makeService
 
         self.settings: Settings = load_settings(self.config)
-        self.service = makeService(self.settings, reactor)
+        self.service = makeService(self.settings, reactor, sender=sender)
         self.service.startService()
         self.addCleanup(self.service.stopService)
 
@@ -215,6 +215,58 @@ class LoopTests(RelayCase):
             spool = self.service.getServiceNamed("mailrelay-stores")._spool
             self.assertEqual([e.state.value for e in spool.entries()], ["held"])
             self.assertEqual(self.smarthost.messages, [])
+
+        return as_deferred(go())
+
+
+class HeldSender:
+    """An embedder's IMessageSender whose sends complete when the test says, and
+    whose quit() does not wait for them (nothing obliges a sender to)."""
+
+    max_connections = 4
+
+    def __init__(self):
+        self.pending: list[tuple[tuple[str, ...], defer.Deferred]] = []
+
+    def sendmail(self, sender, recipients, message):
+        d: defer.Deferred = defer.Deferred()
+        self.pending.append((tuple(recipients), d))
+        return d
+
+    def quit(self):
+        return defer.succeed(None)
+
+
+class ShutdownTests(RelayCase):
+    def test_stop_waits_for_delivery_then_closes_stores(self):
+        """Stopping while a transaction is in flight: the runner waits for its result and records it
+        before the stores close, so no copy is left in flight to be sent again after a restart."""
+
+        async def go():
+            held = HeldSender()
+            await self.start_relay(free_port(), sender=held)
+            self.admin("lists", "create", "test@example.com")
+            self.admin("members", "add", "test@example.com", "bart@example.com")
+            client = await self.lmtp()
+            await client.sendmail("anne@example.com", ["test@example.com"], POST)
+            for _ in range(500):  # not wait_for: the runner is busy, never idle, until released
+                if held.pending:
+                    break
+                await task.deferLater(reactor, 0.01, lambda: None)
+            self.assertTrue(held.pending)
+            stopped = self.service.stopService()
+            self.assertNoResult(stopped)
+            for _, d in held.pending:
+                d.callback({})
+            await stopped
+            import sqlite3
+
+            db = sqlite3.connect(self.settings.paths.spool_path)
+            try:
+                states = db.execute("SELECT kind, state FROM entries ORDER BY id").fetchall()
+            finally:
+                db.close()
+            self.assertEqual(states, [("inbound", "done"), ("member", "done")])
 
         return as_deferred(go())
 
