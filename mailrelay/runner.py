@@ -49,7 +49,7 @@ from mailrelay.errors import InvalidAddress, RegistryError, RegistryUnavailable,
 from mailrelay.listheaders import add_list_headers
 from mailrelay.model import Bounce, EntryKind, EntryState, MailingList, SpoolEntry
 from mailrelay.mta.bulk import INVALID_ADDRESS, chunkify
-from mailrelay.mta.errors import NO_REPLY, DeliveryError
+from mailrelay.mta.errors import NO_REPLY, DeliveryError, SmarthostUnreachable
 from mailrelay.mta.message import WireMessage, prepare_message
 from mailrelay.retry import RetryPolicy, Verdict, classify, classify_error
 from mailrelay.spool import EntryUpdate
@@ -65,6 +65,10 @@ CIRCUIT_STATUS_KEY = "circuit"
 _HELD_SUBADDRESSES = frozenset({"bounces", "confirm", "join", "leave", "request"})
 # How long to wait before trying again when our own storage is unavailable.
 _LOCAL_RETRY_DELAY = 60.0
+# After the smarthost could not be reached at all, transactions starting within
+# this many seconds are deferred without dialling again: with a black-holed
+# smarthost every chunk would otherwise wait out the connect timeout in turn.
+_UNREACHABLE_HOLD = 5.0
 _SPOOL_RETRY_DELAY = 10.0
 _RESULT_WRITE_TRIES = 5
 # Batches processed at the same time: a slow transaction in one does not
@@ -269,6 +273,7 @@ class DeliveryRunner(service.Service):
         self._random = random if random is not None else _random.Random()
         self._slots = defer.DeferredSemaphore(max_parallel)
         self._breaker = _Breaker(clock, breaker_min_delay, breaker_max_delay)
+        self._unreachable: tuple[float, SmarthostUnreachable] | None = None
         self._messages: OrderedDict[tuple[int, str, EntryKind], WireMessage] = OrderedDict()
         self._ready = False  # recover() has run
         self._in_pump = False
@@ -772,6 +777,13 @@ class DeliveryRunner(service.Service):
             return dict.fromkeys(chunk, _Result(_Outcome.STOPPING))
         if self._breaker.state() == _Breaker.OPEN:
             return dict.fromkeys(chunk, _Result(_Outcome.PAUSED, text=self._breaker.reason))
+        if self._unreachable is not None:
+            failed_at, error = self._unreachable
+            if self._clock.seconds() < failed_at + _UNREACHABLE_HOLD:
+                return dict.fromkeys(
+                    chunk, _Result(classify_error(error), error.code, _text(error.response))
+                )
+            self._unreachable = None
         if self._verp and kind is EntryKind.MEMBER:
             envelope_sender = _verp_sender(mlist, chunk[0])
         else:
@@ -839,6 +851,8 @@ class DeliveryRunner(service.Service):
         )
         if verdict is Verdict.SITE_PROBLEM:
             self._trip(f"{error.code} {text}")
+        if isinstance(error, SmarthostUnreachable):
+            self._unreachable = (self._clock.seconds(), error)
         # A refusal of the whole transaction (MAIL FROM or DATA) is about the
         # message or our envelope, not about these recipients: never a bounce.
         return dict.fromkeys(chunk, _Result(verdict, error.code, text))

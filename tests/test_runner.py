@@ -30,6 +30,7 @@ from mailrelay.mta.errors import (
     ConnectionFailed,
     DataRefused,
     SenderRefused,
+    SmarthostUnreachable,
     TLSFailed,
 )
 from mailrelay.mta.message import WireMessage
@@ -544,6 +545,29 @@ class SiteProblemTests(RunnerCase):
         self.successResultOf(self.spool.set_status(CIRCUIT_STATUS_KEY, "old"))
         self.make_runner().startService()
         self.assertIsNone(self.spool.get_status(CIRCUIT_STATUS_KEY))
+
+
+class UnreachableTests(RunnerCase):
+    runner_options = {"max_recipients": 1}
+
+    def test_unreachable_smarthost_dialled_once_per_batch(self):
+        """When the smarthost cannot be reached at all, the other transactions of the batch are
+        deferred at once instead of each waiting out the connect timeout; later it is dialled again."""
+        self.sender.error = SmarthostUnreachable(444, b"Cannot connect to smtp.example:25: refused")
+        self.enqueue()
+        self.assertEqual(len(self.sender.sent), 1)
+        self.assertEqual(set(self.states().values()), {EntryState.RETRY})
+        self.assertTrue(all("Cannot connect" in e.last_error for e in self.entries().values()))
+        self.sender.error = None
+        self.advance(4000)
+        self.assertEqual(set(self.states().values()), {EntryState.DONE})
+        self.assertEqual(len(self.sender.sent), 1 + len(MEMBERS))
+
+    def test_lost_connection_does_not_hold_others(self):
+        """A connection lost mid-session (not a failure to connect) does not defer the other chunks."""
+        self.sender.error = ConnectionFailed(444, b"Connection lost")
+        self.enqueue()
+        self.assertEqual(len(self.sender.sent), len(MEMBERS))
 
 
 class PollTests(RunnerCase):

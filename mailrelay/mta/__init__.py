@@ -22,6 +22,7 @@ if TYPE_CHECKING:
         DeliveryError,
         SenderRefused,
         ServerClosing,
+        SmarthostUnreachable,
         TLSFailed,
     )
     from mailrelay.mta.message import WireMessage, prepare_message
@@ -44,6 +45,7 @@ _HOMES = {
             "DeliveryError",
             "SenderRefused",
             "ServerClosing",
+            "SmarthostUnreachable",
             "TLSFailed",
         ],
         "errors",
@@ -62,6 +64,7 @@ __all__ = [
     "SecureMode",
     "SenderRefused",
     "ServerClosing",
+    "SmarthostUnreachable",
     "TLSFailed",
     "WireMessage",
     "as_secure_mode",

@@ -30,7 +30,7 @@ from mailrelay.errors import ConfigurationError
 from mailrelay.interfaces import IMessageSender
 from mailrelay.mta.client import RelayClient, Transaction
 from mailrelay.mta.credentials import CredentialsFile
-from mailrelay.mta.errors import NO_REPLY, ConnectionFailed, ConnectionTimeout, DeliveryError
+from mailrelay.mta.errors import NO_REPLY, ConnectionFailed, DeliveryError, SmarthostUnreachable
 from mailrelay.mta.message import prepare_message
 from mailrelay.mta.tls import client_tls_options
 
@@ -280,12 +280,9 @@ class Connection:
             endpoint = endpoints.wrapClientTLS(self._tls_options, endpoint)
         try:
             client = await endpoint.connect(_ClientFactory(self._make_client))
-        except error.TimeoutError:
-            raise ConnectionTimeout(
-                NO_REPLY, f"Timed out connecting to {self.host}:{self.port}"
-            ) from None
         except (error.ConnectError, error.DNSLookupError, OSError) as e:
-            raise ConnectionFailed(
+            # error.TimeoutError (the connect timeout) is a ConnectError as well.
+            raise SmarthostUnreachable(
                 NO_REPLY, f"Cannot connect to {self.host}:{self.port}: {e}"
             ) from None
         # ProtocolWrapper around the client when TLS wraps the endpoint.

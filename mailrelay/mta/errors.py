@@ -46,6 +46,14 @@ class ConnectionFailed(DeliveryError):
     """No usable SMTP session: refused, lost, garbled or closed by the server."""
 
 
+class SmarthostUnreachable(ConnectionFailed):
+    """No connection could be made at all (refused, no route, connect timeout).
+
+    Unlike a connection lost mid-session, this says nothing about one message:
+    every other message would fail the same way for now.
+    """
+
+
 class ConnectionTimeout(ConnectionFailed):
     """The server did not answer within the timeout."""
 
