@@ -717,8 +717,9 @@ _SCHEMA: tuple[_Key, ...] = (
         "mta",
         "smtp_allow_plaintext_auth",
         "no",
-        "Allow SMTP AUTH without TLS (smtp_secure_mode = smtp), which sends the "
-        "password in the clear.",
+        "Allow SMTP AUTH without TLS (smtp_secure_mode = smtp) to a smarthost that is "
+        "not loopback, which sends the password in the clear; to localhost or a "
+        "loopback address it is always allowed.",
         _plain(parse_bool),
     ),
     _Key(
@@ -1003,13 +1004,26 @@ def _check_mta(context: _Context, mta: dict[str, Any], environ: Mapping[str, str
         mta["smtp_user"]
         and mta["smtp_secure_mode"] == "smtp"
         and not mta["smtp_allow_plaintext_auth"]
+        and not _is_loopback_host(mta["smtp_host"])
     ):
+        # The same rule the client applies: clear-text AUTH only to loopback.
         raise context.error(
             "mta",
-            ["smtp_user", "smtp_secure_mode"],
-            "SMTP AUTH without TLS would send the password in the clear; use starttls "
-            "or smtps, or set smtp_allow_plaintext_auth = yes",
+            ["smtp_user", "smtp_secure_mode", "smtp_host"],
+            "SMTP AUTH without TLS would send the password in the clear to a host that is "
+            "not loopback; use starttls or smtps, or set smtp_allow_plaintext_auth = yes",
         )
+
+
+def _is_loopback_host(host: str) -> bool:
+    """``localhost`` or a loopback address (no name lookup: this runs at load time)."""
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _unrepr(line: str) -> str:

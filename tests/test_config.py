@@ -681,12 +681,27 @@ class CrossKeyTests(_FileMixin, SynchronousTestCase):
         self.assertNotIn("s3cret", message)
 
     def test_plaintext_auth_refused(self) -> None:
-        """AUTH over plain smtp is refused unless smtp_allow_plaintext_auth is on."""
-        message = self.load_error("[mta]\nsmtp_user = u\nsmtp_pass = p\n")
-        self.assertIn(
-            "[mta] smtp_user = 'u', smtp_secure_mode = 'smtp': SMTP AUTH without TLS", message
+        """AUTH over plain smtp to a host that is not loopback is refused unless
+        smtp_allow_plaintext_auth is on; to loopback it is allowed (as the client does)."""
+        message = self.load_error(
+            "[mta]\nsmtp_host = smtp.example.com\nsmtp_user = u\nsmtp_pass = p\n"
         )
-        mta = self.mta(smtp_user="u", smtp_pass="p", smtp_allow_plaintext_auth="yes")
+        self.assertIn(
+            "[mta] smtp_user = 'u', smtp_secure_mode = 'smtp', smtp_host = 'smtp.example.com': "
+            "SMTP AUTH without TLS",
+            message,
+        )
+        for host in ["localhost", "127.0.0.1", "::1", "[127.0.0.2]"]:
+            with self.subTest(host=host):
+                self.assertEqual(
+                    self.mta(smtp_host=host, smtp_user="u", smtp_pass="p").smtp_user, "u"
+                )
+        mta = self.mta(
+            smtp_host="smtp.example.com",
+            smtp_user="u",
+            smtp_pass="p",
+            smtp_allow_plaintext_auth="yes",
+        )
         self.assertEqual((mta.smtp_user, mta.smtp_pass), ("u", "p"))
         for mode in ["smtps", "starttls"]:
             with self.subTest(mode=mode):
