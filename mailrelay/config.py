@@ -726,7 +726,9 @@ _SCHEMA: tuple[_Key, ...] = (
         "mta",
         "smtp_helo_name",
         "",
-        "Name sent in EHLO/HELO; empty means this host's fully qualified name.",
+        "Name sent in EHLO/HELO; empty means this host's name when it is qualified "
+        "(has a dot), else the connection's address literal such as [192.0.2.1], "
+        "as smtplib does.",
         _plain(_parse_greeting_name),
     ),
     _Key(
