@@ -577,9 +577,7 @@ def started(server: Any) -> Iterator[Any]:
 
 def scenario_ingest(ctx: Context) -> None:
     """LMTP ingest: messages per second, durable unless the peer is smtp-sink -L."""
-    peers = ["mailrelay", "smtp-sink -L"]
-    if ctx.tools_python:
-        peers.insert(1, "aiosmtpd+fsync")
+    peers = _lmtp_peers(ctx)
     for size in (KB,) if ctx.smoke else (KB, 50 * KB):
         for sessions in (1, 10):
             count = 20 if ctx.smoke else (3000 if size == KB else 1000)
@@ -756,9 +754,7 @@ def _post_and_wait(sink: Sink, port: int, address: str, size: tuple[int, int]):
 
 def scenario_memory(ctx: Context) -> None:
     """Peak RSS of the LMTP servers with 10, 100 and 1,000 concurrent sessions."""
-    peers = ["mailrelay", "smtp-sink -L"]
-    if ctx.tools_python:
-        peers.insert(1, "aiosmtpd+fsync")
+    peers = _lmtp_peers(ctx)
     levels = (10,) if ctx.smoke else (10, 100, 1000)
     for sessions in levels:
         row = ctx.row("memory", f"{sessions:,} concurrent sessions", "peak RSS MiB")
@@ -825,6 +821,14 @@ _MAILMAN_VERSIONS = (
     "from importlib.metadata import version as v;"
     "print('GNU Mailman', v('mailman'), 'SQLAlchemy', v('sqlalchemy'), 'aiosmtpd', v('aiosmtpd'))"
 )
+
+
+def _lmtp_peers(ctx: Context) -> list[str]:
+    """The LMTP servers compared in the ingest and memory scenarios."""
+    peers = ["mailrelay", "smtp-sink -L"]
+    if ctx.tools_python:
+        peers.insert(1, "aiosmtpd+fsync")
+    return peers
 
 
 def _fsync_latency(rounds: int = 100) -> str:
