@@ -81,7 +81,23 @@ class IListRegistry(Interface):
         """Release the store."""
 
 
-class ISpool(Interface):
+class IMessageStore(Interface):
+    """Where the LMTP policy puts an accepted message: an :class:`ISpool`, or
+    the delivery runner in front of one (which routes it and starts delivering
+    in the same step)."""
+
+    def enqueue(envelope, message):
+        """Store ``message`` (bytes) for every destination of ``envelope`` (a
+        :class:`~mailrelay.model.Envelope`).
+
+        Fires with one entry id per destination, in destination order, once
+        the message is on stable storage; fails with
+        :class:`~mailrelay.errors.SpoolError` (``disk_full`` set when out of
+        space), and then nothing is acknowledged.
+        """
+
+
+class ISpool(IMessageStore):
     """Durable storage of accepted messages, one entry per accepted recipient.
 
     Methods that change state return Deferreds that fire only once the change
@@ -95,6 +111,18 @@ class ISpool(Interface):
         Fires with the list of entry ids, in destination order, after an fsync.
         Fails with :class:`~mailrelay.errors.SpoolError` (``disk_full`` set when
         out of space); nothing is acknowledged then.
+        """
+
+    def store(envelope, message, routes=None, claim=False):
+        """:meth:`enqueue` that can also route the new entries in the same transaction.
+
+        ``routes``, one :class:`~mailrelay.model.Route` per destination (or
+        ``None``: all QUEUED), says what becomes of each entry at once: left
+        QUEUED, expanded into MEMBER or OWNER copies (as :meth:`expand`), or
+        stored DONE, HELD or FAILED.  With ``claim`` every entry left QUEUED
+        and every copy is stored INFLIGHT instead, for a caller that delivers
+        them at once (a crash makes them QUEUED again, as any claim).  Fires
+        with a :class:`~mailrelay.model.Stored` after an fsync.
         """
 
     def get_message(message_key):

@@ -133,3 +133,49 @@ class Bounce:
     code: int
     response: str
     at: float
+
+
+@dataclass(frozen=True)
+class Route:
+    """What storing a message does at once with one destination's entry
+    (:meth:`~mailrelay.interfaces.ISpool.store`).
+
+    The default leaves the entry QUEUED for the delivery runner to route.  With
+    ``kind`` set (MEMBER or OWNER) the entry is expanded in the same
+    transaction, exactly as ``ISpool.expand`` would do later: it is stored DONE
+    with one ``kind`` entry per address of ``recipients``.  Otherwise the entry
+    is stored in ``state`` (DONE, HELD or FAILED) with ``error`` as its reason.
+    """
+
+    state: EntryState = EntryState.QUEUED
+    kind: EntryKind | None = None
+    recipients: tuple[str, ...] = ()
+    error: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.state, EntryState) or self.state in (
+            EntryState.INFLIGHT,
+            EntryState.RETRY,
+        ):
+            raise ValueError(f"a route stores an entry QUEUED, DONE, HELD or FAILED: {self!r}")
+        if self.kind is not None:
+            if self.kind not in (EntryKind.MEMBER, EntryKind.OWNER):
+                raise ValueError(f"a route expands into MEMBER or OWNER entries: {self!r}")
+            if self.state is not EntryState.DONE:
+                raise ValueError(f"an expanded entry is stored DONE: {self!r}")
+        elif self.recipients:
+            raise ValueError(f"recipients without a kind: {self!r}")
+
+
+@dataclass(frozen=True)
+class Stored:
+    """What :meth:`~mailrelay.interfaces.ISpool.store` did.
+
+    ``entry_ids`` are the destinations' entries, in destination order.
+    ``claimed`` are the entries stored INFLIGHT for the caller to deliver
+    (with ``claim=True``): every entry the routes left QUEUED, and every copy
+    they created.
+    """
+
+    entry_ids: tuple[int, ...]
+    claimed: tuple[SpoolEntry, ...] = ()

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from typing import Any
 
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -27,6 +28,10 @@ from mailrelay.model import Bounce, Destination, MailingList, Member
 __all__ = ["MemoryRegistry", "SQLiteRegistry", "SCHEMA_VERSION"]
 
 log = Logger()
+
+# At most this many members are kept in SQLiteRegistry's read cache (about
+# 100 bytes each); larger member lists are read afresh for every post.
+_CACHED_MEMBERS = 50_000
 
 # Each entry upgrades the schema from version N to N+1 (``PRAGMA user_version``).
 _MIGRATIONS: tuple[str, ...] = (
@@ -263,6 +268,10 @@ class SQLiteRegistry:
             raise
         self._data_version: int | None = None
         self._posting_addresses: frozenset[str] = frozenset()
+        # Lists and member lists read since the registry last changed (in any
+        # process): the runner asks for the same list for every post.
+        self._cache: dict[tuple[str, str], Any] = {}
+        self._cached_members = 0
 
     def _migrate(self) -> None:
         with self._transaction():
@@ -314,6 +323,8 @@ class SQLiteRegistry:
             rows = self._db.execute("SELECT posting_address FROM lists").fetchall()
             self._posting_addresses = frozenset(address for (address,) in rows)
             self._data_version = version
+            self._cache.clear()
+            self._cached_members = 0
         return self._posting_addresses
 
     def resolve(self, address: str) -> Destination | None:
@@ -324,13 +335,17 @@ class SQLiteRegistry:
     def get_list(self, address: str) -> MailingList | None:
         address = _lookup_key(address)
         with self._errors(f"reading list {address}"):
+            self._refresh()
+            key = ("list", address)
+            if key in self._cache:
+                return self._cache[key]
             row = self._db.execute(
                 "SELECT posting_address, display_name FROM lists WHERE posting_address = ?",
                 (address,),
             ).fetchone()
-            if row is None:
-                return None
-            return MailingList(row[0], row[1], self._owners(address))
+            mlist = None if row is None else MailingList(row[0], row[1], self._owners(address))
+            self._cache[key] = mlist
+            return mlist
 
     def _owners(self, address: str) -> tuple[str, ...]:
         rows = self._db.execute(
@@ -414,15 +429,23 @@ class SQLiteRegistry:
         query = "SELECT address, display_name, delivery_enabled FROM members WHERE list_address = ?"
         if enabled_only:
             query += " AND delivery_enabled"
+        key = ("enabled" if enabled_only else "members", list_address)
         with self._errors(f"reading the members of {list_address}"):
             # One read transaction, so the existence check and the rows agree.
             self._db.execute("BEGIN")
             try:
+                self._refresh()
+                if key in self._cache:
+                    return self._cache[key]
                 self._require(list_address)
                 rows = self._db.execute(query + " ORDER BY address", (list_address,)).fetchall()
             finally:
                 self._db.execute("COMMIT")
-        return tuple(Member(address, name, bool(enabled)) for address, name, enabled in rows)
+        members = tuple(Member(address, name, bool(enabled)) for address, name, enabled in rows)
+        if self._cached_members + len(members) <= _CACHED_MEMBERS:
+            self._cache[key] = members
+            self._cached_members += len(members)
+        return members
 
     def record_bounce(
         self, list_address: str, address: str, code: int, response: str | bytes, at: float

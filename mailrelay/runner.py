@@ -1,7 +1,8 @@
 """The delivery runner: from the spool to the list's members through the smarthost.
 
 :class:`DeliveryRunner` claims due spool entries in batches and routes each by
-its kind and sub-address:
+its kind and sub-address (a message stored through :meth:`DeliveryRunner.enqueue`
+is routed in the transaction that stores it, and delivered without a claim):
 
 * a post (an INBOUND entry for the posting address) is replaced in the spool,
   in one transaction, by one MEMBER entry per member with delivery enabled;
@@ -47,7 +48,16 @@ from twisted.logger import Logger
 from mailrelay.addresses import check_mailbox, is_valid_mailbox, split_mailbox
 from mailrelay.errors import InvalidAddress, RegistryError, RegistryUnavailable, SpoolError
 from mailrelay.listheaders import add_list_headers
-from mailrelay.model import Bounce, EntryKind, EntryState, MailingList, SpoolEntry
+from mailrelay.model import (
+    Bounce,
+    Destination,
+    EntryKind,
+    EntryState,
+    Envelope,
+    MailingList,
+    Route,
+    SpoolEntry,
+)
 from mailrelay.mta.bulk import INVALID_ADDRESS, chunkify
 from mailrelay.mta.errors import NO_REPLY, DeliveryError, SmarthostUnreachable
 from mailrelay.mta.message import WireMessage, prepare_message
@@ -78,6 +88,22 @@ _CACHED_MESSAGES = 8
 # Delivered entries older than keep_done are purged at most this often, when
 # the queue has drained (no timer of its own: an idle relay has nothing to purge).
 _PURGE_INTERVAL = 3600.0
+
+
+_PENDING = frozenset({EntryState.QUEUED, EntryState.RETRY})
+_DUPLICATE = "{message_id} to {list}: duplicate of entry {original}, not sent twice"
+
+
+@dataclass(frozen=True)
+class _Note:
+    """How a routing decision is logged: the Logger method and the format."""
+
+    level: str
+    text: str
+
+
+# A post left for a batch to route: that batch logs what it does.
+_DEFERRED = _Note("debug", "")
 
 
 class _Breaker:
@@ -209,6 +235,11 @@ class DeliveryRunner(service.Service):
     any more) are purged ``keep_done`` seconds after delivery (``None``: never).
     The spool is also checked every ``poll_interval`` seconds for entries
     re-queued by another process, such as ``mailrelay queue retry``.
+
+    The runner is also an ``IMessageStore`` (:meth:`enqueue`): given to the
+    LMTP policy in place of the spool, it routes each accepted message while
+    storing it and starts delivering at once.  Posts to lists of more than
+    ``inline_limit`` members are left for a batch to expand (0: every post is).
     """
 
     name = "delivery"
@@ -233,6 +264,7 @@ class DeliveryRunner(service.Service):
         breaker_max_delay: float = 600.0,
         keep_done: float | None = 7 * 86400.0,
         poll_interval: float | None = 30.0,
+        inline_limit: int = 1000,
     ):
         if not callable(getattr(sender, "sendmail", None)):
             raise TypeError(f"sender must provide sendmail(), not {sender!r}")
@@ -243,6 +275,7 @@ class DeliveryRunner(service.Service):
         if devmode_recipient is not None:
             check_mailbox(devmode_recipient)
         self._batch_size = _check_positive_int("batch_size", batch_size)
+        self._inline_limit = _check_positive_int("inline_limit", inline_limit, 0)
         if max_parallel is None:
             max_parallel = getattr(sender, "max_connections", 1)
         max_parallel = _check_positive_int("max_parallel", max_parallel)
@@ -281,6 +314,11 @@ class DeliveryRunner(service.Service):
         self._claiming = False
         self._rescan = False
         self._batches = 0
+        # Whether the spool may hold due entries no batch has claimed.
+        self._backlog = True
+        # Member counts seen when routing: posts to lists known to be larger
+        # than inline_limit are not expanded while being stored.
+        self._list_sizes: dict[str, int] = {}
         self._timer: Any = None
         self._tasks: set[defer.Deferred[Any]] = set()
         self._idle_waiters: list[defer.Deferred[None]] = []
@@ -292,6 +330,7 @@ class DeliveryRunner(service.Service):
 
         Cheap and safe to call often; calls before the next turn coalesce.
         """
+        self._backlog = True
         if self.running:
             self._schedule_at(self._clock.seconds())
 
@@ -411,21 +450,13 @@ class DeliveryRunner(service.Service):
     def _claimed(self, entries: list[SpoolEntry], limit: int) -> None:
         self._claiming = False
         if entries:
-            self._batches += 1
-            d = defer.Deferred.fromCoroutine(self._process(entries))
-            d.addErrback(
-                lambda f: log.failure(
-                    "Delivery of a batch of {count} entries failed; they stay in flight "
-                    "until the next start",
-                    f,
-                    count=len(entries),
-                )
-            )
-            d.addBoth(self._batch_done)
-            self._track(d)
+            self._start_batch(entries)
         if len(entries) >= limit or self._rescan:
             self._pump()
             return
+        # Nothing else is due now; until wake() or one of our own writes says
+        # otherwise, finished batches need not ask the spool again.
+        self._backlog = False
         self._schedule_next_due()
         self._maybe_purge()
         self._check_idle()
@@ -469,9 +500,24 @@ class DeliveryRunner(service.Service):
             self._schedule_at(self._clock.seconds() + _SPOOL_RETRY_DELAY)
         self._check_idle()
 
+    def _start_batch(self, entries: list[SpoolEntry]) -> None:
+        self._batches += 1
+        d = defer.Deferred.fromCoroutine(self._process(entries))
+        d.addErrback(
+            lambda f: log.failure(
+                "Delivery of a batch of {count} entries failed; they stay in flight "
+                "until the next start",
+                f,
+                count=len(entries),
+            )
+        )
+        d.addBoth(self._batch_done)
+        self._track(d)
+
     def _batch_done(self, _: Any) -> None:
         self._batches -= 1
-        self._pump()
+        if self._backlog:
+            self._pump()
         self._check_idle()
 
     def _schedule_next_due(self) -> None:
@@ -522,6 +568,9 @@ class DeliveryRunner(service.Service):
         for group_updates, group_bounces in await defer.gatherResults(groups):
             updates.extend(group_updates)
             bounces.extend(group_bounces)
+        if any(u.state in _PENDING for u in updates):
+            # QUEUED or RETRY again: the next claim (or next_due) must see them.
+            self._backlog = True
         if updates:
             await self._write_results(updates)
         if bounces:
@@ -567,70 +616,83 @@ class DeliveryRunner(service.Service):
             error=error,
         )
 
+    def _decide(self, destination: Destination, *, inline: bool) -> tuple[Route, _Note]:
+        """What becomes of a post (or -owner mail) to ``destination``, and why.
+
+        Raises RegistryError or RegistryUnavailable when the registry cannot
+        answer.  With ``inline`` (routing while the message is stored), a list
+        with more than ``inline_limit`` members is left QUEUED for a batch.
+        """
+        subaddress = destination.subaddress
+        if subaddress in _HELD_SUBADDRESSES:
+            return Route(EntryState.HELD), _Note(
+                "info",
+                "Holding {message_id} from {sender} to {list} -{subaddress} for later processing",
+            )
+        if subaddress not in (None, "owner"):
+            return Route(EntryState.HELD, error=f"unknown sub-address {subaddress!r}"), _Note(
+                "warn", "Holding {message_id} to {list}: unknown sub-address {subaddress}"
+            )
+        list_address = destination.list_address
+        if inline and subaddress is None:
+            known = self._list_sizes.get(list_address)
+            if known is not None and known > self._inline_limit:
+                return Route(), _DEFERRED
+        mlist = self._registry.get_list(list_address)
+        if mlist is None:
+            return Route(EntryState.FAILED, error="the list no longer exists"), _Note(
+                "warn", "{message_id} to {list}: the list no longer exists"
+            )
+        if subaddress is None:
+            kind = EntryKind.MEMBER
+            recipients = tuple(
+                m.address for m in self._registry.members(mlist.posting_address, enabled_only=True)
+            )
+            self._list_sizes[list_address] = len(recipients)
+            if inline and len(recipients) > self._inline_limit:
+                return Route(), _DEFERRED
+        else:
+            kind = EntryKind.OWNER
+            recipients = tuple(mlist.owners)
+            if not recipients:
+                return Route(EntryState.FAILED, error="the list has no owners"), _Note(
+                    "error", "{message_id} to {list}-owner: the list has no owners; dead-lettered"
+                )
+        return Route(EntryState.DONE, kind, recipients), _Note(
+            "info", "{message_id} from {sender} to {list}: {count} {kind} copies queued"
+        )
+
+    @staticmethod
+    def _log_route(note: _Note, route: Route, fields: dict[str, Any]) -> None:
+        if note is _DEFERRED:
+            return
+        if route.kind is not None:
+            fields = dict(fields, count=len(route.recipients), kind=route.kind.value)
+        getattr(log, note.level)(note.text, **fields)
+
     async def _route(
         self,
         entry: SpoolEntry,
         posts_seen: dict[tuple[int, str, str | None], int],
         updates: list[EntryUpdate],
     ) -> None:
+        """Route a claimed INBOUND entry: expand it, or record why not."""
         destination = entry.destination
         fields = dict(
-            message_id=entry.message_id, list=destination.list_address, sender=entry.sender
+            message_id=entry.message_id,
+            list=destination.list_address,
+            sender=entry.sender,
+            subaddress=destination.subaddress,
         )
-        subaddress = destination.subaddress
-        if subaddress in _HELD_SUBADDRESSES:
-            log.info(
-                "Holding {message_id} from {sender} to {list} -{subaddress} for later processing",
-                subaddress=subaddress,
-                **fields,
-            )
-            updates.append(EntryUpdate(entry.entry_id, EntryState.HELD))
-            return
-        if subaddress not in (None, "owner"):
-            log.warn(
-                "Holding {message_id} to {list}: unknown sub-address {subaddress}",
-                subaddress=subaddress,
-                **fields,
-            )
-            updates.append(
-                EntryUpdate(
-                    entry.entry_id, EntryState.HELD, error=f"unknown sub-address {subaddress!r}"
-                )
-            )
-            return
-        key = (entry.message_key, destination.list_address, subaddress)
-        if key in posts_seen:
+        key = (entry.message_key, destination.list_address, destination.subaddress)
+        if key in posts_seen and destination.subaddress in (None, "owner"):
             # The same RCPT twice in one LMTP transaction: one copy is enough.
-            log.info(
-                "{message_id} to {list}: duplicate of entry {original}, not sent twice",
-                original=posts_seen[key],
-                **fields,
-            )
+            log.info(_DUPLICATE, original=posts_seen[key], **fields)
             updates.append(EntryUpdate(entry.entry_id, EntryState.DONE))
             return
         posts_seen[key] = entry.entry_id
         try:
-            mlist = self._registry.get_list(destination.list_address)
-            if mlist is None:
-                log.warn("{message_id} to {list}: the list no longer exists", **fields)
-                updates.append(
-                    EntryUpdate(
-                        entry.entry_id,
-                        EntryState.FAILED,
-                        count_attempt=True,
-                        error="the list no longer exists",
-                    )
-                )
-                return
-            if subaddress is None:
-                kind = EntryKind.MEMBER
-                recipients = [
-                    m.address
-                    for m in self._registry.members(mlist.posting_address, enabled_only=True)
-                ]
-            else:
-                kind = EntryKind.OWNER
-                recipients = list(mlist.owners)
+            route, note = self._decide(destination, inline=False)
         except (RegistryError, RegistryUnavailable) as e:
             log.warn(
                 "{message_id} to {list}: cannot read the list ({error}); trying again in {delay}s",
@@ -640,32 +702,97 @@ class DeliveryRunner(service.Service):
             )
             updates.append(self._later(entry, f"cannot read the list: {e}"))
             return
-        if kind is EntryKind.OWNER and not recipients:
-            log.error(
-                "{message_id} to {list}-owner: the list has no owners; dead-lettered", **fields
-            )
+        if route.kind is None:
+            # FAILED counts as an attempt (dead-lettered); HELD does not.
             updates.append(
                 EntryUpdate(
                     entry.entry_id,
-                    EntryState.FAILED,
-                    count_attempt=True,
-                    error="the list has no owners",
+                    route.state,
+                    error=route.error,
+                    count_attempt=route.state is EntryState.FAILED,
                 )
             )
+            self._log_route(note, route, fields)
             return
         try:
-            ids = await self._spool.expand(entry.entry_id, recipients, kind)
+            await self._spool.expand(entry.entry_id, route.recipients, route.kind)
         except SpoolError as e:
             log.error(
                 "{message_id} to {list}: cannot queue its copies ({error})", error=str(e), **fields
             )
             updates.append(self._later(entry, f"cannot queue copies: {e}"))
             return
-        log.info(
-            "{message_id} from {sender} to {list}: {count} {kind} copies queued",
-            count=len(ids),
-            kind=kind.value,
-            **fields,
+        self._backlog = True  # the copies are QUEUED: claim them next
+        self._log_route(note, route, fields)
+
+    # -- storing new messages ---------------------------------------------------
+
+    def enqueue(self, envelope: Envelope, message: bytes) -> defer.Deferred[list[int]]:
+        """Store an accepted message and start delivering it (``IMessageStore``).
+
+        Posts to lists of at most ``inline_limit`` members, -owner mail and
+        mail to the command addresses are routed in the transaction that
+        stores the message (one fsync, as for the message alone); larger lists
+        are routed by a batch later.  When the runner has room for another
+        batch, what is to be delivered is stored in flight and delivered at
+        once, without waiting for a claim.  Fires with one entry id per
+        destination once the message is on stable storage, as
+        :meth:`ISpool.enqueue <mailrelay.interfaces.IMessageStore.enqueue>`.
+        """
+        return defer.Deferred.fromCoroutine(self._enqueue(envelope, message))
+
+    async def _enqueue(self, envelope: Envelope, message: bytes) -> list[int]:
+        if not isinstance(envelope, Envelope):
+            return await self._spool.enqueue(envelope, message)  # its error
+        plans = []
+        seen: dict[tuple[str, str | None], int] = {}
+
+        def key_of(destination: Destination) -> tuple[str, str | None]:
+            return destination.list_address, destination.subaddress
+
+        for index, destination in enumerate(envelope.destinations):
+            key = key_of(destination)
+            if key in seen and destination.subaddress in (None, "owner"):
+                plans.append((Route(EntryState.DONE), _Note("info", _DUPLICATE)))
+                continue
+            seen[key] = index
+            try:
+                plans.append(self._decide(destination, inline=True))
+            except (RegistryError, RegistryUnavailable):
+                plans.append((Route(), _DEFERRED))  # a batch routes it, retrying
+        routes = [route for route, _ in plans]
+        waiting = sum(
+            len(route.recipients) if route.kind is not None else 1
+            for route in routes
+            if route.kind is not None or route.state is EntryState.QUEUED
+        )
+        claim = bool(waiting) and self._has_room(waiting)
+        stored = await self._spool.store(envelope, message, routes, claim)
+        for index, (destination, (route, note)) in enumerate(
+            zip(envelope.destinations, plans, strict=True)
+        ):
+            fields = dict(
+                message_id=envelope.message_id,
+                list=destination.list_address,
+                sender=envelope.sender,
+                subaddress=destination.subaddress,
+                original=stored.entry_ids[seen.get(key_of(destination), index)],
+            )
+            self._log_route(note, route, fields)
+        if stored.claimed:
+            self._start_batch(list(stored.claimed))
+        elif waiting:
+            self.wake()
+        return list(stored.entry_ids)
+
+    def _has_room(self, entries: int) -> bool:
+        """Whether a batch of ``entries`` new entries may start at once."""
+        return (
+            self.running
+            and self._ready
+            and self._batches < _MAX_BATCHES
+            and entries <= self._batch_size
+            and self._breaker.state() == _Breaker.CLOSED
         )
 
     # -- delivering member and owner copies ------------------------------------

@@ -144,9 +144,9 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
     runner.setName("mailrelay-delivery")
     runner.setServiceParent(top)
     hostname = mta.effective_lmtp_hostname()
-    handler = InboundHandler(
-        registry, spool, hostname=hostname, clock=reactor, on_stored=runner.wake
-    )
+    # The runner stores what LMTP accepts: it routes each message in the
+    # transaction that stores it and starts delivering without a claim.
+    handler = InboundHandler(registry, runner, hostname=hostname, clock=reactor)
     factory = LMTPFactory(
         handler,
         hostname=hostname.encode("idna"),

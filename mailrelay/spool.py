@@ -30,7 +30,7 @@ import queue
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -40,7 +40,15 @@ from zope.interface import implementer
 from mailrelay._files import create_private_file
 from mailrelay.errors import SpoolError
 from mailrelay.interfaces import ISpool
-from mailrelay.model import Destination, EntryKind, EntryState, Envelope, SpoolEntry
+from mailrelay.model import (
+    Destination,
+    EntryKind,
+    EntryState,
+    Envelope,
+    Route,
+    SpoolEntry,
+    Stored,
+)
 
 __all__ = ["EntryUpdate", "MemorySpool", "SQLiteSpool", "SCHEMA_VERSION"]
 
@@ -90,6 +98,32 @@ def _check_enqueue(envelope: object, message: object) -> tuple[Envelope, bytes]:
     if not isinstance(message, bytes | bytearray | memoryview):
         raise TypeError(f"message must be bytes, not {type(message).__name__}")
     return envelope, bytes(message)
+
+
+def _check_routes(envelope: Envelope, routes: object, claim: object) -> list[Route]:
+    if not isinstance(claim, bool):
+        raise TypeError(f"claim must be a bool, not {claim!r}")
+    if routes is None:
+        return [_QUEUED] * len(envelope.destinations)
+    if isinstance(routes, str | bytes):
+        raise TypeError(f"routes must be a sequence of Route, not {routes!r}")
+    checked = list(routes)  # type: ignore[call-overload]
+    if len(checked) != len(envelope.destinations):
+        raise ValueError(
+            f"{len(checked)} routes for {len(envelope.destinations)} destinations: one each"
+        )
+    for index, route in enumerate(checked):
+        if not isinstance(route, Route):
+            raise TypeError(f"not a Route: {route!r}")
+        if route.kind is not None:
+            # As expand(): one copy per address, however often it is listed.
+            _, addresses, _ = _check_expand(0, route.recipients, route.kind)
+            if len(addresses) != len(route.recipients):
+                checked[index] = replace(route, recipients=tuple(addresses))
+    return checked
+
+
+_QUEUED = Route()
 
 
 def _check_updates(updates: Iterable[EntryUpdate]) -> list[EntryUpdate]:
@@ -283,6 +317,34 @@ def _entry_from_row(row: Sequence[Any]) -> SpoolEntry:
         message_id=message_id,
         kind=EntryKind(kind),
     )
+
+
+def _insert_copies(
+    db: sqlite3.Connection,
+    message_key: int,
+    list_address: str,
+    subaddress: str | None,
+    route: Route,
+    state: EntryState,
+    now: float,
+) -> int:
+    """Insert one ``route.kind`` entry per recipient; the id of the first.
+
+    One executemany rather than a statement per copy.  The ids are
+    consecutive: this connection is the only writer, and AUTOINCREMENT hands
+    out max(rowid, highest ever) + 1 for each row in turn.
+    """
+    assert route.kind is not None
+    db.executemany(
+        "INSERT INTO entries (message_key, list_address, subaddress, recipient,"
+        " state, kind, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [
+            (message_key, list_address, subaddress, address, state.value, route.kind.value, now)
+            for address in route.recipients
+        ],
+    )
+    (last,) = db.execute("SELECT last_insert_rowid()").fetchone()
+    return last - len(route.recipients) + 1
 
 
 def _is_disk_full(error: BaseException) -> bool:
@@ -520,26 +582,89 @@ class SQLiteSpool:
     # -- ISpool --------------------------------------------------------------
 
     def enqueue(self, envelope: Envelope, message: bytes) -> Deferred[list[int]]:
-        return _deferred_call(self._enqueue, envelope, message)
+        d = self.store(envelope, message)
+        d.addCallback(lambda stored: list(stored.entry_ids))
+        return d
 
-    def _enqueue(self, envelope: Envelope, message: bytes) -> Deferred[list[int]]:
+    def store(
+        self,
+        envelope: Envelope,
+        message: bytes,
+        routes: Sequence[Route] | None = None,
+        claim: bool = False,
+    ) -> Deferred[Stored]:
+        """Store ``message`` with one entry per destination, routed by ``routes``
+        (see :meth:`~mailrelay.interfaces.ISpool.store`), in one durable
+        transaction."""
+        return _deferred_call(self._store, envelope, message, routes, claim)
+
+    def _store(
+        self,
+        envelope: Envelope,
+        message: bytes,
+        routes: Sequence[Route] | None,
+        claim: bool,
+    ) -> Deferred[Stored]:
         envelope, data = _check_enqueue(envelope, message)
+        checked = _check_routes(envelope, routes, claim)
         now = self._reactor.seconds()
+        waiting = EntryState.INFLIGHT if claim else EntryState.QUEUED
 
-        def store(db: sqlite3.Connection) -> list[int]:
+        def store(db: sqlite3.Connection) -> Stored:
             key = db.execute(
                 "INSERT INTO messages (sender, message_id, received_at, peer, data)"
                 " VALUES (?, ?, ?, ?, ?)",
                 (envelope.sender, envelope.message_id, envelope.received_at, envelope.peer, data),
             ).lastrowid
-            return [
-                db.execute(
+            ids = []
+            claimed = []
+
+            def entry(entry_id: int, destination: Destination, kind: EntryKind) -> SpoolEntry:
+                return SpoolEntry(
+                    entry_id=entry_id,
+                    message_key=key,
+                    sender=envelope.sender,
+                    destination=destination,
+                    state=EntryState.INFLIGHT,
+                    received_at=envelope.received_at,
+                    message_id=envelope.message_id,
+                    kind=kind,
+                )
+
+            for destination, route in zip(envelope.destinations, checked, strict=True):
+                state = waiting if route.state is EntryState.QUEUED else route.state
+                entry_id = db.execute(
                     "INSERT INTO entries (message_key, list_address, subaddress, recipient,"
-                    " state, updated_at) VALUES (?, ?, ?, ?, 'queued', ?)",
-                    (key, d.list_address, d.subaddress, d.address, now),
+                    " state, last_error, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        key,
+                        destination.list_address,
+                        destination.subaddress,
+                        destination.address,
+                        state.value,
+                        route.error,
+                        now,
+                    ),
                 ).lastrowid
-                for d in envelope.destinations
-            ]
+                ids.append(entry_id)
+                if claim and state is EntryState.INFLIGHT:
+                    claimed.append(entry(entry_id, destination, EntryKind.INBOUND))
+                if route.kind is None or not route.recipients:
+                    continue
+                subaddress = _expanded_subaddress(route.kind)
+                first = _insert_copies(
+                    db, key, destination.list_address, subaddress, route, waiting, now
+                )
+                if claim:
+                    claimed.extend(
+                        entry(
+                            first + offset,
+                            Destination(destination.list_address, subaddress, address),
+                            route.kind,
+                        )
+                        for offset, address in enumerate(route.recipients)
+                    )
+            return Stored(tuple(ids), tuple(claimed))
 
         return self._submit("store a message", store)
 
@@ -643,16 +768,13 @@ class SQLiteSpool:
             message_key, list_address, _state, original_kind = row
             if original_kind != EntryKind.INBOUND.value:
                 raise _not_expandable(entry_id, EntryKind(original_kind))
-            insert = (
-                "INSERT INTO entries (message_key, list_address, subaddress, recipient,"
-                " state, kind, updated_at) VALUES (?, ?, ?, ?, 'queued', ?, ?)"
-            )
-            ids = [
-                db.execute(
-                    insert, (message_key, list_address, subaddress, address, kind.value, now)
-                ).lastrowid
-                for address in addresses
-            ]
+            ids = []
+            if addresses:
+                route = Route(EntryState.DONE, kind, tuple(addresses))
+                first = _insert_copies(
+                    db, message_key, list_address, subaddress, route, EntryState.QUEUED, now
+                )
+                ids = list(range(first, first + len(addresses)))
             db.execute(
                 "UPDATE entries SET state = 'done', next_attempt_at = NULL, updated_at = ?"
                 " WHERE id = ?",
@@ -863,20 +985,59 @@ class MemorySpool:
             return fail(e)
 
     def enqueue(self, envelope: Envelope, message: bytes) -> Deferred[list[int]]:
-        return self._write("store a message", self._enqueue, envelope, message)
+        return self._write(
+            "store a message", lambda: list(self._store(envelope, message, None, False).entry_ids)
+        )
 
-    def _enqueue(self, envelope: Envelope, message: bytes) -> list[int]:
+    def store(
+        self,
+        envelope: Envelope,
+        message: bytes,
+        routes: Sequence[Route] | None = None,
+        claim: bool = False,
+    ) -> Deferred[Stored]:
+        """Store ``message`` with one entry per destination, routed by ``routes``
+        (see :meth:`~mailrelay.interfaces.ISpool.store`)."""
+        return self._write("store a message", self._store, envelope, message, routes, claim)
+
+    def _store(
+        self,
+        envelope: Envelope,
+        message: bytes,
+        routes: Sequence[Route] | None,
+        claim: bool,
+    ) -> Stored:
         envelope, data = _check_enqueue(envelope, message)
+        checked = _check_routes(envelope, routes, claim)
+        now = self._clock.seconds()
+        waiting = EntryState.INFLIGHT if claim else EntryState.QUEUED
         key, self._next_key = self._next_key, self._next_key + 1
         self._messages[key] = (envelope, data)
         ids = []
-        for destination in envelope.destinations:
+        claimed = []
+
+        def add(destination: Destination, state: EntryState, kind: EntryKind, error="") -> int:
             entry_id, self._next_id = self._next_id, self._next_id + 1
-            self._entries[entry_id] = _MemoryEntry(
-                entry_id, key, destination, EntryState.QUEUED, updated_at=self._clock.seconds()
+            row = _MemoryEntry(
+                entry_id, key, destination, state, last_error=error, updated_at=now, kind=kind
             )
-            ids.append(entry_id)
-        return ids
+            self._entries[entry_id] = row
+            if claim and state is EntryState.INFLIGHT:
+                claimed.append(self._entry(row))
+            return entry_id
+
+        for destination, route in zip(envelope.destinations, checked, strict=True):
+            state = waiting if route.state is EntryState.QUEUED else route.state
+            ids.append(add(destination, state, EntryKind.INBOUND, route.error))
+            if route.kind is not None:
+                subaddress = _expanded_subaddress(route.kind)
+                for address in route.recipients:
+                    add(
+                        Destination(destination.list_address, subaddress, address),
+                        waiting,
+                        route.kind,
+                    )
+        return Stored(tuple(ids), tuple(claimed))
 
     def get_message(self, message_key: int) -> bytes:
         """The stored bytes of a message; ``KeyError`` if it is not (or no longer) spooled."""

@@ -326,14 +326,15 @@ class InboundHandlerTests(SynchronousTestCase):
         self.assertEqual(self.spool.stored, [])
 
     def test_log_fields(self):
-        """Accepted messages are logged with sender, recipient, list, message_id and
-        code, and the body never appears in the log."""
+        """An accepted message is logged once per transaction with sender,
+        recipients, entry ids, message_id and code, and the body never appears
+        in the log."""
         with capturedLogs() as events:
             self.successResultOf(self.handler.deliver(make_transaction()))
         (event,) = [e for e in events if e.get("code") == 250]
         self.assertEqual(event["sender"], "anne.person@example.com")
-        self.assertEqual(event["recipient"], "mylist@example.com")
-        self.assertEqual(event["list"], "mylist@example.com")
+        self.assertEqual(event["recipients"], "mylist@example.com")
+        self.assertEqual(event["entry_ids"], [1])
         self.assertEqual(event["message_id"], "<badger@example.com>")
         self.assertFalse(any("interesting message" in repr(e) for e in events))
 

@@ -6,6 +6,7 @@ import os
 import sqlite3
 import stat
 import time
+from unittest.mock import patch
 
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
@@ -277,6 +278,37 @@ class SQLiteRegistryStorageTests(SynchronousTestCase):
         self.assertEqual(
             again.members("test@example.com"), (Member("a@example.org", "Anne", False),)
         )
+
+    def test_cached_reads_see_changes_from_another_connection(self):
+        """get_list and members are cached, but a change committed through
+        another connection (the admin CLI) is seen by the next read."""
+        registry = self.open()
+        registry.create_list("test@example.com", "Test", ["owner@example.org"])
+        registry.add_members("test@example.com", ["a@example.org"])
+        first = registry.members("test@example.com", enabled_only=True)
+        self.assertIs(registry.members("test@example.com", enabled_only=True), first)
+        self.assertIs(registry.get_list("test@example.com"), registry.get_list("test@example.com"))
+        other = self.open()
+        other.add_members("test@example.com", ["b@example.org"])
+        other.create_list("new@example.com", "New")
+        self.assertEqual(
+            [m.address for m in registry.members("test@example.com", enabled_only=True)],
+            ["a@example.org", "b@example.org"],
+        )
+        self.assertEqual(registry.get_list("new@example.com").display_name, "New")
+        other.delete_list("new@example.com")
+        self.assertIsNone(registry.get_list("new@example.com"))
+
+    def test_large_member_lists_are_not_cached(self):
+        """Member lists beyond the cache's budget are read afresh, not kept in memory."""
+        registry = self.open()
+        registry.create_list("big@example.com")
+        registry.add_members("big@example.com", [f"m{i}@example.org" for i in range(20)])
+        with patch("mailrelay.registry._CACHED_MEMBERS", 10):
+            first = registry.members("big@example.com")
+            again = registry.members("big@example.com")
+        self.assertEqual(first, again)
+        self.assertIsNot(first, again)
 
     def test_newer_schema_refused(self):
         """A file written by a newer schema is refused with a clear message, not misread."""

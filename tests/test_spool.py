@@ -20,7 +20,7 @@ from zope.interface.verify import verifyObject
 import mailrelay
 from mailrelay.errors import SpoolError
 from mailrelay.interfaces import ISpool
-from mailrelay.model import Destination, EntryKind, EntryState, Envelope
+from mailrelay.model import Destination, EntryKind, EntryState, Envelope, Route
 from mailrelay.spool import (
     _CLAIM_QUEUED,
     _CLAIM_RETRY,
@@ -32,7 +32,8 @@ from mailrelay.spool import (
 )
 from tests.support import temp_dir
 
-POST = Destination("test@example.com", None, "test@example.com")
+LIST = "test@example.com"
+POST = Destination(LIST, None, "test@example.com")
 JOIN = Destination("test@example.com", "join", "test-join+x@example.com")
 
 
@@ -312,6 +313,100 @@ class SpoolContractMixin:
         self.assertEqual(await self.spool.expand(second, []), [])
         self.assertEqual(self.spool.counts()[EntryState.DONE], 2)
 
+    async def test_store_routes(self):
+        """store routes each destination's entry in the same transaction: left
+        QUEUED, expanded into copies (one per distinct address, the original
+        DONE), or stored HELD/FAILED with its reason."""
+        owner = Destination("test@example.com", "owner", "test-owner@example.com")
+        routes = [
+            Route(EntryState.DONE, EntryKind.MEMBER, ("a@example.org", "b@example.org", "a@x")),
+            Route(EntryState.HELD),
+            Route(EntryState.DONE, EntryKind.OWNER, ("boss@example.org",)),
+            Route(EntryState.FAILED, error="the list has no owners"),
+            Route(),
+            Route(EntryState.DONE, EntryKind.MEMBER, ("a@example.org", "a@example.org")),
+        ]
+        stored = await self.spool.store(
+            _envelope(POST, JOIN, owner, owner, POST, POST), b"the message", routes
+        )
+        self.assertEqual(stored.claimed, ())
+        entries = {e.entry_id: e for e in self.spool.entries()}
+        originals = [entries.pop(entry_id) for entry_id in stored.entry_ids]
+        self.assertEqual(
+            [(e.state, e.kind, e.destination, e.last_error) for e in originals],
+            [
+                (EntryState.DONE, EntryKind.INBOUND, POST, ""),
+                (EntryState.HELD, EntryKind.INBOUND, JOIN, ""),
+                (EntryState.DONE, EntryKind.INBOUND, owner, ""),
+                (EntryState.FAILED, EntryKind.INBOUND, owner, "the list has no owners"),
+                (EntryState.QUEUED, EntryKind.INBOUND, POST, ""),
+                (EntryState.DONE, EntryKind.INBOUND, POST, ""),
+            ],
+        )
+        self.assertEqual(
+            [(e.state, e.kind, e.destination) for e in entries.values()],
+            [
+                (EntryState.QUEUED, EntryKind.MEMBER, Destination(LIST, None, "a@example.org")),
+                (EntryState.QUEUED, EntryKind.MEMBER, Destination(LIST, None, "b@example.org")),
+                (EntryState.QUEUED, EntryKind.MEMBER, Destination(LIST, None, "a@x")),
+                (
+                    EntryState.QUEUED,
+                    EntryKind.OWNER,
+                    Destination(LIST, "owner", "boss@example.org"),
+                ),
+                (EntryState.QUEUED, EntryKind.MEMBER, Destination(LIST, None, "a@example.org")),
+            ],
+        )
+        self.assertEqual({e.message_key for e in self.spool.entries()}, {originals[0].message_key})
+        self.assertEqual(self.spool.get_message(originals[0].message_key), b"the message")
+
+    async def test_store_claim(self):
+        """With claim, what would be QUEUED is stored INFLIGHT and handed back,
+        exactly as the spool holds it; recover makes it QUEUED again."""
+        routes = [Route(EntryState.DONE, EntryKind.MEMBER, ("a@example.org", "b@example.org"))]
+        routes += [Route(EntryState.HELD), Route()]
+        stored = await self.spool.store(_envelope(POST, JOIN, POST), b"m", routes, claim=True)
+        by_id = {e.entry_id: e for e in self.spool.entries()}
+        self.assertEqual(len(stored.claimed), 3)
+        for entry in stored.claimed:
+            self.assertEqual(entry, by_id[entry.entry_id])
+            self.assertEqual(entry.state, EntryState.INFLIGHT)
+        self.assertEqual(
+            [(e.kind, e.destination.address) for e in stored.claimed],
+            [
+                (EntryKind.MEMBER, "a@example.org"),
+                (EntryKind.MEMBER, "b@example.org"),
+                (EntryKind.INBOUND, "test@example.com"),
+            ],
+        )
+        self.assertEqual(stored.claimed[2].entry_id, stored.entry_ids[2])
+        self.assertEqual(await self.spool.claim_due(0.0, 10), [])
+        self.assertEqual(await self.spool.recover(), 3)
+        self.assertEqual(len(await self.spool.claim_due(0.0, 10)), 3)
+
+    async def test_enqueue_is_store_without_routes(self):
+        """enqueue fires with the ids of QUEUED entries, as store without routes does."""
+        ids = await self.enqueue_one(POST, JOIN)
+        stored = await self.spool.store(_envelope(POST, JOIN), b"m")
+        self.assertEqual(len(stored.entry_ids), 2)
+        self.assertEqual(stored.claimed, ())
+        self.assertEqual(self.spool.counts()[EntryState.QUEUED], 4)
+        self.assertEqual(ids, sorted(ids))
+
+    async def test_store_bad_routes(self):
+        """A wrong number of routes, something else than a Route or a claim that is
+        not a bool fail the Deferred with a specific error; nothing is stored."""
+        with self.assertRaises(ValueError):
+            await self.spool.store(_envelope(POST, POST), b"m", [Route()])
+        with self.assertRaises(TypeError):
+            await self.spool.store(_envelope(POST), b"m", ["queued"])
+        with self.assertRaises(TypeError):
+            await self.spool.store(_envelope(POST), b"m", [Route()], claim="yes")
+        with self.assertRaises(TypeError):
+            routes = [Route(EntryState.DONE, EntryKind.MEMBER, ("",))]
+            await self.spool.store(_envelope(POST), b"m", routes)
+        self.assertEqual(self.spool.entries(), [])
+
     async def test_expand_only_once(self):
         """A DONE or deleted entry expands to nothing; a MEMBER entry is never expanded."""
         (post_id,) = await self.enqueue_one()
@@ -377,6 +472,23 @@ class SpoolContractMixin:
         await self.spool.close()
         with self.assertRaises(SpoolError):
             await self.enqueue_one()
+
+
+class RouteTests(SynchronousTestCase):
+    def test_invalid_routes(self):
+        """A Route stores an entry QUEUED, DONE, HELD or FAILED; only a DONE entry
+        expands, into MEMBER or OWNER copies; recipients need a kind."""
+        for bad in (
+            dict(state=EntryState.INFLIGHT),
+            dict(state=EntryState.RETRY),
+            dict(state="done"),
+            dict(state=EntryState.HELD, kind=EntryKind.MEMBER),
+            dict(state=EntryState.DONE, kind=EntryKind.INBOUND),
+            dict(state=EntryState.DONE, recipients=("a@example.org",)),
+        ):
+            with self.assertRaises(ValueError, msg=bad):
+                Route(**bad)
+        self.assertEqual(Route().state, EntryState.QUEUED)
 
 
 class EntryUpdateTests(SynchronousTestCase):

@@ -131,7 +131,9 @@ def _drop_fields(header_block: bytes, names: set[bytes]) -> bytes:
 class InboundHandler:
     """Accepts mail for the lists of ``registry`` and stores it in ``spool``.
 
-    ``hostname`` is the domain of Message-IDs this handler creates; ``clock``
+    ``spool`` is any :class:`~mailrelay.interfaces.IMessageStore`: an
+    ``ISpool``, or the delivery runner, which routes the message as it stores
+    it.  ``hostname`` is the domain of Message-IDs this handler creates; ``clock``
     (an ``IReactorTime``) dates the spooled envelopes.  ``on_stored``, if
     given, is called with no arguments after each message is spooled (the
     delivery runner's ``wake``), before the replies are sent.
@@ -243,14 +245,16 @@ class InboundHandler:
         for index, recipient in enumerate(recipients):
             queued = f": queued as {ids[index]}" if len(ids) == len(recipients) else ""
             replies.append(Reply(250, "2.0.0", f"<{recipient.address}> Ok{queued}"))
-            self._log.info(
-                "Accepted message {message_id} from {sender} for {recipient} (list {list})",
-                message_id=prepared.message_id,
-                sender=sender,
-                recipient=recipient.address,
-                list=getattr(recipient.token, "list_address", None),
-                code=250,
-            )
+        # One line per transaction: logging is a good part of the cost of a
+        # small message.
+        self._log.info(
+            "Accepted message {message_id} from {sender} for {recipients}",
+            message_id=prepared.message_id,
+            sender=sender,
+            recipients=", ".join(r.address for r in recipients),
+            entry_ids=ids,
+            code=250,
+        )
         return replies
 
 
