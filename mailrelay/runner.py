@@ -787,7 +787,7 @@ class DeliveryRunner(service.Service):
 
     def _has_room(self, entries: int) -> bool:
         """Whether a batch of ``entries`` new entries may start at once."""
-        return (
+        return bool(
             self.running
             and self._ready
             and self._batches < _MAX_BATCHES

@@ -20,6 +20,7 @@ from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
+from mailrelay.errors import RegistryUnavailable
 from mailrelay.interfaces import IMessageSender
 from mailrelay.lmtp import AcceptedRecipient, Transaction
 from mailrelay.lmtp.delivery import InboundHandler
@@ -259,6 +260,167 @@ class RoutingTests(RunnerCase):
         """The posting address given twice in one LMTP transaction is sent once per member."""
         self.enqueue(POST, POST)
         self.assertEqual(self.sender.recipients(), sorted(MEMBERS))
+
+
+class InlineRoutingTests(RoutingTests):
+    """RoutingTests again, with messages stored through the runner itself
+    (routed in the transaction that stores them) rather than by a batch."""
+
+    def enqueue(self, *destinations, message=MESSAGE, wake=True):
+        if not wake:
+            return super().enqueue(*destinations, message=message, wake=False)
+        envelope = Envelope(
+            "poster@example.org",
+            destinations or (POST,),
+            self.clock.seconds(),
+            message_id="<post@example.org>",
+        )
+        ids = self.successResultOf(self.runner.enqueue(envelope, message))
+        self.settle()
+        return ids
+
+
+class StoreTests(RunnerCase):
+    """DeliveryRunner.enqueue: routing while storing, and delivery without a claim."""
+
+    def store(self, *destinations, message=MESSAGE):
+        envelope = Envelope(
+            "poster@example.org",
+            destinations or (POST,),
+            self.clock.seconds(),
+            message_id="<post@example.org>",
+        )
+        return self.successResultOf(self.runner.enqueue(envelope, message))
+
+    def count_calls(self, obj, name):
+        calls = []
+        original = getattr(obj, name)
+
+        def counted(*args, **kwargs):
+            calls.append(args)
+            return original(*args, **kwargs)
+
+        setattr(obj, name, counted)
+        return calls
+
+    def test_post_stored_routed_and_delivered_without_a_claim(self):
+        """A post is stored with its member copies in one spool write and
+        delivered at once: no claim, no expand, one result write."""
+        claims = self.count_calls(self.spool, "claim_due")
+        expands = self.count_calls(self.spool, "expand")
+        updates = self.count_calls(self.spool, "update")
+        (post_id,) = self.store()
+        self.assertEqual(self.sender.recipients(), sorted(MEMBERS))
+        self.settle()
+        self.assertEqual((claims, expands, len(updates)), ([], [], 1))
+        post = [e for e in self.spool.entries() if e.entry_id == post_id][0]
+        self.assertEqual((post.state, post.kind), (EntryState.DONE, EntryKind.INBOUND))
+        self.assertEqual(self.states(), dict.fromkeys(MEMBERS, EntryState.DONE))
+
+    def test_fires_with_entry_ids_once_stored(self):
+        """The Deferred fires with one id per destination, in order, like ISpool.enqueue."""
+        ids = self.store(POST, OWNER)
+        self.assertEqual(len(ids), 2)
+        inbound = [e for e in self.spool.entries() if e.kind is EntryKind.INBOUND]
+        self.assertEqual([e.entry_id for e in inbound], ids)
+        self.assertEqual([e.destination for e in inbound], [POST, OWNER])
+
+    def test_large_list_is_expanded_by_a_batch(self):
+        """A post to a list larger than inline_limit is stored alone and expanded
+        by a batch; once its size is known, later posts skip the members lookup."""
+        self.runner = self.make_runner(inline_limit=2)
+        self.stop()
+        self.runner.startService()
+        lookups = self.count_calls(self.registry, "members")
+        expands = self.count_calls(self.spool, "expand")
+        self.store()
+        self.assertEqual(self.sender.recipients(), sorted(MEMBERS))
+        self.assertEqual((len(lookups), len(expands)), (2, 1))
+        self.store()
+        self.assertEqual((len(lookups), len(expands)), (3, 2))
+        self.assertEqual(len(self.sender.recipients()), 2 * len(MEMBERS))
+
+    def test_copies_wait_in_the_queue_when_the_runner_is_busy(self):
+        """With two batches in flight, a third post's copies are stored QUEUED and
+        claimed once a batch finishes: nothing waits in memory."""
+        self.sender.hold = True
+        self.store()
+        self.store()
+        self.store()
+        self.assertEqual(len(self.sender.held), 2)
+        counts = self.spool.counts()
+        self.assertEqual((counts[EntryState.INFLIGHT], counts[EntryState.QUEUED]), (6, 3))
+        self.sender.hold = False
+        while self.sender.held:
+            self.sender.release()
+            self.settle()
+        self.assertEqual(self.spool.counts()[EntryState.DONE], 12)
+        self.assertEqual(len(self.sender.recipients()), 9)
+
+    def test_stored_while_stopped_is_delivered_after_start(self):
+        """A stopped runner still stores (QUEUED, nothing in flight); it delivers after start."""
+        self.stop()
+        self.store()
+        self.assertEqual(self.spool.counts()[EntryState.QUEUED], 3)
+        self.assertEqual(self.sender.sent, [])
+        self.runner = self.make_runner()
+        self.runner.startService()
+        self.settle()
+        self.assertEqual(self.sender.recipients(), sorted(MEMBERS))
+
+    def test_claimed_copies_survive_a_crash(self):
+        """Copies stored in flight for delivery are sent again after a crash:
+        the next runner's start queues them again."""
+        self.sender.hold = True
+        self.store()
+        self.assertEqual(self.spool.counts()[EntryState.INFLIGHT], 3)
+        # The process dies: the held transaction never answers.
+        self.sender = ScriptedSender()
+        self.runner = self.make_runner()
+        self.runner.startService()
+        self.settle()
+        self.assertEqual(self.sender.recipients(), sorted(MEMBERS))
+        self.assertEqual(self.states(), dict.fromkeys(MEMBERS, EntryState.DONE))
+
+    def test_registry_trouble_leaves_the_post_to_a_batch(self):
+        """If the registry cannot be read while storing, the message is still
+        stored (and acknowledged); a batch routes it once the registry is back."""
+        get_list = self.registry.get_list
+        calls = []
+
+        def broken(address):
+            calls.append(address)
+            if len(calls) <= 2:
+                raise RegistryUnavailable("database is locked")
+            return get_list(address)
+
+        self.registry.get_list = broken
+        (post_id,) = self.store()
+        self.assertEqual(self.sender.sent, [])
+        (post,) = self.spool.entries()
+        self.assertEqual((post.entry_id, post.state), (post_id, EntryState.RETRY))
+        self.advance(60)
+        self.assertEqual(self.sender.recipients(), sorted(MEMBERS))
+
+    def test_routing_logged_once(self):
+        """Storing a post logs how many copies were queued, once."""
+        with capturedLogs() as events:
+            self.store()
+        lines = [e["log_format"] for e in events if "copies queued" in e["log_format"]]
+        self.assertEqual(len(lines), 1)
+        (event,) = [e for e in events if "copies queued" in e["log_format"]]
+        self.assertEqual((event["count"], event["kind"]), (3, "member"))
+
+    def test_bad_envelope(self):
+        """Something that is not an Envelope fails as the spool says, storing nothing."""
+        self.failureResultOf(self.runner.enqueue(("a@example.org", [POST]), b"x"), TypeError)
+        self.assertEqual(self.spool.entries(), [])
+
+    def test_bad_inline_limit(self):
+        """inline_limit is an int >= 0."""
+        for bad in (-1, 1.5, True, None):
+            with self.assertRaises(ValueError, msg=bad):
+                self.make_runner(inline_limit=bad)
 
 
 class FanOutTests(RunnerCase):
