@@ -104,6 +104,9 @@ class _Note:
 
 # A post left for a batch to route: that batch logs what it does.
 _DEFERRED = _Note("debug", "")
+_STORED_FOR_BATCH = _Note(
+    "info", "{message_id} from {sender} to {list}: stored, to be expanded by a delivery batch"
+)
 
 
 class _Breaker:
@@ -777,7 +780,11 @@ class DeliveryRunner(service.Service):
                 sender=envelope.sender,
                 subaddress=destination.subaddress,
                 original=stored.entry_ids[seen.get(key_of(destination), index)],
+                entry_id=stored.entry_ids[index],
+                code=250,
             )
+            if note is _DEFERRED:
+                note = _STORED_FOR_BATCH
             self._log_route(note, route, fields)
         if stored.claimed:
             self._start_batch(list(stored.claimed))

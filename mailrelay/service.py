@@ -146,7 +146,7 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
     hostname = mta.effective_lmtp_hostname()
     # The runner stores what LMTP accepts: it routes each message in the
     # transaction that stores it and starts delivering without a claim.
-    handler = InboundHandler(registry, runner, hostname=hostname, clock=reactor)
+    handler = InboundHandler(registry, runner, hostname=hostname, clock=reactor, log_accepted=False)
     factory = LMTPFactory(
         handler,
         hostname=hostname.encode("idna"),

@@ -338,6 +338,20 @@ class InboundHandlerTests(SynchronousTestCase):
         self.assertEqual(event["message_id"], "<badger@example.com>")
         self.assertFalse(any("interesting message" in repr(e) for e in events))
 
+    def test_log_accepted_false(self):
+        """With log_accepted=False the store logs what it did; the handler does not."""
+        handler = InboundHandler(
+            self.registry,
+            self.spool,
+            hostname="lists.example.com",
+            clock=self.clock,
+            log_accepted=False,
+        )
+        with capturedLogs() as events:
+            self.successResultOf(handler.deliver(make_transaction()))
+        self.assertEqual([e for e in events if e.get("code") == 250], [])
+        self.assertEqual(len(self.spool.stored), 1)
+
     def test_rejects_bad_hostname(self):
         """The Message-ID host name must be a non-empty str."""
         with self.assertRaises(ValueError):

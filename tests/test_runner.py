@@ -336,9 +336,12 @@ class StoreTests(RunnerCase):
         self.store()
         self.assertEqual(self.sender.recipients(), sorted(MEMBERS))
         self.assertEqual((len(lookups), len(expands)), (2, 1))
-        self.store()
+        with capturedLogs() as events:
+            self.store()
         self.assertEqual((len(lookups), len(expands)), (3, 2))
         self.assertEqual(len(self.sender.recipients()), 2 * len(MEMBERS))
+        (stored,) = [e for e in events if e.get("code") == 250]
+        self.assertIn("to be expanded by a delivery batch", stored["log_format"])
 
     def test_copies_wait_in_the_queue_when_the_runner_is_busy(self):
         """With two batches in flight, a third post's copies are stored QUEUED and

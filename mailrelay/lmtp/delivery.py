@@ -136,7 +136,9 @@ class InboundHandler:
     it.  ``hostname`` is the domain of Message-IDs this handler creates; ``clock``
     (an ``IReactorTime``) dates the spooled envelopes.  ``on_stored``, if
     given, is called with no arguments after each message is spooled (the
-    delivery runner's ``wake``), before the replies are sent.
+    delivery runner's ``wake``), before the replies are sent.  Each accepted
+    transaction is logged unless ``log_accepted`` is false (the delivery
+    runner, used as the store, logs what became of every recipient).
     """
 
     _log = Logger()
@@ -149,6 +151,7 @@ class InboundHandler:
         hostname: str,
         clock,
         on_stored: Callable[[], object] | None = None,
+        log_accepted: bool = True,
     ):
         if not isinstance(hostname, str) or not hostname:
             raise ValueError(f"hostname must be a non-empty str, not {hostname!r}")
@@ -159,6 +162,7 @@ class InboundHandler:
         self._hostname = hostname
         self._clock = clock
         self._on_stored = on_stored
+        self._log_accepted = bool(log_accepted)
 
     def validate_recipient(self, sender: str, recipient: str):
         """The registry's :class:`~mailrelay.model.Destination` for ``recipient``.
@@ -245,16 +249,17 @@ class InboundHandler:
         for index, recipient in enumerate(recipients):
             queued = f": queued as {ids[index]}" if len(ids) == len(recipients) else ""
             replies.append(Reply(250, "2.0.0", f"<{recipient.address}> Ok{queued}"))
-        # One line per transaction: logging is a good part of the cost of a
-        # small message.
-        self._log.info(
-            "Accepted message {message_id} from {sender} for {recipients}",
-            message_id=prepared.message_id,
-            sender=sender,
-            recipients=", ".join(r.address for r in recipients),
-            entry_ids=ids,
-            code=250,
-        )
+        # One line per transaction (none when the store logs what it did with
+        # each recipient): logging is a good part of the cost of a small message.
+        if self._log_accepted:
+            self._log.info(
+                "Accepted message {message_id} from {sender} for {recipients}",
+                message_id=prepared.message_id,
+                sender=sender,
+                recipients=", ".join(r.address for r in recipients),
+                entry_ids=ids,
+                code=250,
+            )
         return replies
 
 
