@@ -9,6 +9,7 @@ would refold headers and re-encode parts, which can break DKIM signatures.)
 
 from __future__ import annotations
 
+import functools
 import re
 from email.utils import formataddr
 from urllib.parse import quote
@@ -84,5 +85,10 @@ def add_list_headers(message: bytes, mlist: MailingList) -> bytes:
         raise TypeError(f"message must be bytes, not {type(message).__name__}")
     if not isinstance(mlist, MailingList):
         raise TypeError(f"mlist must be a MailingList, not {mlist!r}")
-    fields = b"".join(f"{name}: {value}\r\n".encode() for name, value in list_headers(mlist))
-    return fields + _strip_replaced_fields(bytes(message))
+    return _header_block(mlist) + _strip_replaced_fields(bytes(message))
+
+
+@functools.lru_cache(maxsize=256)
+def _header_block(mlist: MailingList) -> bytes:
+    # The same for every post to the list: built once, not per message.
+    return b"".join(f"{name}: {value}\r\n".encode() for name, value in list_headers(mlist))

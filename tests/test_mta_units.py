@@ -31,6 +31,12 @@ class PrepareMessageTests(SynchronousTestCase):
         """Bare LF and bare CR become CRLF; CRLF stays CRLF (never CR CR LF)."""
         self.assertEqual(prepare_message(b"a\nb\r\nc\rd").data, b"a\r\nb\r\nc\r\nd\r\n")
 
+    def test_crlf_input(self):
+        """Input that already has CRLF line ends is kept as it is, and still stuffed."""
+        self.assertEqual(prepare_message(b"a\r\nb\r\n").data, b"a\r\nb\r\n")
+        self.assertEqual(prepare_message(b"a\r\n.\r\nb").data, b"a\r\n..\r\nb\r\n")
+        self.assertEqual(prepare_message(b"a\r\r\nb\r\n").data, b"a\r\n\r\nb\r\n")
+
     def test_str_and_message_inputs(self):
         """str is UTF-8 encoded; an email.message.Message is serialised without Bcc."""
         self.assertEqual(

@@ -73,9 +73,15 @@ def prepare_message(message: bytes | str | Message | WireMessage) -> WireMessage
         raise TypeError(
             f"message must be bytes, str or email.message.Message, not {type(message).__name__}"
         )
-    raw = _LINE_END.sub(b"\r\n", raw)
+    # The regular expressions rebuild the whole message even when there is
+    # nothing to change; spooled messages already have CRLF line ends and
+    # rarely a leading dot, which these C-speed counts find out.
+    crlf = raw.count(b"\r\n")
+    if raw.count(b"\r") != crlf or raw.count(b"\n") != crlf:
+        raw = _LINE_END.sub(b"\r\n", raw)
     if raw and not raw.endswith(b"\r\n"):
         raw += b"\r\n"
-    return WireMessage(
-        data=_LEADING_DOT.sub(b"..", raw), size=len(raw), eight_bit=not raw.isascii()
-    )
+    data = raw
+    if raw.startswith(b".") or b"\n." in raw:
+        data = _LEADING_DOT.sub(b"..", raw)
+    return WireMessage(data=data, size=len(raw), eight_bit=not raw.isascii())
