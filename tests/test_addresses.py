@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailrelay.addresses import check_list_address, resolve_recipient
+from mailrelay.addresses import _check_mailbox, check_list_address, check_mailbox, resolve_recipient
 from mailrelay.errors import InvalidAddress, RegistryUnavailable
 from mailrelay.model import CANONICAL_SUBADDRESS, SUBADDRESSES, Destination
 
@@ -208,3 +208,45 @@ class CheckListAddressTests(SynchronousTestCase):
         for address in ("", "test", "a@b@c", "test@", None):
             with self.subTest(address=address):
                 self.assertRaises(InvalidAddress, check_list_address, address)
+
+
+class CheckMailboxShortcutTests(SynchronousTestCase):
+    """check_mailbox answers the everyday address with one regular expression;
+    it must agree with the whole grammar on every input."""
+
+    @given(
+        st.text(
+            alphabet=st.sampled_from(list('ab.-_+@"\\ []:\r\n<>é9')) | st.characters(),
+            max_size=30,
+        )
+    )
+    def test_shortcut_agrees_with_grammar(self, address):
+        """Valid and invalid alike, check_mailbox and the full check agree."""
+        self.assertEqual(_verdict(check_mailbox, address), _verdict(_check_mailbox, address))
+
+    def test_examples(self):
+        """A few addresses at the edges of the shortcut."""
+        for address, valid in (
+            ("anne@example.com", True),
+            ("a.b+c@x-y.example", True),
+            ("a..b@example.com", False),
+            ("a@-x.example", False),
+            ("a@example..com", False),
+            ("a@" + "x" * 63 + ".example", True),
+            ("a@" + "x" * 64 + ".example", False),
+            ("x" * 250 + "@a.b", True),
+            ("x" * 251 + "@a.b", False),
+            ('"a b"@example.com', True),
+            ("josé@example.com", True),
+            ("a@[192.0.2.1]", True),
+        ):
+            self.assertEqual(_verdict(check_mailbox, address), valid, address)
+            self.assertEqual(_verdict(_check_mailbox, address), valid, address)
+
+
+def _verdict(check, address):
+    try:
+        check(address)
+    except InvalidAddress:
+        return False
+    return True
