@@ -260,7 +260,7 @@ class DeliveryRunner(service.Service):
         max_backoff: float = 4000.0,
         verp: bool = False,
         devmode_recipient: str | None = None,
-        batch_size: int = 200,
+        batch_size: int = 1000,
         random: _random.Random | None = None,
         max_parallel: int | None = None,
         breaker_min_delay: float = 30.0,
