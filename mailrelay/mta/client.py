@@ -121,6 +121,11 @@ class RelayClient(smtp.ESMTPClient):
     # into exception text: keep it off.
     debug = False
 
+    # ESMTPClient routes every attribute assignment through a Python
+    # __setattr__ that only exists to warn about the deprecated ``tlsMode``
+    # (never used here); some 90 assignments per transaction add up.
+    __setattr__ = object.__setattr__
+
     def __init__(
         self,
         *,
