@@ -1,9 +1,11 @@
 """The durable spool: accepted messages and one entry per accepted recipient.
 
 Entries move QUEUED -> INFLIGHT -> DONE/RETRY/FAILED/HELD.  A post is stored
-as one INBOUND entry; the delivery runner replaces it, in one transaction
-(:meth:`SQLiteSpool.expand`), by one MEMBER entry per member, each of which is
-then delivered, retried and dead-lettered on its own.  Delivery is
+as one INBOUND entry, which is replaced by one MEMBER entry per member, each of
+which is then delivered, retried and dead-lettered on its own: either in the
+transaction that stores it (:meth:`SQLiteSpool.store` with routes, which can
+also hand the new entries to the caller INFLIGHT, saving a claim) or later by
+the delivery runner (:meth:`SQLiteSpool.expand`).  Delivery is
 at-least-once: an entry that was INFLIGHT when the process died is QUEUED
 again by :meth:`~mailrelay.interfaces.ISpool.recover` and sent again, but an
 entry the smarthost accepted is DONE and is never sent twice in normal
