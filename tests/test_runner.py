@@ -20,7 +20,7 @@ from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
-from mailrelay.errors import RegistryUnavailable
+from mailrelay.errors import RegistryUnavailable, SpoolError
 from mailrelay.interfaces import IMessageSender
 from mailrelay.lmtp import AcceptedRecipient, Transaction
 from mailrelay.lmtp.delivery import InboundHandler
@@ -262,6 +262,15 @@ class RoutingTests(RunnerCase):
         self.assertEqual(self.sender.recipients(), sorted(MEMBERS))
 
 
+def _post_envelope(clock, *destinations):
+    return Envelope(
+        "poster@example.org",
+        destinations or (POST,),
+        clock.seconds(),
+        message_id="<post@example.org>",
+    )
+
+
 class InlineRoutingTests(RoutingTests):
     """RoutingTests again, with messages stored through the runner itself
     (routed in the transaction that stores them) rather than by a batch."""
@@ -413,6 +422,18 @@ class StoreTests(RunnerCase):
         self.assertEqual(len(lines), 1)
         (event,) = [e for e in events if "copies queued" in e["log_format"]]
         self.assertEqual((event["count"], event["kind"]), (3, "member"))
+
+    def test_spool_failure_fails_the_store(self):
+        """When the spool cannot store the message, enqueue fails with its
+        SpoolError (the LMTP policy answers 4xx) and nothing is in flight."""
+        self.spool.store = lambda *args, **kwargs: defer.fail(
+            SpoolError("spool: disk full", disk_full=True)
+        )
+        failure = self.failureResultOf(self.runner.enqueue(_post_envelope(self.clock), MESSAGE))
+        self.assertTrue(failure.value.disk_full)
+        self.settle()
+        self.assertEqual(self.sender.sent, [])
+        self.successResultOf(self.runner.when_idle())
 
     def test_bad_envelope(self):
         """Something that is not an Envelope fails as the spool says, storing nothing."""
