@@ -116,6 +116,15 @@ class ScriptedSender:
         return sorted(r for s in self.sent for r in s.rcpts)
 
 
+def _post_envelope(clock, *destinations):
+    return Envelope(
+        "poster@example.org",
+        destinations or (POST,),
+        clock.seconds(),
+        message_id="<post@example.org>",
+    )
+
+
 class RunnerCase(SynchronousTestCase):
     """A started runner over MemorySpool, MemoryRegistry and a ScriptedSender."""
 
@@ -161,12 +170,7 @@ class RunnerCase(SynchronousTestCase):
         self.settle()
 
     def enqueue(self, *destinations, message=MESSAGE, wake=True):
-        envelope = Envelope(
-            "poster@example.org",
-            destinations or (POST,),
-            self.clock.seconds(),
-            message_id="<post@example.org>",
-        )
+        envelope = _post_envelope(self.clock, *destinations)
         ids = self.successResultOf(self.spool.enqueue(envelope, message))
         if wake:
             self.runner.wake()
@@ -262,15 +266,6 @@ class RoutingTests(RunnerCase):
         self.assertEqual(self.sender.recipients(), sorted(MEMBERS))
 
 
-def _post_envelope(clock, *destinations):
-    return Envelope(
-        "poster@example.org",
-        destinations or (POST,),
-        clock.seconds(),
-        message_id="<post@example.org>",
-    )
-
-
 class InlineRoutingTests(RoutingTests):
     """RoutingTests again, with messages stored through the runner itself
     (routed in the transaction that stores them) rather than by a batch."""
@@ -278,12 +273,7 @@ class InlineRoutingTests(RoutingTests):
     def enqueue(self, *destinations, message=MESSAGE, wake=True):
         if not wake:
             return super().enqueue(*destinations, message=message, wake=False)
-        envelope = Envelope(
-            "poster@example.org",
-            destinations or (POST,),
-            self.clock.seconds(),
-            message_id="<post@example.org>",
-        )
+        envelope = _post_envelope(self.clock, *destinations)
         ids = self.successResultOf(self.runner.enqueue(envelope, message))
         self.settle()
         return ids
@@ -293,12 +283,7 @@ class StoreTests(RunnerCase):
     """DeliveryRunner.enqueue: routing while storing, and delivery without a claim."""
 
     def store(self, *destinations, message=MESSAGE):
-        envelope = Envelope(
-            "poster@example.org",
-            destinations or (POST,),
-            self.clock.seconds(),
-            message_id="<post@example.org>",
-        )
+        envelope = _post_envelope(self.clock, *destinations)
         return self.successResultOf(self.runner.enqueue(envelope, message))
 
     def count_calls(self, obj, name):
