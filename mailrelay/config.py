@@ -458,6 +458,7 @@ class MTASettings:
     retry_min_backoff: float
     retry_max_backoff: float
     verp_delivery: bool
+    keep_delivered: float
 
     def effective_lmtp_hostname(self) -> str:
         """The name in the LMTP greeting: ``lmtp_hostname``, else this host's FQDN (may do DNS)."""
@@ -801,6 +802,14 @@ _SCHEMA: tuple[_Key, ...] = (
         "Send each member a separate copy with a VERP envelope sender "
         "(list-bounces+member=domain@...).",
         _plain(parse_bool),
+    ),
+    _Key(
+        "mta",
+        "keep_delivered",
+        "7d",
+        "How long delivered entries stay in the spool (shown by mailrelay queue) "
+        "before they are purged; 0 purges them at the next hourly clean-up.",
+        _plain(parse_duration),
     ),
     _Key(
         "devmode",

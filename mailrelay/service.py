@@ -140,6 +140,7 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
         min_backoff=mta.retry_min_backoff,
         max_backoff=mta.retry_max_backoff,
         verp=mta.verp_delivery,
+        keep_done=mta.keep_delivered,
     )
     runner.setName("mailrelay-delivery")
     runner.setServiceParent(top)

@@ -237,6 +237,7 @@ EXPECTED_MTA_DEFAULTS = {
     "retry_min_backoff": 300.0,
     "retry_max_backoff": 4000.0,
     "verp_delivery": False,
+    "keep_delivered": 7 * 86400.0,
 }
 
 
@@ -467,6 +468,7 @@ class ErrorMessageTests(_FileMixin, SynchronousTestCase):
         ("mta", "retry_min_backoff", "0", "greater than zero"),
         ("mta", "retry_max_backoff", "x", "not a duration"),
         ("mta", "verp_delivery", "perhaps", "not a boolean"),
+        ("mta", "keep_delivered", "-1d", "not a duration"),
         ("devmode", "enabled", "y", "not a boolean"),
         ("devmode", "recipient", "not-a-mailbox", "not a valid mailbox"),
     ]

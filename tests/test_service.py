@@ -184,6 +184,16 @@ class LoopTests(RelayCase):
 
         return as_deferred(go())
 
+    def test_settings_reach_the_runner(self):
+        """[mta] keep_delivered and the delivery settings are the runner's."""
+
+        async def go():
+            await self.start_relay(keep_delivered="2h", verp_delivery="yes")
+            runner = self.service.getServiceNamed("mailrelay-delivery")
+            self.assertEqual((runner._keep_done, runner._verp), (7200.0, True))
+
+        return as_deferred(go())
+
     def test_cli_changes_seen_by_running_service(self):
         """A list created with the CLI (another SQLite connection) is accepted at the next RCPT,
         and a deleted one is refused, without a restart."""
