@@ -431,12 +431,13 @@ class SQLiteRegistry:
             query += " AND delivery_enabled"
         key = ("enabled" if enabled_only else "members", list_address)
         with self._errors(f"reading the members of {list_address}"):
+            self._refresh()
+            if key in self._cache:
+                return self._cache[key]
             # One read transaction, so the existence check and the rows agree.
             self._db.execute("BEGIN")
             try:
                 self._refresh()
-                if key in self._cache:
-                    return self._cache[key]
                 self._require(list_address)
                 rows = self._db.execute(query + " ORDER BY address", (list_address,)).fetchall()
             finally:
