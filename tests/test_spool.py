@@ -161,6 +161,43 @@ class SpoolContractMixin:
             (EntryState.DONE, 2, first, None, "451 try later"),
         )
 
+    async def test_update_mixed_batch(self):
+        """Each entry of a batch gets its own transition, however many share one
+        (more than one statement's worth here), and an entry listed twice ends
+        as its last update says."""
+        ids = await self.enqueue_one(*[POST] * 1203)
+        updates = [EntryUpdate(i, EntryState.DONE, count_attempt=True) for i in ids[:1200]]
+        updates += [
+            EntryUpdate(ids[1200], EntryState.RETRY, 50.0, "451 later", True),
+            EntryUpdate(ids[1201], EntryState.FAILED, error="550 gone", count_attempt=True),
+            EntryUpdate(ids[1202], EntryState.RETRY, 60.0, "451 later", True),
+            EntryUpdate(ids[1202], EntryState.DONE, count_attempt=True),
+        ]
+        self.assertEqual(await self.spool.update(updates), 1203 + 1)
+        by_id = {e.entry_id: e for e in self.spool.entries()}
+        self.assertEqual(
+            {(by_id[i].state, by_id[i].attempts) for i in ids[:1200]}, {(EntryState.DONE, 1)}
+        )
+        self.assertEqual(
+            [
+                (by_id[i].state, by_id[i].next_attempt_at, by_id[i].last_error, by_id[i].attempts)
+                for i in ids[1200:]
+            ],
+            [
+                (EntryState.RETRY, 50.0, "451 later", 1),
+                (EntryState.FAILED, None, "550 gone", 1),
+                (EntryState.DONE, None, "451 later", 2),
+            ],
+        )
+
+    async def test_claim_many(self):
+        """A claim of more entries than one statement's worth takes them all, in order."""
+        ids = await self.enqueue_one(*[POST] * 1100)
+        claimed = await self.spool.claim_due(0.0, 1050)
+        self.assertEqual([e.entry_id for e in claimed], ids[:1050])
+        self.assertEqual(self.spool.counts()[EntryState.INFLIGHT], 1050)
+        self.assertEqual(self.spool.counts()[EntryState.QUEUED], 50)
+
     async def test_update_unknown_entries_skipped(self):
         """Updates for entries that no longer exist are skipped, not fatal to the batch."""
         (entry_id,) = await self.enqueue_one()
