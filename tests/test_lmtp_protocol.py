@@ -460,8 +460,8 @@ class PipeliningTests(ServerTestMixin, SynchronousTestCase):
 
     def test_input_waits_for_delivery(self):
         """Commands pipelined after the final "." (a second transaction, QUIT) are
-        answered only after the first message's per-recipient replies, and reading
-        from the client is paused meanwhile."""
+        answered only after the first message's per-recipient replies; they wait
+        in memory, without pausing the transport."""
         handler = FakeHandler(hold=True)
         server, transport = self.make_server(handler=handler)
         self.replies(transport)
@@ -472,7 +472,7 @@ class PipeliningTests(ServerTestMixin, SynchronousTestCase):
         )
         server.dataReceived(b"QUIT\r\n")
         self.assertEqual(self.replies(transport)[-4:], [SENDER_OK, RCPT_OK, RCPT_OK, GO_AHEAD])
-        self.assertEqual(transport.producerState, "paused")
+        self.assertEqual(transport.producerState, "producing")
 
         handler.pending[0].callback(handler.accepted(handler.transactions[0]))
         self.assertEqual(
@@ -485,7 +485,7 @@ class PipeliningTests(ServerTestMixin, SynchronousTestCase):
                 GO_AHEAD,
             ],
         )
-        self.assertEqual(transport.producerState, "paused")
+        self.assertEqual(transport.producerState, "producing")
         handler.pending[1].callback(handler.accepted(handler.transactions[1]))
         self.assertEqual(
             self.replies(transport),
@@ -495,6 +495,24 @@ class PipeliningTests(ServerTestMixin, SynchronousTestCase):
             ],
         )
         self.assertTrue(transport.disconnecting)
+
+    def test_reading_pauses_when_much_input_waits(self):
+        """Past 64 KiB of input waiting for a delivery, reading from the client
+        pauses; it resumes, and the input is answered, once the delivery is done."""
+        handler = FakeHandler(hold=True)
+        server, transport = self.make_server(handler=handler)
+        server.dataReceived(b"LHLO x\r\n" + transaction(recipients=("a@example.com",)))
+        self.replies(transport)
+        server.dataReceived(b"NOOP\r\n" * 5000)
+        self.assertEqual(transport.producerState, "producing")
+        server.dataReceived(b"NOOP\r\n" * 8000)
+        self.assertEqual(transport.producerState, "paused")
+        self.assertEqual(self.replies(transport), [])
+        handler.pending[0].callback(handler.accepted(handler.transactions[0]))
+        self.assertEqual(transport.producerState, "producing")
+        replies = self.replies(transport)
+        self.assertEqual(len(replies), 1 + 13000)
+        self.assertEqual(set(replies[1:]), {b"250 2.0.0 Ok"})
 
     def test_byte_by_byte(self):
         """A session fed one byte at a time gives the same replies and message as one write."""
