@@ -513,7 +513,6 @@ class SQLiteSpool:
 
     def _transaction(self, requests: list[_Request]) -> tuple[list[_Outcome], _Outcome | None]:
         db = self._writer
-        results: list[_Outcome] = []
         durable = any(request.durable for request in requests)
         try:
             if durable != self._synced:
@@ -521,6 +520,28 @@ class SQLiteSpool:
                 # later durable commit syncs the earlier frames of the WAL too.
                 db.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
                 self._synced = durable
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                results = [(request, True, request.operation(db)) for request in requests]
+            except Exception:
+                # Requests almost never fail, so they first run without a
+                # savepoint each; when one does, run them all again, isolated.
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                return self._isolated(requests)
+            db.execute("COMMIT")
+        except sqlite3.Error as e:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            return [(request, False, e) for request in requests], None
+        self.commit_count += 1
+        return results, None
+
+    def _isolated(self, requests: list[_Request]) -> tuple[list[_Outcome], _Outcome | None]:
+        """Run ``requests`` in one transaction, each in a savepoint of its own."""
+        db = self._writer
+        results: list[_Outcome] = []
+        try:
             db.execute("BEGIN IMMEDIATE")
             for request in requests:
                 # A savepoint per request: one failing request leaves the
