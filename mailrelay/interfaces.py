@@ -61,6 +61,10 @@ class IListRegistry(Interface):
     def members(list_address, enabled_only=False):
         """The list's members sorted by address; ``RegistryError`` for an unknown list."""
 
+    def member_count(list_address):
+        """How many members the list has (delivery enabled or not), without
+        reading them; ``RegistryError`` for an unknown list."""
+
     def record_bounce(list_address, address, code, response, at):
         """Record that the smarthost refused ``address`` permanently.
 

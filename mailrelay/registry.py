@@ -202,6 +202,9 @@ class MemoryRegistry:
         keys = [(address, _lookup_key(address, "member address")) for address in addresses]
         return tuple(address for address, key in keys if current.pop(key, None) is None)
 
+    def member_count(self, list_address: str) -> int:
+        return len(self._require(_lookup_key(list_address)))
+
     def members(self, list_address: str, enabled_only: bool = False) -> tuple[Member, ...]:
         current = self._require(_lookup_key(list_address))
         return tuple(
@@ -423,6 +426,19 @@ class SQLiteRegistry:
                 if cursor.rowcount == 0:
                     missing.append(address)
         return tuple(missing)
+
+    def member_count(self, list_address: str) -> int:
+        list_address = _lookup_key(list_address)
+        with self._errors(f"counting the members of {list_address}"):
+            self._db.execute("BEGIN")
+            try:
+                self._require(list_address)
+                (count,) = self._db.execute(
+                    "SELECT count(*) FROM members WHERE list_address = ?", (list_address,)
+                ).fetchone()
+            finally:
+                self._db.execute("COMMIT")
+        return count
 
     def members(self, list_address: str, enabled_only: bool = False) -> tuple[Member, ...]:
         list_address = _lookup_key(list_address)

@@ -34,6 +34,7 @@ the smarthost accepted is DONE and is not sent the message again.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import random as _random
 import time
@@ -639,6 +640,12 @@ class DeliveryRunner(service.Service):
         list_address = destination.list_address
         if inline and subaddress is None:
             known = self._list_sizes.get(list_address)
+            if known is None:
+                # First post to this list here: count before reading a
+                # large list only to leave it to a batch.
+                count = getattr(self._registry, "member_count", None)
+                with contextlib.suppress(RegistryError):
+                    known = count(list_address) if count is not None else None
             if known is not None and known > self._inline_limit:
                 return Route(), _DEFERRED
         mlist = self._registry.get_list(list_address)

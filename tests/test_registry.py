@@ -124,6 +124,18 @@ class RegistryContractMixin:
         )
         self.assertIn("nope@example.com", str(e))
 
+    def test_member_count(self):
+        """member_count counts every member, delivery enabled or not; an unknown
+        list is a RegistryError."""
+        self.registry.create_list("test@example.com")
+        self.assertEqual(self.registry.member_count("test@example.com"), 0)
+        self.registry.add_members(
+            "test@example.com", [Member("a@example.org", delivery_enabled=False), "b@example.org"]
+        )
+        self.assertEqual(self.registry.member_count("Test@Example.com"), 2)
+        with self.assertRaises(RegistryError):
+            self.registry.member_count("nolist@example.com")
+
     def test_members_sorted_and_filtered(self):
         """members() is sorted by address; enabled_only drops disabled deliveries."""
         self.registry.create_list("test@example.com")

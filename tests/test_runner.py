@@ -321,21 +321,43 @@ class StoreTests(RunnerCase):
 
     def test_large_list_is_expanded_by_a_batch(self):
         """A post to a list larger than inline_limit is stored alone and expanded
-        by a batch; once its size is known, later posts skip the members lookup."""
+        by a batch: its members are counted, not read, while it is stored."""
         self.runner = self.make_runner(inline_limit=2)
         self.stop()
         self.runner.startService()
         lookups = self.count_calls(self.registry, "members")
         expands = self.count_calls(self.spool, "expand")
+        counts = self.count_calls(self.registry, "member_count")
         self.store()
         self.assertEqual(self.sender.recipients(), sorted(MEMBERS))
-        self.assertEqual((len(lookups), len(expands)), (2, 1))
+        self.assertEqual((len(counts), len(lookups), len(expands)), (1, 1, 1))
         with capturedLogs() as events:
             self.store()
-        self.assertEqual((len(lookups), len(expands)), (3, 2))
+        self.assertEqual((len(counts), len(lookups), len(expands)), (1, 2, 2))
         self.assertEqual(len(self.sender.recipients()), 2 * len(MEMBERS))
         (stored,) = [e for e in events if e.get("code") == 250]
         self.assertIn("to be expanded by a delivery batch", stored["log_format"])
+
+    def test_registry_without_member_count(self):
+        """A registry written before member_count existed still works: the
+        members are read to learn the list's size."""
+
+        class OldRegistry:
+            def __init__(self, registry):
+                self._registry = registry
+
+            def __getattr__(self, name):
+                if name == "member_count":
+                    raise AttributeError(name)
+                return getattr(self._registry, name)
+
+        self.stop()
+        self.runner = DeliveryRunner(
+            self.spool, OldRegistry(self.registry), self.sender, clock=self.clock, inline_limit=2
+        )
+        self.runner.startService()
+        self.store()
+        self.assertEqual(self.sender.recipients(), sorted(MEMBERS))
 
     def test_copies_wait_in_the_queue_when_the_runner_is_busy(self):
         """With two batches in flight, a third post's copies are stored QUEUED and
