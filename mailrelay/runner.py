@@ -45,9 +45,11 @@ from typing import Any
 from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from mailrelay.addresses import check_mailbox, is_valid_mailbox, split_mailbox
 from mailrelay.errors import InvalidAddress, RegistryError, RegistryUnavailable, SpoolError
+from mailrelay.interfaces import IMessageStore
 from mailrelay.listheaders import add_list_headers
 from mailrelay.model import (
     Bounce,
@@ -224,6 +226,7 @@ def _check_positive_int(name: str, value: object, minimum: int = 1) -> int:
     return value
 
 
+@implementer(IMessageStore)
 class DeliveryRunner(service.Service):
     """Delivers spooled mail through ``sender`` (an ``IMessageSender``, normally a
     :class:`~mailrelay.mta.pool.ConnectionPool`), recording every result in ``spool``.

@@ -19,9 +19,10 @@ from twisted.internet import defer, reactor, task
 from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
 from mailrelay.errors import RegistryUnavailable, SpoolError
-from mailrelay.interfaces import IMessageSender
+from mailrelay.interfaces import IMessageSender, IMessageStore
 from mailrelay.lmtp import AcceptedRecipient, Transaction
 from mailrelay.lmtp.delivery import InboundHandler
 from mailrelay.model import Bounce, Destination, EntryKind, EntryState, Envelope, Member
@@ -310,6 +311,10 @@ class StoreTests(RunnerCase):
         post = [e for e in self.spool.entries() if e.entry_id == post_id][0]
         self.assertEqual((post.state, post.kind), (EntryState.DONE, EntryKind.INBOUND))
         self.assertEqual(self.states(), dict.fromkeys(MEMBERS, EntryState.DONE))
+
+    def test_provides_imessagestore(self):
+        """The runner is an IMessageStore, which the LMTP policy can store into."""
+        self.assertTrue(verifyObject(IMessageStore, self.runner))
 
     def test_fires_with_entry_ids_once_stored(self):
         """The Deferred fires with one id per destination, in order, like ISpool.enqueue."""
