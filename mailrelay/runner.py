@@ -195,6 +195,10 @@ class _Result:
         return f"{self.code} {self.text}".strip() if self.code else self.text
 
 
+# Shared by every accepted recipient (a _Result is immutable).
+_DELIVERED = _Result(Verdict.DELIVERED, 250)
+
+
 def _text(response: bytes | str) -> str:
     if isinstance(response, bytes | bytearray):
         response = bytes(response).decode("utf-8", "replace")
@@ -964,7 +968,7 @@ class DeliveryRunner(service.Service):
         site_problem = None
         for address in chunk:
             if address not in refused:
-                results[address] = _Result(Verdict.DELIVERED, 250)
+                results[address] = _DELIVERED
                 continue
             code, response = refused[address]
             verdict = classify(code)

@@ -358,9 +358,11 @@ class RelayClient(smtp.ESMTPClient):
             return
         self._txn = txn
         self._replies: list = [None] * len(txn.recipients)
-        self._sendable = [i for i, r in enumerate(txn.recipients) if r.isascii() or utf8]
-        for i in range(len(txn.recipients)):
-            if i not in self._sendable:
+        self._sendable = []
+        for i, r in enumerate(txn.recipients):
+            if r.isascii() or utf8:
+                self._sendable.append(i)
+            else:
                 self._replies[i] = UTF8_REFUSAL
         if not self._sendable:
             self._finish_result()
