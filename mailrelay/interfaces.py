@@ -1,11 +1,11 @@
 """The contracts between mailrelay's layers.
 
 Data flows one way: LMTP -> spool -> delivery runner -> outbound client ->
-smarthost, with results flowing back into the spool.  (In ``makeService``
-the LMTP policy stores through the runner, an :class:`IMessageStore` in front
-of the spool, so that a message is routed as it is stored.)  Each arrow is one of the
-interfaces below, so an embedder can replace any layer (a PostgreSQL registry,
-another spool, a different sender) without touching the others.
+smarthost, with results flowing back into the spool.  (In ``makeService`` the
+LMTP policy stores through the runner, an :class:`IMessageStore` in front of
+the spool, so that a message is routed as it is stored.)  Each arrow is one of
+the interfaces below, so an embedder can replace any layer (a PostgreSQL
+registry, another spool, a different sender) without touching the others.
 """
 
 from __future__ import annotations

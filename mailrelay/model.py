@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # Sub-addresses a list answers to, after Mailman 3 (``-subscribe`` and
 # ``-unsubscribe`` are aliases of ``-join`` and ``-leave``).
@@ -117,7 +117,6 @@ class SpoolEntry:
     next_attempt_at: float | None = None
     last_error: str = ""
     message_id: str = ""
-    extra: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
     kind: EntryKind = EntryKind.INBOUND
 
 

@@ -451,9 +451,10 @@ class SQLiteRegistry:
             if key in self._cache:
                 return self._cache[key]
             # One read transaction, so the existence check and the rows agree.
+            # (Should the registry change meanwhile, the next _refresh sees it
+            # and empties the cache.)
             self._db.execute("BEGIN")
             try:
-                self._refresh()
                 self._require(list_address)
                 rows = self._db.execute(query + " ORDER BY address", (list_address,)).fetchall()
             finally:

@@ -105,11 +105,17 @@ class _Note:
     text: str
 
 
-# A post left for a batch to route: that batch logs what it does.
-_DEFERRED = _Note("debug", "")
+# A post stored QUEUED, for a delivery batch to route.
 _STORED_FOR_BATCH = _Note(
     "info", "{message_id} from {sender} to {list}: stored, to be expanded by a delivery batch"
 )
+_DUPLICATE_NOTE = _Note("info", _DUPLICATE)
+
+
+def _one_copy_per_address(destination: Destination) -> bool:
+    """Whether a second RCPT of this address in one transaction is a duplicate:
+    posts and -owner mail are sent once; commands and bounces are each kept."""
+    return destination.subaddress in (None, "owner")
 
 
 class _Breaker:
@@ -654,7 +660,7 @@ class DeliveryRunner(service.Service):
                 with contextlib.suppress(RegistryError):
                     known = count(list_address) if count is not None else None
             if known is not None and known > self._inline_limit:
-                return Route(), _DEFERRED
+                return Route(), _STORED_FOR_BATCH
         mlist = self._registry.get_list(list_address)
         if mlist is None:
             return Route(EntryState.FAILED, error="the list no longer exists"), _Note(
@@ -667,7 +673,7 @@ class DeliveryRunner(service.Service):
             )
             self._list_sizes[list_address] = len(recipients)
             if inline and len(recipients) > self._inline_limit:
-                return Route(), _DEFERRED
+                return Route(), _STORED_FOR_BATCH
         else:
             kind = EntryKind.OWNER
             recipients = tuple(mlist.owners)
@@ -681,8 +687,6 @@ class DeliveryRunner(service.Service):
 
     @staticmethod
     def _log_route(note: _Note, route: Route, fields: dict[str, Any]) -> None:
-        if note is _DEFERRED:
-            return
         if route.kind is not None:
             fields = dict(fields, count=len(route.recipients), kind=route.kind.value)
         getattr(log, note.level)(note.text, **fields)
@@ -702,7 +706,7 @@ class DeliveryRunner(service.Service):
             subaddress=destination.subaddress,
         )
         key = (entry.message_key, destination.list_address, destination.subaddress)
-        if key in posts_seen and destination.subaddress in (None, "owner"):
+        if key in posts_seen and _one_copy_per_address(destination):
             # The same RCPT twice in one LMTP transaction: one copy is enough.
             log.info(_DUPLICATE, original=posts_seen[key], **fields)
             updates.append(EntryUpdate(entry.entry_id, EntryState.DONE))
@@ -769,19 +773,19 @@ class DeliveryRunner(service.Service):
 
         for index, destination in enumerate(envelope.destinations):
             key = key_of(destination)
-            if key in seen and destination.subaddress in (None, "owner"):
-                plans.append((Route(EntryState.DONE), _Note("info", _DUPLICATE)))
+            if key in seen and _one_copy_per_address(destination):
+                plans.append((Route(EntryState.DONE), _DUPLICATE_NOTE))
                 continue
             seen[key] = index
             try:
                 plans.append(self._decide(destination, inline=True))
             except (RegistryError, RegistryUnavailable):
-                plans.append((Route(), _DEFERRED))  # a batch routes it, retrying
+                plans.append((Route(), _STORED_FOR_BATCH))  # a batch routes it, retrying
         routes = [route for route, _ in plans]
+        # The entries left to deliver or route: copies, and entries left QUEUED.
         waiting = sum(
-            len(route.recipients) if route.kind is not None else 1
+            len(route.recipients) if route.kind is not None else route.state is EntryState.QUEUED
             for route in routes
-            if route.kind is not None or route.state is EntryState.QUEUED
         )
         claim = bool(waiting) and self._has_room(waiting)
         stored = await self._spool.store(envelope, message, routes, claim)
@@ -797,8 +801,6 @@ class DeliveryRunner(service.Service):
                 entry_id=stored.entry_ids[index],
                 code=250,
             )
-            if note is _DEFERRED:
-                note = _STORED_FOR_BATCH
             self._log_route(note, route, fields)
         if stored.claimed:
             self._start_batch(list(stored.claimed))
@@ -888,30 +890,15 @@ class DeliveryRunner(service.Service):
             chunks = [[address] for address in sorted(valid)]
         else:
             chunks = chunkify(valid, self._max_recipients)
+        # At most max_parallel transactions in the sender's hands: the others
+        # wait their turn here, and look at the breaker when they get it.
         transactions = [
-            defer.Deferred.fromCoroutine(
-                self._transaction(mlist, kind, first.message_id, chunk, wire)
-            )
+            self._slots.run(self._send, mlist, kind, first.message_id, chunk, wire)
             for chunk in chunks
         ]
         for chunk_results in await defer.gatherResults(transactions):
             results.update(chunk_results)
         return self._record(mlist, kind, by_address, results)
-
-    async def _transaction(
-        self,
-        mlist: MailingList,
-        kind: EntryKind,
-        message_id: str,
-        chunk: list[str],
-        wire: WireMessage,
-    ) -> dict[str, _Result]:
-        """Send one SMTP transaction; a result for each recipient of ``chunk``."""
-        await self._slots.acquire()
-        try:
-            return await self._send(mlist, kind, message_id, chunk, wire)
-        finally:
-            self._slots.release()
 
     async def _send(
         self,
@@ -921,6 +908,7 @@ class DeliveryRunner(service.Service):
         chunk: list[str],
         wire: WireMessage,
     ) -> dict[str, _Result]:
+        """Send one SMTP transaction; a result for each recipient of ``chunk``."""
         if not self.running:
             return dict.fromkeys(chunk, _Result(_Outcome.STOPPING))
         if self._breaker.state() == _Breaker.OPEN:

@@ -511,8 +511,15 @@ class SQLiteSpool:
             remaining = [request for request in remaining if request is not culprit[0]]
         return [outcomes[id(request)] for request in requests]
 
-    def _transaction(self, requests: list[_Request]) -> tuple[list[_Outcome], _Outcome | None]:
+    def _transaction(
+        self, requests: list[_Request], isolate: bool = False
+    ) -> tuple[list[_Outcome], _Outcome | None]:
+        """Run ``requests`` in one transaction.  Requests almost never fail, so
+        they first run as they are; when one does, they all run again with
+        ``isolate``: each in a savepoint of its own, so that the failing one
+        leaves the others in the batch unharmed."""
         db = self._writer
+        results: list[_Outcome] = []
         durable = any(request.durable for request in requests)
         try:
             if durable != self._synced:
@@ -521,42 +528,24 @@ class SQLiteSpool:
                 db.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
                 self._synced = durable
             db.execute("BEGIN IMMEDIATE")
-            try:
-                results = [(request, True, request.operation(db)) for request in requests]
-            except Exception:
-                # Requests almost never fail, so they first run without a
-                # savepoint each; when one does, run them all again, isolated.
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                return self._isolated(requests)
-            db.execute("COMMIT")
-        except sqlite3.Error as e:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            return [(request, False, e) for request in requests], None
-        self.commit_count += 1
-        return results, None
-
-    def _isolated(self, requests: list[_Request]) -> tuple[list[_Outcome], _Outcome | None]:
-        """Run ``requests`` in one transaction, each in a savepoint of its own."""
-        db = self._writer
-        results: list[_Outcome] = []
-        try:
-            db.execute("BEGIN IMMEDIATE")
             for request in requests:
-                # A savepoint per request: one failing request leaves the
-                # others in the batch unharmed.
-                db.execute("SAVEPOINT request")
+                if isolate:
+                    db.execute("SAVEPOINT request")
                 try:
                     value = request.operation(db)
                 except Exception as e:
+                    if not isolate:
+                        if db.in_transaction:
+                            db.execute("ROLLBACK")
+                        return self._transaction(requests, isolate=True)
                     if not db.in_transaction:
                         return [], (request, False, e)
                     db.execute("ROLLBACK TO request")
                     db.execute("RELEASE request")
                     results.append((request, False, e))
                 else:
-                    db.execute("RELEASE request")
+                    if isolate:
+                        db.execute("RELEASE request")
                     results.append((request, True, value))
             db.execute("COMMIT")
         except sqlite3.Error as e:
