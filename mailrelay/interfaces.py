@@ -140,7 +140,7 @@ class ISpool(IMessageStore):
         :class:`~mailrelay.model.SpoolEntry` values (oldest first)."""
 
     def update(updates):
-        """Apply a batch of :class:`mailrelay.spool.EntryUpdate` transitions in one
+        """Apply a batch of :class:`mailrelay.model.EntryUpdate` transitions in one
         transaction; fires when durable."""
 
     def expand(entry_id, recipients, kind):

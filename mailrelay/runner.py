@@ -56,6 +56,7 @@ from mailrelay.model import (
     Destination,
     EntryKind,
     EntryState,
+    EntryUpdate,
     Envelope,
     MailingList,
     Route,
@@ -65,7 +66,6 @@ from mailrelay.mta.bulk import INVALID_ADDRESS, chunkify
 from mailrelay.mta.errors import NO_REPLY, DeliveryError, SmarthostUnreachable
 from mailrelay.mta.message import WireMessage, prepare_message
 from mailrelay.retry import RetryPolicy, Verdict, classify, classify_error
-from mailrelay.spool import EntryUpdate
 
 __all__ = ["CIRCUIT_STATUS_KEY", "DeliveryRunner"]
 

@@ -46,6 +46,7 @@ from mailrelay.model import (
     Destination,
     EntryKind,
     EntryState,
+    EntryUpdate,
     Envelope,
     Route,
     SpoolEntry,
@@ -56,35 +57,6 @@ __all__ = ["EntryUpdate", "MemorySpool", "SQLiteSpool", "SCHEMA_VERSION"]
 
 log = Logger()
 _T = TypeVar("_T")
-
-
-@dataclass(frozen=True)
-class EntryUpdate:
-    """One state transition of a spool entry, applied by :meth:`ISpool.update`.
-
-    ``error`` replaces the entry's ``last_error`` when not empty (a success
-    keeps the history).  ``count_attempt`` adds one to ``attempts`` and sets
-    ``first_attempt_at`` if it is unset.  A RETRY needs ``next_attempt_at``.
-    """
-
-    entry_id: int
-    state: EntryState
-    next_attempt_at: float | None = None
-    error: str = ""
-    count_attempt: bool = False
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.entry_id, int) or isinstance(self.entry_id, bool):
-            raise TypeError(f"entry_id must be an int, not {self.entry_id!r}")
-        if type(self.state) is not EntryState:  # EntryState(...) is slow: one per recipient
-            try:
-                object.__setattr__(self, "state", EntryState(self.state))
-            except ValueError:
-                raise ValueError(f"not an entry state: {self.state!r}") from None
-        if self.state is EntryState.RETRY and self.next_attempt_at is None:
-            raise ValueError(f"entry {self.entry_id}: a RETRY needs next_attempt_at")
-        if not isinstance(self.error, str):
-            raise TypeError(f"error must be a string, not {self.error!r}")
 
 
 # -- input checks shared by both spools ---------------------------------------

@@ -226,13 +226,19 @@ class PostmapTests(SynchronousTestCase):
         lists = ["test@example.com", "test-join@example.com", "other@example.net"]
         transport = os.path.join(directory, "transport")
         domains = os.path.join(directory, "domains")
+        # A private configuration directory: postmap reads main.cf, and the
+        # machine's own may not exist (Debian's "No configuration").
+        conf = os.path.join(directory, "conf")
+        os.mkdir(conf)
+        with open(os.path.join(conf, "main.cf"), "w", encoding="utf-8") as f:
+            f.write("compatibility_level = 3.6\n")
         with open(transport, "w", encoding="utf-8") as f:
             f.write(transport_map(lists, "lmtp:[127.0.0.1]:8024"))
         with open(domains, "w", encoding="utf-8") as f:
             f.write(domains_map(lists))
         for path in (transport, domains):
             built = subprocess.run(
-                [postmap, f"hash:{path}"], capture_output=True, text=True, timeout=30
+                [postmap, "-c", conf, f"hash:{path}"], capture_output=True, text=True, timeout=30
             )
             self.assertEqual((built.returncode, built.stderr), (0, ""))
         keys = "\n".join(
@@ -245,7 +251,7 @@ class PostmapTests(SynchronousTestCase):
             ]
         )
         looked_up = subprocess.run(
-            [postmap, "-q", "-", f"hash:{transport}"],
+            [postmap, "-c", conf, "-q", "-", f"hash:{transport}"],
             input=keys + "\n",
             capture_output=True,
             text=True,
@@ -261,7 +267,7 @@ class PostmapTests(SynchronousTestCase):
             ],
         )
         found = subprocess.run(
-            [postmap, "-q", "example.net", f"hash:{domains}"],
+            [postmap, "-c", conf, "-q", "example.net", f"hash:{domains}"],
             capture_output=True,
             text=True,
             timeout=30,
