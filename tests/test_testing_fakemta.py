@@ -1067,3 +1067,29 @@ class ImportTests(SynchronousTestCase):
             [sys.executable, "-c", code], capture_output=True, check=True, text=True
         ).stdout
         self.assertEqual(output.split(), ["False", "False"])
+
+    def test_public_names_import_from_the_package_and_their_module(self):
+        """FakeMTA and Transaction are the same objects from mailrelay.testing and .fakemta."""
+        import mailrelay.testing
+        from mailrelay.testing import fakemta
+
+        for name in mailrelay.testing.__all__:
+            self.assertIsNotNone(getattr(mailrelay.testing, name))
+        for name in fakemta.__all__:
+            self.assertIs(getattr(mailrelay.testing, name), getattr(fakemta, name))
+
+    def test_the_protocol_reads_nothing_of_the_factory(self):
+        """The SMTP server module imports neither FakeMTA nor its module: it is handed its behaviour."""
+        import ast
+
+        from mailrelay.testing import smtpserver
+
+        with open(smtpserver.__file__, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)} | {
+            alias.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import)
+            for alias in node.names
+        }
+        self.assertNotIn("mailrelay.testing.fakemta", imported)
