@@ -16,6 +16,13 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests.support import require_program, temp_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN = os.path.join(ROOT, "bench", "run.py")
+
+
+def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, RUN, *args], cwd=ROOT, capture_output=True, timeout=timeout, check=False
+    )
 
 
 class BenchSmokeTests(SynchronousTestCase):
@@ -24,13 +31,7 @@ class BenchSmokeTests(SynchronousTestCase):
         require_program("smtp-sink")
         require_program("smtp-source")
         out = temp_dir(self)
-        done = subprocess.run(
-            [sys.executable, os.path.join(ROOT, "bench", "run.py"), "--smoke", "--out", out],
-            cwd=ROOT,
-            capture_output=True,
-            timeout=300,
-            check=False,
-        )
+        done = _run("--smoke", "--out", out)
         self.assertEqual(done.returncode, 0, done.stderr.decode("utf-8", "replace")[-3000:])
         with open(os.path.join(out, "latest.md"), encoding="utf-8") as f:
             table = f.read()
@@ -48,3 +49,39 @@ class BenchSmokeTests(SynchronousTestCase):
             self.assertRegex(cells[3].strip(), r"^[0-9][0-9,.]* \(", table)
         with open(os.path.join(out, "latest.json"), encoding="utf-8") as f:
             self.assertIn('"mailrelay"', f.read())
+
+    def test_only_measures_the_named_configurations(self):
+        """--only e2e_3x5 measures that one end-to-end configuration and no other scenario."""
+        require_program("smtp-sink")
+        require_program("smtp-source")
+        out = temp_dir(self)
+        done = _run("--smoke", "--only", "e2e_3x5", "--repeat", "1", "--out", out)
+        self.assertEqual(done.returncode, 0, done.stderr.decode("utf-8", "replace")[-3000:])
+        with open(os.path.join(out, "latest.md"), encoding="utf-8") as f:
+            table = f.read()
+        self.assertIn("| 3 posts x 5 members |", table)
+        self.assertIn("bench/run --smoke --only e2e_3x5", table)
+        for absent in ("## LMTP ingest", "## Outbound", "## Memory", "1 posts x 20 members"):
+            self.assertNotIn(absent, table)
+
+
+class BenchCommandLineTests(SynchronousTestCase):
+    def test_list_names_every_configuration(self):
+        """--list prints each scenario's configuration ids, the ones --only accepts."""
+        done = _run("--list", timeout=60)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        listing = done.stdout.decode()
+        for config_id in (
+            "ingest_50kb_10",
+            "outbound_10",
+            "e2e_200x10",
+            "e2e_1x10000",
+            "memory_1000",
+        ):
+            self.assertIn(config_id, listing)
+
+    def test_an_unknown_configuration_is_refused_before_anything_runs(self):
+        """--only with an id no scenario has exits 2 naming it, without starting any server."""
+        done = _run("--only", "e2e_200x10,e2e_7x7", timeout=60)
+        self.assertEqual(done.returncode, 2)
+        self.assertIn(b"no configuration 'e2e_7x7'", done.stderr)

@@ -1,0 +1,313 @@
+"""The benchmark scenarios: what is measured, in which configurations, against whom.
+
+Each scenario is a function of a :class:`~harness.Context` that adds one
+:class:`~harness.Row` per configuration it measures.  Every configuration has
+an id (``bench/run --list`` prints them) that ``bench/run --only`` selects:
+
+``ingest_<size>kb_<sessions>``   LMTP ingest (1 or 50 KB; 1 or 10 sessions)
+``outbound_<rcpts>``             queued messages with 1 or 10 recipients
+``e2e_<posts>x<members>``        posts over LMTP until smtp-sink has every recipient
+``memory_<sessions>``            peak RSS with 10, 100 or 1,000 concurrent sessions
+
+A scenario name alone (``--only e2e``) stands for all its configurations.  In
+every run each peer is measured right after the others (their order rotating
+from run to run), so the ratios are taken pair by pair within a run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from typing import Any
+
+from harness import (
+    E2E_CPUS,
+    KB,
+    LIST_DOMAIN,
+    PEERS,
+    SERVER_CPUS,
+    Context,
+    Row,
+    Sink,
+    free_port,
+    log,
+    pinned,
+    rotated,
+    run_timed,
+    smtp_source,
+    started,
+    wait_until,
+)
+from parties import AiosmtpdLMTP, Mailman, Relay, SinkLMTP
+
+# (posts, members) per e2e configuration; the relay-only ones have no Mailman
+# figure (creating 100,000 Mailman members takes hours).
+E2E_SIZES = [(200, 10), (20, 1000), (1, 10000), (1, 10)]
+E2E_RELAY_ONLY = [(1, 100000)]
+_E2E_SMOKE_SIZES = [(3, 5), (1, 20)]
+
+
+def _ingest_configs(smoke: bool) -> list[tuple[int, int]]:
+    return [
+        (size, sessions) for size in ((KB,) if smoke else (KB, 50 * KB)) for sessions in (1, 10)
+    ]
+
+
+def _memory_levels(smoke: bool) -> tuple[int, ...]:
+    return (10,) if smoke else (10, 100, 1000)
+
+
+def configurations(smoke: bool) -> dict[str, list[str]]:
+    """Every scenario's configuration ids, in the order they are measured."""
+    e2e = _E2E_SMOKE_SIZES if smoke else E2E_SIZES + E2E_RELAY_ONLY
+    return {
+        "ingest": [_ingest_id(size, sessions) for size, sessions in _ingest_configs(smoke)],
+        "outbound": [f"outbound_{rcpts}" for rcpts in (1, 10)],
+        "e2e": [_e2e_id(size) for size in e2e],
+        "memory": [f"memory_{sessions}" for sessions in _memory_levels(smoke)],
+    }
+
+
+def _ingest_id(size: int, sessions: int) -> str:
+    return f"ingest_{size // KB}kb_{sessions}"
+
+
+def _e2e_id(size: tuple[int, int]) -> str:
+    return f"e2e_{size[0]}x{size[1]}"
+
+
+def scenario_ingest(ctx: Context) -> None:
+    """LMTP ingest: messages per second, durable unless the peer is smtp-sink -L."""
+    peers = _lmtp_peers(ctx)
+    for size, sessions in _ingest_configs(ctx.smoke):
+        if not ctx.wanted(_ingest_id(size, sessions)):
+            continue
+        count = 20 if ctx.smoke else (3000 if size == KB else 1000)
+        row = ctx.row("ingest", f"{size // KB} KB, {sessions} sessions", "messages/s")
+        for run in range(ctx.runs):
+            for peer in rotated(peers, run):
+                seconds, _ = _flood(ctx, peer, messages=count, sessions=sessions, size=size)
+                row.add(peer, count / seconds)
+            log(f"ingest {row.config} run {run + 1}: " + _last(row))
+
+
+def _lmtp_peers(ctx: Context) -> list[str]:
+    """The LMTP servers compared in the ingest and memory scenarios."""
+    peers = ["mailrelay", "smtp-sink -L"]
+    if ctx.tools_python:
+        peers.insert(1, "aiosmtpd+fsync")
+    return peers
+
+
+def _flood(
+    ctx: Context, peer: str, *, messages: int, sessions: int, size: int = KB
+) -> tuple[float, float]:
+    """Start the LMTP server ``peer`` and send it ``messages`` with ``smtp-source -L``.
+
+    The seconds ``smtp-source`` took and the server's peak RSS in MiB (read
+    before it is stopped).
+    """
+    server = _ingest_server(ctx, peer)
+    with started(server):
+        argv = smtp_source(
+            server.port,
+            messages=messages,
+            sessions=sessions,
+            size=size,
+            recipient=f"ingest@{LIST_DOMAIN}",
+        )
+        seconds = run_timed(argv, 300, f"smtp-source -L to {peer}")
+        return seconds, server.peak_rss_kib() / 1024
+
+
+def _ingest_server(ctx: Context, peer: str) -> Any:
+    if peer == "mailrelay":
+        # A list without members: what is measured is taking mail in.
+        return Relay(ctx.workdir, free_port(), {f"ingest@{LIST_DOMAIN}": 0})
+    if peer == "aiosmtpd+fsync":
+        assert ctx.tools_python
+        return AiosmtpdLMTP(ctx.workdir, ctx.tools_python)
+    return SinkLMTP(ctx.workdir)
+
+
+def _last(row: Row) -> str:
+    return ", ".join(f"{peer} {values[-1]:,.0f}" for peer, values in row.values.items())
+
+
+def scenario_outbound(ctx: Context) -> None:
+    """Queued messages delivered to smtp-sink: recipients per second."""
+    peers = ["mailrelay", "smtp-source"]
+    if ctx.tools_python:
+        peers[1:1] = ["smtplib 1 conn", "aiosmtplib 10 conns"]
+    for rcpts in (1, 10):
+        if not ctx.wanted(f"outbound_{rcpts}"):
+            continue
+        count = 20 if ctx.smoke else (3000 if rcpts == 1 else 1000)
+        row = ctx.row("outbound", f"{count:,} messages x {rcpts} recipients", "recipients/s")
+        for run in range(ctx.runs):
+            sink = Sink(ctx.workdir)
+            try:
+                for peer in rotated(peers, run):
+                    before = sink.recipients()
+                    seconds = _outbound_once(ctx, peer, sink, count, rcpts, before)
+                    target = before + count * rcpts
+                    wait_until(
+                        lambda s=sink, t=target: s.recipients() >= t,
+                        "smtp-sink to count every recipient",
+                        30,
+                    )
+                    row.add(peer, count * rcpts / seconds)
+            finally:
+                sink.stop()
+            log(f"outbound {row.config} run {run + 1}: " + _last(row))
+
+
+def _outbound_once(ctx: Context, peer: str, sink: Sink, count: int, rcpts: int, before: int):
+    if peer == "smtp-source":
+        argv = smtp_source(
+            sink.port,
+            messages=count,
+            sessions=10,
+            recipient=f"member@{LIST_DOMAIN}",
+            lmtp=False,
+            recipients=rcpts,
+        )
+        return run_timed(argv, 300, "smtp-source")
+    if peer != "mailrelay":
+        assert ctx.tools_python
+        client = "smtplib" if peer.startswith("smtplib") else "aiosmtplib"
+        argv = [
+            ctx.tools_python,
+            os.path.join(PEERS, "outbound.py"),
+            client,
+            str(sink.port),
+            str(count),
+            str(rcpts),
+        ]
+        done = subprocess.run(
+            pinned(SERVER_CPUS, argv), capture_output=True, timeout=600, check=True
+        )
+        return json.loads(done.stdout)["seconds"]
+    # mailrelay: fill its spool over LMTP while the smarthost is stopped, then
+    # let the smarthost go and time until it has every recipient.
+    address = f"out{rcpts}@{LIST_DOMAIN}"
+    with started(Relay(ctx.workdir, sink.port, {address: rcpts})) as relay:
+        sink.pause()
+        try:
+            run_timed(
+                smtp_source(relay.port, messages=count, sessions=10, recipient=address),
+                300,
+                "smtp-source -L to mailrelay",
+            )
+        finally:
+            start = time.perf_counter()
+            sink.resume()
+        _, last = sink.wait_for(before + count * rcpts, 300)
+    return last - start
+
+
+def scenario_e2e(ctx: Context) -> None:
+    """Posts over LMTP to recipients at smtp-sink: mailrelay vs Mailman 3."""
+    sizes = [s for s in (_E2E_SMOKE_SIZES if ctx.smoke else E2E_SIZES) if ctx.wanted(_e2e_id(s))]
+    extra = [] if ctx.smoke else [s for s in E2E_RELAY_ONLY if ctx.wanted(_e2e_id(s))]
+    if not sizes + extra:
+        return
+    rows = {
+        size: ctx.row("e2e", f"{size[0]:,} posts x {size[1]:,} members", "recipients/s")
+        for size in sizes + extra
+    }
+    sink = Sink(ctx.workdir)
+    mailman = None
+    try:
+        if ctx.mailman_venv and sizes:
+            lists = {_e2e_list(size): size[1] for size in sizes}
+            log("starting Mailman 3 (creating lists first; 10,000 members take a while)")
+            mailman = Mailman(ctx.workdir, ctx.mailman_venv, sink.port, lists)
+        for run in range(ctx.runs):
+            for size in sizes + extra:
+                peers = ["mailrelay"] + (["Mailman 3"] if mailman and size in sizes else [])
+                for peer in rotated(peers, run):
+                    if peer == "mailrelay":
+                        address = _e2e_list(size)
+                        relay = Relay(ctx.workdir, sink.port, {address: size[1]}, cpus=E2E_CPUS)
+                        with started(relay):
+                            result = _post_and_wait(sink, relay.port, address, size)
+                            rss = relay.peak_rss_kib()
+                    else:
+                        assert mailman is not None
+                        result = _post_and_wait(sink, mailman.port, _e2e_list(size), size)
+                        rss = mailman.peak_rss_kib()
+                    total, first = result
+                    posts, members = size
+                    rows[size].add(
+                        peer,
+                        posts * members / total,
+                        seconds=total,
+                        posts_per_s=posts / total,
+                        first_delivery_s=first,
+                        peak_rss_mib=rss / 1024,
+                    )
+                log(f"e2e {rows[size].config} run {run + 1}: " + _last(rows[size]))
+        if mailman:
+            ctx.notes.append(f"Mailman 3 ran {mailman.processes()} processes.")
+    finally:
+        if mailman:
+            mailman.stop()
+        sink.stop()
+
+
+def _e2e_list(size: tuple[int, int]) -> str:
+    return f"e2e-{size[0]}x{size[1]}@{LIST_DOMAIN}"
+
+
+def _post_and_wait(sink: Sink, port: int, address: str, size: tuple[int, int]):
+    """Post while watching ``smtp-sink``: the seconds until the last and the
+    first recipient arrived, counted from the start of posting."""
+    posts, members = size
+    target = sink.recipients() + posts * members
+    argv = smtp_source(port, messages=posts, sessions=1, recipient=address)
+    start = time.perf_counter()
+    poster = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+
+    def posting_failed() -> None:
+        if poster.poll():
+            output = poster.stdout.read().decode("utf-8", "replace")[-2000:]
+            raise RuntimeError(f"posting over LMTP failed ({poster.returncode}): {output}")
+
+    try:
+        first, last = sink.wait_for(target, 900, posting_failed)
+        poster.wait(60)
+        posting_failed()
+    finally:
+        if poster.poll() is None:
+            poster.kill()
+            poster.wait()
+        poster.stdout.close()
+    return last - start, first - start
+
+
+def scenario_memory(ctx: Context) -> None:
+    """Peak RSS of the LMTP servers with 10, 100 and 1,000 concurrent sessions."""
+    peers = _lmtp_peers(ctx)
+    for sessions in _memory_levels(ctx.smoke):
+        if not ctx.wanted(f"memory_{sessions}"):
+            continue
+        row = ctx.row("memory", f"{sessions:,} concurrent sessions", "peak RSS MiB")
+        for run in range(ctx.runs):
+            for peer in rotated(peers, run):
+                _, peak_mib = _flood(ctx, peer, messages=sessions * 3, sessions=sessions)
+                row.add(peer, peak_mib)
+            log(f"memory {row.config} run {run + 1}: " + _last(row))
+
+
+SCENARIOS: dict[str, Callable[[Context], None]] = {
+    "ingest": scenario_ingest,
+    "outbound": scenario_outbound,
+    "e2e": scenario_e2e,
+    "memory": scenario_memory,
+}
