@@ -1,4 +1,8 @@
-"""RFC 5321 mailbox syntax, shared by the LMTP server and the SMTP client.
+"""Address syntax, shared by the LMTP server, the SMTP client and the configuration.
+
+Pure functions, no I/O: RFC 5321 mailboxes, list addresses and recipient
+resolution, and the host predicates (host name, IP literal, loopback) that the
+configuration and the SMTP client must agree on.
 
 The standard library has no strict envelope-address validator: ``email.utils``
 parses header addresses leniently (``parseaddr('a@b@c')`` returns ``('', 'a@b')``)
@@ -9,6 +13,7 @@ grammar (with RFC 6531's UTF-8 extension) ourselves.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Callable
 
@@ -36,6 +41,56 @@ _ASCII_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?"
 _PLAIN_MAILBOX = re.compile(
     rf"{_ASCII_ATEXT}+(?:\.{_ASCII_ATEXT}+)*@{_ASCII_LABEL}(?:\.{_ASCII_LABEL})*\Z"
 )
+
+
+# -- host predicates --------------------------------------------------------
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
+
+
+def is_host_name(text: str) -> bool:
+    """True for an ASCII DNS name: dot-separated labels of letters, digits and
+    inner hyphens, at most 253 characters, optionally ending in a dot."""
+    labels = text.removesuffix(".").split(".")
+    return bool(text) and len(text) <= 253 and all(_HOST_LABEL.match(label) for label in labels)
+
+
+def is_ip_address(text: str) -> bool:
+    """True when ``text`` is exactly an IPv4 or IPv6 address (no brackets around it)."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def is_loopback_host(host: str) -> bool:
+    """True when ``host`` names this machine without a name lookup.
+
+    That is ``localhost`` or a name under it (RFC 6761 reserves both for
+    loopback), or a loopback IP literal: ``127.0.0.0/8``, ``::1`` and the
+    IPv4-mapped ``::ffff:127.x.y.z``, with or without ``[brackets]`` and an
+    IPv6 zone id (``::1%lo``); case and surrounding blanks are ignored.
+
+    The one rule for clear-text SMTP AUTH: the configuration applies it to the
+    configured ``smtp_host`` at load time (so ``localhost`` passes there), and
+    the SMTP client applies it to the peer's address when it connects, which is
+    always a literal, so a name that resolves somewhere else is still refused.
+    """
+    host = host.strip().lower()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+# -- mailboxes ----------------------------------------------------------------
 
 
 def is_ascii(text: str) -> bool:
@@ -78,7 +133,12 @@ def _check_mailbox(address: object) -> str:
         raise InvalidAddress(address, "not a string")
     if not address:
         raise InvalidAddress(address, "empty")
-    if len(address.encode("utf-8")) > MAX_PATH_LENGTH:
+    try:
+        octets = len(address.encode("utf-8"))
+    except UnicodeEncodeError:
+        # A lone surrogate (e.g. from surrogateescape decoding) has no UTF-8 form.
+        raise InvalidAddress(address, "not encodable as UTF-8") from None
+    if octets > MAX_PATH_LENGTH:
         raise InvalidAddress(address, f"longer than {MAX_PATH_LENGTH} octets")
     if any(c in address for c in "\r\n\0<>") or address != address.strip():
         raise InvalidAddress(address, "contains a forbidden character")

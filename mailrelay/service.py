@@ -17,7 +17,7 @@ from twisted.logger import Logger
 
 from mailrelay.config import Settings
 
-log = Logger()
+_log = Logger()
 
 
 class _StoreService(service.Service):
@@ -57,9 +57,50 @@ class _OrderedStop(service.MultiService):
                 try:
                     await defer.maybeDeferred(child.stopService)
                 except Exception:
-                    log.failure("Stopping {service} failed", service=child.name)
+                    _log.failure("Stopping {service} failed", service=child.name)
 
         return defer.Deferred.fromCoroutine(stop_each())
+
+
+def tls_arguments(settings: Settings) -> dict[str, Any]:
+    """``[mta]``'s TLS keys as the keyword arguments of
+    :func:`~mailrelay.mta.tls.client_tls_options` (and of ``Connection``)."""
+    mta = settings.mta
+    return {
+        "verify_cert": mta.smtp_verify_cert,
+        "verify_hostname": mta.smtp_verify_hostname,
+        "ca_file": mta.smtp_ca_file or None,
+        "client_cert": mta.smtp_client_cert or None,
+        "client_key": mta.smtp_client_key or None,
+    }
+
+
+def connection_arguments(settings: Settings) -> dict[str, Any]:
+    """``[mta]`` and ``[devmode]`` as the keyword arguments of
+    :class:`~mailrelay.mta.connection.Connection`, all but ``reactor``.
+
+    The one place that maps keys to the smarthost connection: the pool's
+    connections are built from it, and ``twistd``'s option check
+    (:func:`mailrelay.tap.check_outbound`) loads the same files from it.
+    Unset keys ("" in the settings) become ``None``, as ``Connection`` expects.
+    """
+    mta = settings.mta
+    return {
+        "host": mta.smtp_host,
+        "port": mta.smtp_port,
+        "sessions_per_connection": mta.max_sessions_per_connection,
+        "user": mta.smtp_user or None,
+        "password": mta.smtp_pass or None,
+        "secure_mode": mta.smtp_secure_mode,
+        **tls_arguments(settings),
+        "timeout": mta.smtp_timeout,
+        "connect_timeout": mta.smtp_connect_timeout,
+        "idle_timeout": mta.smtp_idle_timeout,
+        "devmode_recipient": settings.devmode.recipient if settings.devmode.enabled else None,
+        "credentials_file": mta.smtp_credentials_file or None,
+        "allow_plaintext_auth": mta.smtp_allow_plaintext_auth,
+        "helo_name": mta.smtp_helo_name or None,
+    }
 
 
 def make_sender(settings: Settings, reactor: Any):
@@ -67,34 +108,14 @@ def make_sender(settings: Settings, reactor: Any):
     from mailrelay.mta.connection import Connection
     from mailrelay.mta.pool import ConnectionPool
 
-    mta = settings.mta
+    arguments = connection_arguments(settings)
 
     def connection() -> Connection:
-        return Connection(
-            mta.smtp_host,
-            mta.smtp_port,
-            mta.max_sessions_per_connection,
-            mta.smtp_user or None,
-            mta.smtp_pass or None,
-            mta.smtp_secure_mode,
-            mta.smtp_verify_cert,
-            mta.smtp_verify_hostname,
-            ca_file=mta.smtp_ca_file or None,
-            client_cert=mta.smtp_client_cert or None,
-            client_key=mta.smtp_client_key or None,
-            timeout=mta.smtp_timeout,
-            connect_timeout=mta.smtp_connect_timeout,
-            idle_timeout=mta.smtp_idle_timeout,
-            devmode_recipient=settings.devmode.recipient if settings.devmode.enabled else None,
-            credentials_file=mta.smtp_credentials_file or None,
-            allow_plaintext_auth=mta.smtp_allow_plaintext_auth,
-            helo_name=mta.smtp_helo_name or None,
-            reactor=reactor,
-        )
+        return Connection(**arguments, reactor=reactor)
 
     # The pool makes its first connection at once: a bad TLS or credentials
     # set-up fails here, before anything listens.
-    return ConnectionPool(connection, max_connections=mta.max_connections)
+    return ConnectionPool(connection, max_connections=settings.mta.max_connections)
 
 
 def makeService(  # noqa: N802 - Twisted's naming for service factories
@@ -160,7 +181,7 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
     listener = strports.service(mta.lmtp_endpoint, factory, reactor=reactor)
     listener.setName("mailrelay-lmtp")
     listener.setServiceParent(top)
-    log.info(
+    _log.info(
         "mailrelay: LMTP on {endpoint}, smarthost {host}:{port} ({mode}), spool {spool}",
         endpoint=mta.lmtp_endpoint,
         host=mta.smtp_host,

@@ -6,7 +6,7 @@ import os
 
 from twisted.python import usage
 
-from mailrelay.config import load_settings
+from mailrelay.config import CONFIG_ENVIRONMENT_VARIABLE, load_settings
 from mailrelay.errors import ConfigurationError
 
 
@@ -14,7 +14,7 @@ class Options(usage.Options):
     synopsis = "[-C CONFIG]"
     longdesc = (
         "Run the mailrelay LMTP server, spool and delivery runner. Without -C the "
-        "file named by $MAILRELAY_CONFIG is read, and without that the embedded "
+        f"file named by ${CONFIG_ENVIRONMENT_VARIABLE} is read, and without that the embedded "
         "defaults apply (LMTP on 127.0.0.1:8024, spool under ./var, smarthost localhost:25)."
     )
     optParameters = [
@@ -22,7 +22,7 @@ class Options(usage.Options):
     ]
 
     def postOptions(self):  # noqa: N802
-        path = self["config"] or os.environ.get("MAILRELAY_CONFIG") or None
+        path = self["config"] or os.environ.get(CONFIG_ENVIRONMENT_VARIABLE) or None
         try:
             self["settings"] = settings = load_settings(path)
             check_outbound(settings)
@@ -36,19 +36,13 @@ def check_outbound(settings) -> None:
     authinfo line) stops twistd with a one-line error instead of a traceback."""
     from mailrelay.mta.credentials import CredentialsFile
     from mailrelay.mta.tls import client_tls_options
+    from mailrelay.service import connection_arguments, tls_arguments
 
-    mta = settings.mta
-    if mta.smtp_secure_mode != "smtp":
-        client_tls_options(
-            mta.smtp_host,
-            verify_cert=mta.smtp_verify_cert,
-            verify_hostname=mta.smtp_verify_hostname,
-            ca_file=mta.smtp_ca_file or None,
-            client_cert=mta.smtp_client_cert or None,
-            client_key=mta.smtp_client_key or None,
-        )
-    if mta.smtp_credentials_file:
-        CredentialsFile.load(mta.smtp_credentials_file)
+    arguments = connection_arguments(settings)
+    if arguments["secure_mode"] != "smtp":
+        client_tls_options(arguments["host"], **tls_arguments(settings))
+    if arguments["credentials_file"]:
+        CredentialsFile.load(arguments["credentials_file"])
 
 
 def makeService(options):  # noqa: N802

@@ -1,4 +1,4 @@
-"""Tests for list-address checks and RCPT resolution in :mod:`mailrelay.addresses`."""
+"""Tests for list-address checks, RCPT resolution and host predicates in :mod:`mailrelay.addresses`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailrelay.addresses import _check_mailbox, check_list_address, check_mailbox, resolve_recipient
+from mailrelay.addresses import (
+    _check_mailbox,
+    check_list_address,
+    check_mailbox,
+    is_host_name,
+    is_ip_address,
+    is_loopback_host,
+    resolve_recipient,
+)
 from mailrelay.errors import InvalidAddress, RegistryUnavailable
 from mailrelay.model import CANONICAL_SUBADDRESS, SUBADDRESSES, Destination
 
@@ -239,6 +247,7 @@ class CheckMailboxShortcutTests(SynchronousTestCase):
             ('"a b"@example.com', True),
             ("josé@example.com", True),
             ("a@[192.0.2.1]", True),
+            ("\ud800@example.com", False),  # a lone surrogate: no UTF-8 form
         ):
             self.assertEqual(_verdict(check_mailbox, address), valid, address)
             self.assertEqual(_verdict(_check_mailbox, address), valid, address)
@@ -250,3 +259,66 @@ def _verdict(check, address):
     except InvalidAddress:
         return False
     return True
+
+
+class HostPredicateTests(SynchronousTestCase):
+    """The one set of host predicates that the configuration and the SMTP client share."""
+
+    def test_loopback_hosts(self):
+        """localhost (and names under it) and loopback literals, bracketed, with a zone
+        id, IPv4-mapped, in any case or with blanks around, are loopback."""
+        for host in [
+            "localhost",
+            "LocalHost",
+            "mail.localhost",
+            "127.0.0.1",
+            "127.0.0.2",
+            "127.255.255.254",
+            "::1",
+            "[::1]",
+            "[127.0.0.2]",
+            "::1%lo",
+            "[::1%lo]",
+            "::ffff:127.0.0.1",
+            " ::1 ",
+        ]:
+            with self.subTest(host=host):
+                self.assertTrue(is_loopback_host(host))
+
+    def test_not_loopback_hosts(self):
+        """Names other than localhost, other addresses and malformed text are not
+        loopback; nothing is looked up."""
+        for host in [
+            "example.com",
+            "localhost.example.com",
+            "mylocalhost",
+            "192.0.2.1",
+            "::",
+            "0.0.0.0",
+            "::ffff:192.0.2.1",
+            "fe80::1%lo",
+            "[example.com]",
+            "[::1",
+            "",
+        ]:
+            with self.subTest(host=host):
+                self.assertFalse(is_loopback_host(host))
+
+    def test_ip_address(self):
+        """An IP address is exactly an IPv4 or IPv6 literal, without brackets."""
+        for text in ["192.0.2.1", "::1", "2001:db8::1"]:
+            with self.subTest(text=text):
+                self.assertTrue(is_ip_address(text))
+        for text in ["[::1]", "example.com", "256.0.0.1", "", "1.2.3"]:
+            with self.subTest(text=text):
+                self.assertFalse(is_ip_address(text))
+
+    def test_host_name(self):
+        """A host name is ASCII labels of letters, digits and inner hyphens (253 at most)."""
+        for text in ["localhost", "smtp.example.com", "smtp.example.com.", "a-b.example"]:
+            with self.subTest(text=text):
+                self.assertTrue(is_host_name(text))
+        for text in ["", "-a.example", "a-.example", "a..b", "a_b.example", "x" * 64, "[::1]"]:
+            with self.subTest(text=text):
+                self.assertFalse(is_host_name(text))
+        self.assertFalse(is_host_name(".".join(["a" * 63] * 4)))

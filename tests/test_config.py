@@ -5,15 +5,18 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import textwrap
 
+from twisted.internet import task
+from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory
-from twisted.internet.testing import MemoryReactor
+from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailrelay import config
 from mailrelay.config import (
     PASSWORD_ENVIRONMENT_VARIABLE,
     DevModeSettings,
@@ -26,7 +29,11 @@ from mailrelay.config import (
     parse_duration,
     parse_size,
 )
+from mailrelay.config import settings as settings_module
+from mailrelay.config.schema import SCHEMA
 from mailrelay.errors import ConfigurationError
+from mailrelay.mta.client import RelayClient
+from mailrelay.mta.errors import AuthenticationFailed
 
 EXAMPLE = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mailrelay.ini.example"
@@ -295,7 +302,7 @@ class DefaultsTests(SynchronousTestCase):
     def test_lmtp_hostname_resolved_at_use(self) -> None:
         """An empty lmtp_hostname means the FQDN, looked up only when asked for."""
         calls = []
-        self.patch(config.socket, "getfqdn", lambda: calls.append(1) or "relay.example")
+        self.patch(settings_module.socket, "getfqdn", lambda: calls.append(1) or "relay.example")
         mta = Settings.from_defaults().mta
         self.assertEqual(calls, [])
         self.assertEqual(mta.effective_lmtp_hostname(), "relay.example")
@@ -488,7 +495,7 @@ class ErrorMessageTests(_FileMixin, SynchronousTestCase):
     def test_every_key_has_a_bad_value_test(self) -> None:
         """BAD_VALUES covers every key of the schema (a new key needs a test)."""
         tested = {(section, key) for section, key, _, _ in self.BAD_VALUES}
-        keys = {(k.section, k.name) for k in config._SCHEMA}
+        keys = {(k.section, k.name) for k in SCHEMA}
         # smtp_user and smtp_pass accept any text; their rules are cross-key.
         self.assertEqual(keys - tested, {("mta", "smtp_user"), ("mta", "smtp_pass")})
 
@@ -955,7 +962,7 @@ class DescribeDefaultsTests(_FileMixin, SynchronousTestCase):
                 self.assertTrue(lines[index - 1].startswith("# "), line)
                 self.assertNotIn((section, name), seen)
                 seen.add((section, name))
-        self.assertEqual(seen, {(k.section, k.name) for k in config._SCHEMA})
+        self.assertEqual(seen, {(k.section, k.name) for k in SCHEMA})
 
     def test_example_file_matches(self) -> None:
         """mailrelay.ini.example is exactly describe_defaults() (regenerate it if not)."""
@@ -972,3 +979,81 @@ class DescribeDefaultsTests(_FileMixin, SynchronousTestCase):
         settings = load_settings(EXAMPLE, environ={})
         self.assertEqual(settings.mta, Settings.from_defaults().mta)
         self.assertEqual(settings.source, EXAMPLE)
+
+
+class LoopbackAgreementTests(SynchronousTestCase):
+    """The configuration and the SMTP client apply one rule to clear-text AUTH."""
+
+    HOSTS = {"localhost": True, "127.0.0.2": True, "::1": True, "[::1]": True, "example.com": False}
+
+    def config_allows(self, host: str) -> bool:
+        try:
+            Settings.from_mapping(
+                {"mta": {"smtp_host": host, "smtp_user": "u", "smtp_pass": "p"}}, environ={}
+            )
+        except ConfigurationError as e:
+            self.assertIn("SMTP AUTH without TLS", str(e))
+            return False
+        return True
+
+    def client_allows(self, host: str) -> bool:
+        client = RelayClient(
+            clock=task.Clock(), username="u", password="p", helo_name="relay.example"
+        )
+        transport = StringTransport(
+            peerAddress=IPv4Address("TCP", host, 25),
+            hostAddress=IPv4Address("TCP", "127.0.0.1", 40000),
+        )
+        client.makeConnection(transport)
+        ready = client.ready
+        for line in [b"220 smarthost.example ESMTP", b"250-smarthost.example", b"250 AUTH PLAIN"]:
+            client.dataReceived(line + b"\r\n")
+        if ready.called:
+            failure = self.failureResultOf(ready, AuthenticationFailed)
+            self.assertIn(b"unencrypted", failure.value.response)
+            return False
+        self.assertIn(b"AUTH PLAIN", transport.value())
+        return True
+
+    def test_config_and_client_agree(self):
+        """For localhost, 127.0.0.2, ::1, [::1] and example.com, load_settings accepts
+        smtp_user over plain smtp exactly when the client sends AUTH to that peer."""
+        for host, loopback in self.HOSTS.items():
+            with self.subTest(host=host):
+                self.assertEqual(self.config_allows(host), loopback)
+                self.assertEqual(self.client_allows(host), loopback)
+
+
+class PublicNamesTests(SynchronousTestCase):
+    """mailrelay.config re-exports its public names from the package's modules."""
+
+    def test_public_names_import(self):
+        """Every name in mailrelay.config.__all__ is importable, including the ones
+        other modules and the README use."""
+        import mailrelay.config
+
+        for name in mailrelay.config.__all__:
+            with self.subTest(name=name):
+                self.assertTrue(hasattr(mailrelay.config, name))
+        self.assertEqual(mailrelay.config.CONFIG_ENVIRONMENT_VARIABLE, "MAILRELAY_CONFIG")
+        self.assertEqual(PASSWORD_ENVIRONMENT_VARIABLE, "MAILRELAY_SMTP_PASS")
+
+    def test_describe_defaults_command(self):
+        """The README's regenerate command (python -c 'from mailrelay.config import
+        describe_defaults ...') still prints the defaults."""
+        code = "from mailrelay.config import describe_defaults as d; print(d(), end='')"
+        result = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=_child_env(),
+        )
+        self.assertEqual(result.stdout, describe_defaults())
+
+
+def _child_env() -> dict[str, str]:
+    # The child imports this tree's mailrelay, not an installed one.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 import os
 import stat
@@ -17,6 +18,9 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailrelay import cli, tap
 from mailrelay.config import Settings
+from mailrelay.mta.connection import Connection, SecureMode
+from mailrelay.mta.tls import client_tls_options
+from mailrelay.service import connection_arguments, tls_arguments
 from mailrelay.testing import FakeMTA
 from mailrelay.testing.lmtp import LMTPClient, connect_lmtp
 from tests.support import as_deferred, free_port
@@ -89,6 +93,62 @@ class OutboundCheckTests(SynchronousTestCase):
             f.write(f"[mta]\nsmtp_credentials_file = {authinfo}\n")
         e = self.assertRaises(usage.UsageError, tap.Options().parseOptions, ["-C", path])
         self.assertIn(f"{authinfo}, line 1", str(e))
+
+
+class ConnectionArgumentsTests(SynchronousTestCase):
+    """One mapping from [mta] and [devmode] to the smarthost connection, shared by
+    makeService's pool and twistd's option check."""
+
+    def test_connection_built_from_settings(self):
+        """connection_arguments names only Connection's parameters, and a Connection
+        built from them carries the configured host, port, limits, mode and devmode."""
+        settings = Settings.from_mapping(
+            {
+                "mta": {
+                    "smtp_host": "smtp.example.com",
+                    "smtp_port": 587,
+                    "max_sessions_per_connection": 3,
+                    "smtp_secure_mode": "starttls",
+                    "smtp_user": "u",
+                    "smtp_pass": "p",
+                    "smtp_timeout": "7s",
+                    "smtp_connect_timeout": "5s",
+                    "smtp_idle_timeout": "9s",
+                },
+                "devmode": {"enabled": True, "recipient": "dev@example.com"},
+            },
+            environ={},
+        )
+        arguments = connection_arguments(settings)
+        parameters = set(inspect.signature(Connection).parameters) - {"reactor"}
+        self.assertLessEqual(set(arguments), parameters)
+        connection = Connection(**arguments, reactor=task.Clock())
+        self.assertEqual(
+            (connection.host, connection.port, connection.sessions_per_connection),
+            ("smtp.example.com", 587, 3),
+        )
+        self.assertIs(connection.secure_mode, SecureMode.STARTTLS)
+        self.assertTrue(connection.authenticates)
+        self.assertEqual(connection.devmode_recipient, "dev@example.com")
+        self.assertEqual(
+            (connection.timeout, connection.connect_timeout, connection.idle_timeout),
+            (7.0, 5.0, 9.0),
+        )
+
+    def test_unset_keys_are_none(self):
+        """Empty keys reach Connection as None, and devmode off means no rewrite."""
+        arguments = connection_arguments(Settings.from_mapping({}, environ={}))
+        for name in ["user", "password", "ca_file", "client_cert", "client_key"]:
+            with self.subTest(name=name):
+                self.assertIsNone(arguments[name])
+        self.assertIsNone(arguments["devmode_recipient"])
+        self.assertIsNone(arguments["credentials_file"])
+        self.assertIsNone(arguments["helo_name"])
+
+    def test_tls_arguments_are_client_tls_options_keywords(self):
+        """tls_arguments names only keyword parameters of client_tls_options."""
+        arguments = tls_arguments(Settings.from_mapping({}, environ={}))
+        self.assertLessEqual(set(arguments), set(inspect.signature(client_tls_options).parameters))
 
 
 class RelayCase(TestCase):

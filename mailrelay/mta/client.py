@@ -20,7 +20,6 @@ The protocol knows nothing of queues or policy: its owner calls
 from __future__ import annotations
 
 import base64
-import ipaddress
 import socket
 from collections import deque
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from twisted.mail import _cred, smtp
 from twisted.protocols import basic
 from twisted.python.failure import Failure
 
+from mailrelay.addresses import is_loopback_host
 from mailrelay.mta.errors import (
     NO_REPLY,
     AuthenticationFailed,
@@ -45,7 +45,7 @@ from mailrelay.mta.errors import (
 )
 from mailrelay.mta.message import WireMessage
 
-log = Logger()
+_log = Logger()
 
 # Most secure first, as smtplib orders them.
 MECHANISMS = (b"CRAM-MD5", b"PLAIN", b"LOGIN")
@@ -83,13 +83,6 @@ class TransactionResult:
 
     def refused(self) -> dict[int, tuple[int, bytes]]:
         return {i: r for i, r in enumerate(self.replies) if not 200 <= r[0] < 300}
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
-    except ValueError:
-        return False
 
 
 def _describe_failure(reason: Failure) -> DeliveryError:
@@ -251,7 +244,9 @@ class RelayClient(smtp.ESMTPClient):
         if not (
             self._tlsMode
             or self._allow_plaintext_auth
-            or _is_loopback(self.transport.getPeer().host)
+            # The peer's address, not the configured name: a literal, so
+            # what a name resolved to is what counts.
+            or is_loopback_host(self.transport.getPeer().host)
         ):
             self._fail(
                 AuthenticationFailed(
@@ -524,11 +519,11 @@ class RelayClient(smtp.ESMTPClient):
 
     def _unexpected_reply(self, code, resp):
         if code == 421:
-            log.info(
+            _log.info(
                 "smarthost closed the idle connection: {code} {response}", code=code, response=resp
             )
         else:
-            log.warn("unexpected reply while idle: {code} {response}", code=code, response=resp)
+            _log.warn("unexpected reply while idle: {code} {response}", code=code, response=resp)
         self._is_ready = False
         self.transport.loseConnection()
 

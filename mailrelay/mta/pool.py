@@ -18,11 +18,12 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailrelay._checks import check_count
 from mailrelay.interfaces import IMessageSender
 
 __all__ = ["ConnectionPool"]
 
-log = Logger()
+_log = Logger()
 
 
 @implementer(IMessageSender)
@@ -41,13 +42,7 @@ class ConnectionPool:
     def __init__(self, factory: Callable[[], Any], max_connections: int = 4):
         if not callable(factory):
             raise TypeError(f"factory must be callable, not {factory!r}")
-        if (
-            isinstance(max_connections, bool)
-            or not isinstance(max_connections, int)
-            or (max_connections < 1)
-        ):
-            raise ValueError(f"max_connections must be an int >= 1, not {max_connections!r}")
-        self.max_connections = max_connections
+        self.max_connections = check_count("max_connections", max_connections)
         self._factory = factory
         self._connections: list[Any] = [factory()]
         # Most recently used last: pop() takes the warmest connection.
@@ -113,7 +108,7 @@ class ConnectionPool:
             try:
                 connection = self._factory()
             except Exception as e:
-                log.error(
+                _log.error(
                     "Cannot set up another connection to the smarthost: {error}", error=str(e)
                 )
                 return None

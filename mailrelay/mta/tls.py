@@ -9,12 +9,11 @@ names need SNI to pick the right certificate even when we do not check it.
 
 from __future__ import annotations
 
-import ipaddress
-
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from zope.interface import implementer
 
+from mailrelay.addresses import is_ip_address
 from mailrelay.errors import ConfigurationError
 
 
@@ -28,14 +27,6 @@ class _WithServerName:
         connection = self._options.clientConnectionForTLS(tlsProtocol)
         connection.set_tlsext_host_name(self._server_name)
         return connection
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def _read(path: str, what: str) -> bytes:
@@ -109,6 +100,6 @@ def client_tls_options(
         options = ssl.CertificateOptions(trustRoot=load_trust_root(ca_file), **extra)
     else:
         options = ssl.CertificateOptions(**extra)
-    if _is_ip(hostname):
+    if is_ip_address(hostname):
         return options
     return _WithServerName(hostname, options)

@@ -1,0 +1,347 @@
+"""The schema: one entry per INI key, in file order, naming its default, help text and parser.
+
+It is the single source for parsing (:func:`mailrelay.config.load_settings`
+walks it), for the defaults (a key left out takes its default text, parsed
+like any other) and for the documentation (:func:`mailrelay.config.describe_defaults`
+prints it), so the three cannot drift apart.  Cross-key rules live with the
+loader in :mod:`mailrelay.config.settings`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mailrelay.config.endpoints import parse_endpoint
+from mailrelay.config.values import (
+    check_readable,
+    parse_bool,
+    parse_duration,
+    parse_greeting_name,
+    parse_host,
+    parse_int,
+    parse_mailbox,
+    parse_port,
+    parse_secure_mode,
+    parse_size,
+    parse_text,
+    positive,
+    resolve_path,
+)
+
+__all__ = ["KEYS", "PASSWORD_ENVIRONMENT_VARIABLE", "SCHEMA", "Key"]
+
+PASSWORD_ENVIRONMENT_VARIABLE = "MAILRELAY_SMTP_PASS"
+
+
+@dataclass(frozen=True)
+class Key:
+    """One INI key: where it lives, its default text, its help text and its parser."""
+
+    section: str
+    name: str
+    default: str
+    help: str
+    # (text, base_dir) -> value; raises ValueError with a reason.
+    parse: Callable[[str, str], object]
+    # Shown as <hidden> in error messages.
+    secret: bool = False
+
+
+def _plain(parse: Callable[[str], object]) -> Callable[[str, str], object]:
+    return lambda text, base_dir: parse(text)
+
+
+def _path(text: str, base_dir: str) -> str:
+    text = text.strip()
+    return resolve_path(text, base_dir) if text else ""
+
+
+def _readable_file(text: str, base_dir: str) -> str:
+    path = _path(text, base_dir)
+    if path:
+        check_readable(path)
+    return path
+
+
+def _var_dir(text: str, base_dir: str) -> str:
+    path = _path(text, base_dir)
+    if not path:
+        raise ValueError("must not be empty")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError("exists and is not a directory")
+    return path
+
+
+def _endpoint(text: str, base_dir: str) -> str:
+    return parse_endpoint(text, base_dir) if text.strip() else ""
+
+
+_duration = positive(parse_duration, "duration")
+_whole = _plain(parse_int)
+
+SCHEMA: tuple[Key, ...] = (
+    Key(
+        "paths",
+        "var_dir",
+        "var",
+        "Directory holding the list registry (registry.sqlite3) and the message "
+        "spool (spool.sqlite3).",
+        _var_dir,
+    ),
+    Key(
+        "mta",
+        "lmtp_host",
+        "127.0.0.1",
+        "Address the LMTP server listens on.  Use 127.0.0.1 rather than localhost "
+        "so that Postfix and mailrelay agree on the address family.",
+        _plain(parse_host),
+    ),
+    Key("mta", "lmtp_port", "8024", "TCP port of the LMTP server.", _plain(parse_port)),
+    Key(
+        "mta",
+        "lmtp_endpoint",
+        "",
+        "Twisted server endpoint for LMTP (tcp:, tcp6:, unix:, ssl:, systemd:); when "
+        "set it wins over lmtp_host and lmtp_port.  Empty means "
+        "tcp:<lmtp_port>:interface=<lmtp_host>.  A unix: socket without mode= is "
+        "created with mode=660; a relative socket path is relative to this file.",
+        _endpoint,
+    ),
+    Key(
+        "mta",
+        "lmtp_max_sessions",
+        "100",
+        "Most LMTP connections served at once; more are refused until one closes.",
+        _plain(lambda text: parse_int(text, 1)),
+    ),
+    Key(
+        "mta",
+        "lmtp_idle_timeout",
+        "5m",
+        "An LMTP client silent for this long is disconnected.",
+        _plain(_duration),
+    ),
+    Key(
+        "mta",
+        "lmtp_max_line_length",
+        "16384",
+        "Longest accepted LMTP line, in octets including CRLF (RFC 5321 requires at least 1000).",
+        _plain(lambda text: parse_int(text, 1000)),
+    ),
+    Key(
+        "mta",
+        "max_message_size",
+        "32MiB",
+        "Largest message accepted over LMTP (advertised with SIZE).",
+        _plain(positive(parse_size, "size")),
+    ),
+    Key(
+        "mta",
+        "lmtp_hostname",
+        "",
+        "Name in the LMTP greeting; empty means this host's fully qualified name.",
+        _plain(parse_greeting_name),
+    ),
+    Key("mta", "smtp_host", "localhost", "The outgoing smarthost.", _plain(parse_host)),
+    Key(
+        "mta",
+        "smtp_port",
+        "25",
+        "Port of the smarthost (usually 25 or 587; 465 for smtps).",
+        _plain(parse_port),
+    ),
+    Key(
+        "mta",
+        "smtp_user",
+        "",
+        "User name for SMTP AUTH; authentication happens only when a password is set too.",
+        _plain(parse_text),
+    ),
+    Key(
+        "mta",
+        "smtp_pass",
+        "",
+        f"Password for SMTP AUTH.  Prefer smtp_pass_file or the "
+        f"{PASSWORD_ENVIRONMENT_VARIABLE} environment variable, which take precedence "
+        f"(environment first, then the file, then this key).",
+        _plain(parse_text),
+        secret=True,
+    ),
+    Key(
+        "mta",
+        "smtp_pass_file",
+        "",
+        "File whose first line is the SMTP AUTH password.",
+        _readable_file,
+    ),
+    Key(
+        "mta",
+        "smtp_secure_mode",
+        "smtp",
+        "smtp (no TLS), smtps (TLS from the first byte) or starttls (STARTTLS "
+        "required, before anything else).",
+        _plain(parse_secure_mode),
+    ),
+    Key(
+        "mta",
+        "smtp_verify_cert",
+        "yes",
+        "Verify the smarthost's certificate (smtps and starttls only).",
+        _plain(parse_bool),
+    ),
+    Key(
+        "mta",
+        "smtp_verify_hostname",
+        "yes",
+        "Check that the certificate names smtp_host (only when smtp_verify_cert is on).",
+        _plain(parse_bool),
+    ),
+    Key(
+        "mta",
+        "smtp_ca_file",
+        "",
+        "PEM file of CA certificates to trust instead of the system's.",
+        _readable_file,
+    ),
+    Key(
+        "mta",
+        "smtp_client_cert",
+        "",
+        "PEM client certificate to present to the smarthost (needs smtp_client_key).",
+        _readable_file,
+    ),
+    Key(
+        "mta",
+        "smtp_client_key",
+        "",
+        "PEM private key of smtp_client_cert.",
+        _readable_file,
+    ),
+    Key(
+        "mta",
+        "smtp_credentials_file",
+        "",
+        "authinfo-style file of per-host credentials "
+        "(machine HOST port PORT login USER password PASS).",
+        _readable_file,
+    ),
+    Key(
+        "mta",
+        "smtp_allow_plaintext_auth",
+        "no",
+        "Allow SMTP AUTH without TLS (smtp_secure_mode = smtp) to a smarthost that is "
+        "not loopback, which sends the password in the clear; to localhost or a "
+        "loopback address it is always allowed.",
+        _plain(parse_bool),
+    ),
+    Key(
+        "mta",
+        "smtp_helo_name",
+        "",
+        "Name sent in EHLO/HELO; empty means this host's name when it is qualified "
+        "(has a dot), else the connection's address literal such as [192.0.2.1], "
+        "as smtplib does.",
+        _plain(parse_greeting_name),
+    ),
+    Key(
+        "mta",
+        "smtp_timeout",
+        "60s",
+        "How long to wait for each reply from the smarthost.",
+        _plain(_duration),
+    ),
+    Key(
+        "mta",
+        "smtp_connect_timeout",
+        "30s",
+        "How long to wait for a connection (and TLS handshake) to the smarthost.",
+        _plain(_duration),
+    ),
+    Key(
+        "mta",
+        "max_recipients",
+        "10",
+        "Most recipients per SMTP transaction; 0 puts all of them in one.",
+        _whole,
+    ),
+    Key(
+        "mta",
+        "max_sessions_per_connection",
+        "0",
+        "Transactions per SMTP connection before reconnecting; 0 means no limit.",
+        _whole,
+    ),
+    Key(
+        "mta",
+        "max_connections",
+        "4",
+        "Most simultaneous connections to the smarthost (at least 1).",
+        _plain(lambda text: parse_int(text, 1)),
+    ),
+    Key(
+        "mta",
+        "smtp_idle_timeout",
+        "10s",
+        "An idle connection to the smarthost is closed after this long.",
+        _plain(_duration),
+    ),
+    Key(
+        "mta",
+        "delivery_retry_period",
+        "5d",
+        "How long to keep retrying a temporarily failing recipient before giving up.",
+        _plain(parse_duration),
+    ),
+    Key(
+        "mta",
+        "retry_min_backoff",
+        "300s",
+        "Delay before the first retry; it doubles on each further attempt.",
+        _plain(_duration),
+    ),
+    Key(
+        "mta",
+        "retry_max_backoff",
+        "4000s",
+        "Longest delay between retries (not less than retry_min_backoff).",
+        _plain(_duration),
+    ),
+    Key(
+        "mta",
+        "verp_delivery",
+        "no",
+        "Send each member a separate copy with a VERP envelope sender "
+        "(list-bounces+member=domain@...).",
+        _plain(parse_bool),
+    ),
+    Key(
+        "mta",
+        "keep_delivered",
+        "7d",
+        "How long delivered entries stay in the spool (shown by mailrelay queue) "
+        "before they are purged; 0 purges them at the next hourly clean-up.",
+        _plain(parse_duration),
+    ),
+    Key(
+        "devmode",
+        "enabled",
+        "no",
+        "Development mode: deliver every message to recipient instead of the members.",
+        _plain(parse_bool),
+    ),
+    Key(
+        "devmode",
+        "recipient",
+        "",
+        "The mailbox that receives all mail in development mode (required then).",
+        _plain(parse_mailbox),
+    ),
+)
+
+# {section: {name: Key}}, sections and keys in file order.
+KEYS: dict[str, dict[str, Key]] = {}
+for _key in SCHEMA:
+    KEYS.setdefault(_key.section, {})[_key.name] = _key
+del _key
