@@ -27,7 +27,7 @@ from mailrelay.model import Bounce, Destination, MailingList, Member
 
 __all__ = ["MemoryRegistry", "SQLiteRegistry", "SCHEMA_VERSION"]
 
-log = Logger()
+_log = Logger()
 
 # At most this many members are kept in SQLiteRegistry's read cache (about
 # 100 bytes each); larger member lists are read afresh for every post.
@@ -148,8 +148,21 @@ def _split_duplicates(
     return new, tuple(duplicates)
 
 
+class _BounceRecorder:
+    """``record_bounce`` for both registries: one bounce, recorded as a batch
+    of one by the registry's own ``record_bounces``."""
+
+    def record_bounces(self, bounces: Iterable[Bounce]) -> None:
+        raise NotImplementedError
+
+    def record_bounce(
+        self, list_address: str, address: str, code: int, response: str | bytes, at: float
+    ) -> None:
+        self.record_bounces([Bounce(list_address, address, code, response, at)])
+
+
 @implementer(IListRegistry)
-class MemoryRegistry:
+class MemoryRegistry(_BounceRecorder):
     """An :class:`IListRegistry` held in memory, for tests and embedders."""
 
     def __init__(self) -> None:
@@ -213,11 +226,6 @@ class MemoryRegistry:
             if current[address].delivery_enabled or not enabled_only
         )
 
-    def record_bounce(
-        self, list_address: str, address: str, code: int, response: str | bytes, at: float
-    ) -> None:
-        self.record_bounces([Bounce(list_address, address, code, response, at)])
-
     def record_bounces(self, bounces: Iterable[Bounce]) -> None:
         checked = [_check_bounce(bounce) for bounce in bounces]
         for bounce in checked:
@@ -241,7 +249,7 @@ class MemoryRegistry:
 
 
 @implementer(IListRegistry)
-class SQLiteRegistry:
+class SQLiteRegistry(_BounceRecorder):
     """An :class:`IListRegistry` stored in an SQLite file shared with the admin CLI.
 
     The file, its directory and the schema are created on first use.  Every
@@ -312,7 +320,7 @@ class SQLiteRegistry:
         try:
             yield
         except sqlite3.Error as e:
-            log.warn(
+            _log.warn(
                 "List registry {path} failed while {doing}: {error}",
                 path=self.path,
                 doing=doing,
@@ -381,7 +389,7 @@ class SQLiteRegistry:
                 "INSERT INTO owners (list_address, address, position) VALUES (?, ?, ?)",
                 [(address, owner, n) for n, owner in enumerate(owner_addresses)],
             )
-        log.info("Created list {list}", list=address)
+        _log.info("Created list {list}", list=address)
         return MailingList(address, display_name or "", owner_addresses)
 
     def delete_list(self, address: str) -> None:
@@ -390,7 +398,7 @@ class SQLiteRegistry:
             self._require(address)
             # Members and owners go with it (ON DELETE CASCADE).
             self._db.execute("DELETE FROM lists WHERE posting_address = ?", (address,))
-        log.info("Deleted list {list}", list=address)
+        _log.info("Deleted list {list}", list=address)
 
     def add_members(self, list_address: str, members: Iterable[Member | str]) -> tuple[str, ...]:
         list_address = _lookup_key(list_address)
@@ -464,11 +472,6 @@ class SQLiteRegistry:
             self._cache[key] = members
             self._cached_members += len(members)
         return members
-
-    def record_bounce(
-        self, list_address: str, address: str, code: int, response: str | bytes, at: float
-    ) -> None:
-        self.record_bounces([Bounce(list_address, address, code, response, at)])
 
     def record_bounces(self, bounces: Iterable[Bounce]) -> None:
         checked = [_check_bounce(bounce) for bounce in bounces]

@@ -22,14 +22,12 @@ from mailrelay.errors import SpoolError
 from mailrelay.interfaces import ISpool
 from mailrelay.model import Destination, EntryKind, EntryState, Envelope, Route
 from mailrelay.spool import (
-    _CLAIM_QUEUED,
-    _CLAIM_RETRY,
-    _MIGRATIONS,
     SCHEMA_VERSION,
     EntryUpdate,
     MemorySpool,
     SQLiteSpool,
 )
+from mailrelay.spool.schema import CLAIM_QUEUED, CLAIM_RETRY, MIGRATIONS
 from tests.support import temp_dir
 
 LIST = "test@example.com"
@@ -609,7 +607,7 @@ class SQLiteSpoolTests(SpoolContractMixin, TestCase):
         """Claiming reads queued entries in id order and due retries in time order straight
         from indexes, so a claim costs O(batch) however many entries are queued."""
         with sqlite3.connect(self.path) as db:
-            for query, args in ((_CLAIM_QUEUED, (200,)), (_CLAIM_RETRY, (0.0, 200))):
+            for query, args in ((CLAIM_QUEUED, (200,)), (CLAIM_RETRY, (0.0, 200))):
                 plan = " | ".join(
                     row[-1] for row in db.execute("EXPLAIN QUERY PLAN " + query, args)
                 )
@@ -636,7 +634,7 @@ class SQLiteSpoolTests(SpoolContractMixin, TestCase):
         await self.spool.close()
         os.remove(self.path)
         with sqlite3.connect(self.path) as db:
-            for statement in _MIGRATIONS[0]:
+            for statement in MIGRATIONS[0]:
                 db.execute(statement)
             db.execute("PRAGMA user_version = 1")
             db.execute("INSERT INTO messages (sender, received_at, data) VALUES ('a@b.c', 1, 'x')")

@@ -1,0 +1,443 @@
+"""The SQLite spool: the operations of :class:`~mailrelay.interfaces.ISpool`
+on an SQLite file, as SQL.
+
+Place in the flow: LMTP → routing → **spool** → scheduler → sending → mta.
+Writes go to the group-commit writer thread (:mod:`mailrelay.spool.writer`) as
+functions of its connection: only storing a message (what LMTP acknowledges)
+and operator changes are fsynced; the runner's bookkeeping (claims, results,
+fan-out) commits without a sync of its own: a process crash loses none of it
+(it is in the WAL), and a power cut can only make some deliveries happen
+twice.  Reads are quick indexed queries on a second connection in the reactor
+thread, which WAL mode lets run alongside the writer.  The file's layout and
+migrations are in :mod:`mailrelay.spool.schema`.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from zope.interface import implementer
+
+from mailrelay.errors import SpoolError
+from mailrelay.interfaces import ISpool
+from mailrelay.model import (
+    Destination,
+    EntryKind,
+    EntryState,
+    EntryUpdate,
+    Envelope,
+    Route,
+    SpoolEntry,
+    Stored,
+)
+from mailrelay.spool import common
+from mailrelay.spool.schema import (
+    CLAIM_QUEUED,
+    CLAIM_RETRY,
+    ENTRY_QUERY,
+    entry_from_row,
+    open_database,
+    open_reader,
+)
+from mailrelay.spool.writer import GroupCommitWriter, spool_error
+
+
+def _chunks(ids: list[int], size: int = 500) -> Iterator[list[int]]:
+    """``ids`` in slices small enough for one statement's parameters (SQLite
+    builds before 3.32 allow 999)."""
+    for start in range(0, len(ids), size):
+        yield ids[start : start + size]
+
+
+def _placeholders(ids: list[int]) -> str:
+    return ",".join("?" * len(ids))
+
+
+def _insert_copies(
+    db: sqlite3.Connection,
+    message_key: int,
+    list_address: str,
+    subaddress: str | None,
+    route: Route,
+    state: EntryState,
+    now: float,
+) -> int:
+    """Insert one ``route.kind`` entry per recipient; the id of the first.
+
+    One executemany rather than a statement per copy.  The ids are
+    consecutive: this connection is the only writer, and AUTOINCREMENT hands
+    out max(rowid, highest ever) + 1 for each row in turn.
+    """
+    assert route.kind is not None
+    db.executemany(
+        "INSERT INTO entries (message_key, list_address, subaddress, recipient,"
+        " state, kind, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [
+            (message_key, list_address, subaddress, address, state.value, route.kind.value, now)
+            for address in route.recipients
+        ],
+    )
+    (last,) = db.execute("SELECT last_insert_rowid()").fetchone()
+    return last - len(route.recipients) + 1
+
+
+@implementer(ISpool)
+class SQLiteSpool:
+    """An :class:`ISpool` in an SQLite file (WAL, ``synchronous=FULL`` for what
+    must survive a power cut, ``NORMAL`` for delivery bookkeeping).
+
+    ``reactor`` must provide ``IReactorThreads`` and ``IReactorTime``: results
+    come back through ``callFromThread``.  ``max_bytes`` caps the database size;
+    a write beyond it fails like a full disk.  ``commit_count`` counts the
+    transactions committed so far.  Call :meth:`close` to stop the writer thread.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        reactor: Any,
+        *,
+        max_bytes: int | None = None,
+        max_batch: int = 1000,
+    ) -> None:
+        self.path = os.fspath(path)
+        self._reactor = reactor
+        self._closed = False
+        db = open_database(self.path, max_bytes)
+        try:
+            self._reader = open_reader(self.path)
+        except sqlite3.Error as e:
+            db.close()
+            raise SpoolError(f"cannot open spool {self.path}: {e}") from e
+        self._writer = GroupCommitWriter(db, reactor, self.path, max_batch)
+        # Every write goes to the writer thread as a function of its connection.
+        self._submit = self._writer.submit
+
+    @property
+    def commit_count(self) -> int:
+        """How many transactions the writer thread has committed so far."""
+        return self._writer.commit_count
+
+    def _read(self, doing: str, query: str, params: Sequence[Any] = ()) -> list[Any]:
+        if self._closed:
+            raise SpoolError(f"spool {self.path} is closed: cannot {doing}")
+        try:
+            return self._reader.execute(query, params).fetchall()
+        except sqlite3.Error as e:
+            raise spool_error(self.path, e, doing) from e
+
+    # -- ISpool --------------------------------------------------------------
+
+    def enqueue(self, envelope: Envelope, message: bytes) -> Deferred[list[int]]:
+        d = self.store(envelope, message)
+        d.addCallback(lambda stored: list(stored.entry_ids))
+        return d
+
+    @common.deferred_errors
+    def store(
+        self,
+        envelope: Envelope,
+        message: bytes,
+        routes: Sequence[Route] | None = None,
+        claim: bool = False,
+    ) -> Deferred[Stored]:
+        """Store ``message`` with one entry per destination, routed by ``routes``
+        (see :meth:`~mailrelay.interfaces.ISpool.store`), in one durable
+        transaction."""
+        envelope, data = common.check_enqueue(envelope, message)
+        checked = common.check_routes(envelope, routes, claim)
+        now = self._reactor.seconds()
+        waiting = EntryState.INFLIGHT if claim else EntryState.QUEUED
+
+        def store(db: sqlite3.Connection) -> Stored:
+            key = db.execute(
+                "INSERT INTO messages (sender, message_id, received_at, peer, data)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (envelope.sender, envelope.message_id, envelope.received_at, envelope.peer, data),
+            ).lastrowid
+            ids = []
+            claimed = []
+
+            def entry(entry_id: int, destination: Destination, kind: EntryKind) -> SpoolEntry:
+                return common.new_entry(
+                    envelope, key, entry_id, destination, EntryState.INFLIGHT, kind
+                )
+
+            for destination, route in zip(envelope.destinations, checked, strict=True):
+                state = waiting if route.state is EntryState.QUEUED else route.state
+                entry_id = db.execute(
+                    "INSERT INTO entries (message_key, list_address, subaddress, recipient,"
+                    " state, last_error, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        key,
+                        destination.list_address,
+                        destination.subaddress,
+                        destination.address,
+                        state.value,
+                        route.error,
+                        now,
+                    ),
+                ).lastrowid
+                ids.append(entry_id)
+                if claim and state is EntryState.INFLIGHT:
+                    claimed.append(entry(entry_id, destination, EntryKind.INBOUND))
+                if route.kind is None or not route.recipients:
+                    continue
+                subaddress = common.expanded_subaddress(route.kind)
+                first = _insert_copies(
+                    db, key, destination.list_address, subaddress, route, waiting, now
+                )
+                if claim:
+                    claimed.extend(
+                        entry(
+                            first + offset,
+                            Destination(destination.list_address, subaddress, address),
+                            route.kind,
+                        )
+                        for offset, address in enumerate(route.recipients)
+                    )
+            return Stored(tuple(ids), tuple(claimed))
+
+        return self._submit("store a message", store)
+
+    def get_message(self, message_key: int) -> bytes:
+        """The stored bytes of a message; ``KeyError`` if it is not (or no longer) spooled."""
+        rows = self._read(
+            f"read message {message_key}",
+            "SELECT data FROM messages WHERE key = ?",
+            (message_key,),
+        )
+        if not rows:
+            raise KeyError(f"no message {message_key} in spool {self.path}")
+        return bytes(rows[0][0])
+
+    @common.deferred_errors
+    def claim_due(self, now: float, limit: int) -> Deferred[list[SpoolEntry]]:
+        limit = common.check_limit(limit, allow_none=False)
+        updated_at = self._reactor.seconds()
+
+        def claim(db: sqlite3.Connection) -> list[SpoolEntry]:
+            # Two index-ordered queries instead of one with OR, which SQLite
+            # could only answer by sorting every queued entry on each claim.
+            rows = db.execute(CLAIM_QUEUED, (limit,)).fetchall()
+            rows += db.execute(CLAIM_RETRY, (now, limit)).fetchall()
+            rows = sorted(rows)[:limit]
+            for ids in _chunks([row[0] for row in rows]):
+                db.execute(
+                    "UPDATE entries SET state = 'inflight', updated_at = ?"
+                    f" WHERE id IN ({_placeholders(ids)})",
+                    (updated_at, *ids),
+                )
+            return [entry_from_row(row[:6] + ("inflight",) + row[7:]) for row in rows]
+
+        return self._submit("claim due entries", claim, durable=False)
+
+    @common.deferred_errors
+    def update(self, updates: Iterable[EntryUpdate]) -> Deferred[int]:
+        """Apply ``updates`` in one transaction; fires with how many entries
+        changed (ids of entries deleted meanwhile are skipped)."""
+        checked = common.check_updates(updates)
+        now = self._reactor.seconds()
+        # Entries that change the same way (typically a whole batch delivered)
+        # share one statement: one UPDATE ... IN (...) costs half as much as
+        # a row at a time, index upkeep included.
+        groups: dict[tuple[str, float | None, str, int], list[int]] = {}
+        for u in checked:
+            key = (u.state.value, u.next_attempt_at, u.error, int(u.count_attempt))
+            groups.setdefault(key, []).append(u.entry_id)
+        plan = list(groups.items())
+        if len({u.entry_id for u in checked}) != len(checked):
+            # An entry updated twice: apply them in order, so the last one wins.
+            plan = [
+                ((u.state.value, u.next_attempt_at, u.error, int(u.count_attempt)), [u.entry_id])
+                for u in checked
+            ]
+
+        def apply(db: sqlite3.Connection) -> int:
+            changed = 0
+            for (state, next_attempt_at, error, count), entry_ids in plan:
+                for ids in _chunks(entry_ids):
+                    changed += db.execute(
+                        f"""UPDATE entries SET
+                               state = ?,
+                               next_attempt_at = ?,
+                               last_error = coalesce(nullif(?, ''), last_error),
+                               attempts = attempts + ?,
+                               first_attempt_at = CASE WHEN ? THEN coalesce(first_attempt_at, ?)
+                                                  ELSE first_attempt_at END,
+                               updated_at = ?
+                           WHERE id IN ({_placeholders(ids)})""",
+                        (state, next_attempt_at, error, count, count, now, now, *ids),
+                    ).rowcount
+            return changed
+
+        return self._submit("update entries", apply, durable=False)
+
+    @common.deferred_errors
+    def expand(
+        self, entry_id: int, recipients: Iterable[str], kind: EntryKind = EntryKind.MEMBER
+    ) -> Deferred[list[int]]:
+        """Replace INBOUND entry ``entry_id`` by one QUEUED ``kind`` entry per recipient.
+
+        The new entries share the message and list address of the original and
+        name the recipient as their address; the original becomes DONE, all in
+        one transaction.  Fires with the new ids.  An entry that is already
+        DONE, or was deleted, expands to nothing (``[]``); a MEMBER or OWNER
+        entry fails with ``ValueError``.
+        """
+        entry_id, addresses, kind = common.check_expand(entry_id, recipients, kind)
+        now = self._reactor.seconds()
+        subaddress = common.expanded_subaddress(kind)
+
+        def expand(db: sqlite3.Connection) -> list[int]:
+            row = db.execute(
+                "SELECT message_key, list_address, state, kind FROM entries WHERE id = ?",
+                (entry_id,),
+            ).fetchone()
+            if row is None or row[2] == EntryState.DONE.value:
+                return []
+            message_key, list_address, _state, original_kind = row
+            if original_kind != EntryKind.INBOUND.value:
+                raise common.not_expandable(entry_id, EntryKind(original_kind))
+            ids = []
+            if addresses:
+                route = Route(EntryState.DONE, kind, tuple(addresses))
+                first = _insert_copies(
+                    db, message_key, list_address, subaddress, route, EntryState.QUEUED, now
+                )
+                ids = list(range(first, first + len(addresses)))
+            db.execute(
+                "UPDATE entries SET state = 'done', next_attempt_at = NULL, updated_at = ?"
+                " WHERE id = ?",
+                (now, entry_id),
+            )
+            return ids
+
+        return self._submit(f"expand entry {entry_id}", expand, durable=False)
+
+    @common.deferred_errors
+    def purge(self, before: float) -> Deferred[int]:
+        """Delete DONE entries last changed before ``before`` (and messages left
+        without entries); fires with how many entries went."""
+        before = common.check_time(before)
+
+        def remove(db: sqlite3.Connection) -> int:
+            # The entries_drop_message trigger removes orphaned messages.
+            return db.execute(
+                "DELETE FROM entries WHERE state = 'done' AND updated_at < ?", (before,)
+            ).rowcount
+
+        return self._submit("purge delivered entries", remove)
+
+    @common.deferred_errors
+    def set_status(self, key: str, text: str | None) -> Deferred[None]:
+        """Publish ``text`` under ``key`` for other processes (``None`` removes it)."""
+        key, text = common.check_status(key, text)
+        now = self._reactor.seconds()
+
+        def store(db: sqlite3.Connection) -> None:
+            if text is None:
+                db.execute("DELETE FROM status WHERE key = ?", (key,))
+            else:
+                db.execute(
+                    "INSERT OR REPLACE INTO status (key, value, updated_at) VALUES (?, ?, ?)",
+                    (key, text, now),
+                )
+
+        return self._submit(f"set status {key}", store)
+
+    def get_status(self, key: str) -> str | None:
+        """The text published under ``key``, or ``None`` (synchronous)."""
+        key, _ = common.check_status(key, None)
+        rows = self._read(f"read status {key}", "SELECT value FROM status WHERE key = ?", (key,))
+        return rows[0][0] if rows else None
+
+    def recover(self) -> Deferred[int]:
+        now = self._reactor.seconds()
+
+        def requeue(db: sqlite3.Connection) -> int:
+            return db.execute(
+                "UPDATE entries SET state = 'queued', updated_at = ? WHERE state = 'inflight'",
+                (now,),
+            ).rowcount
+
+        return self._submit("recover in-flight entries", requeue).addCallback(common.log_recovered)
+
+    def entries(
+        self, state: EntryState | None = None, limit: int | None = None
+    ) -> list[SpoolEntry]:
+        state = common.check_state(state)
+        limit = common.check_limit(limit, allow_none=True)
+        query, params = ENTRY_QUERY, []
+        if state is not None:
+            query += " WHERE e.state = ?"
+            params.append(state.value)
+        query += " ORDER BY e.id LIMIT ?"
+        params.append(-1 if limit is None else limit)
+        return [entry_from_row(row) for row in self._read("list entries", query, params)]
+
+    def counts(self) -> dict[EntryState, int]:
+        rows = self._read("count entries", "SELECT state, count(*) FROM entries GROUP BY state")
+        counts = dict.fromkeys(EntryState, 0)
+        counts.update((EntryState(state), n) for state, n in rows)
+        return counts
+
+    def next_due(self) -> float | None:
+        rows = self._read(
+            "find the next retry",
+            "SELECT min(next_attempt_at) FROM entries WHERE state = 'retry'",
+        )
+        return rows[0][0]
+
+    @common.deferred_errors
+    def retry_now(self, entry_ids: Iterable[int] | None = None) -> Deferred[int]:
+        """Make RETRY and FAILED entries QUEUED again; fires with how many changed.
+
+        RETRY entries keep their attempt history (and so their retry period);
+        FAILED (dead-lettered) entries start afresh: attempts and the time of
+        the first attempt are cleared, so they get a whole retry period again.
+        """
+        ids = None if entry_ids is None else common.check_ids(entry_ids)
+        now = self._reactor.seconds()
+        # A dead-lettered entry that an operator retries gets a fresh retry
+        # period: its attempt history starts again.
+        sql = (
+            "UPDATE entries SET next_attempt_at = NULL, updated_at = ?,"
+            " attempts = CASE state WHEN 'failed' THEN 0 ELSE attempts END,"
+            " first_attempt_at = CASE state WHEN 'failed' THEN NULL ELSE first_attempt_at END,"
+            " state = 'queued'"
+            " WHERE state IN ('retry', 'failed')"
+        )
+
+        def requeue(db: sqlite3.Connection) -> int:
+            if ids is None:
+                return db.execute(sql, (now,)).rowcount
+            return sum(db.execute(sql + " AND id = ?", (now, i)).rowcount for i in ids)
+
+        return self._submit("requeue entries", requeue)
+
+    @common.deferred_errors
+    def delete(self, entry_ids: Iterable[int]) -> Deferred[int]:
+        ids = common.check_ids(entry_ids)
+
+        def remove(db: sqlite3.Connection) -> int:
+            # The entries_drop_message trigger removes orphaned messages.
+            return db.executemany("DELETE FROM entries WHERE id = ?", [(i,) for i in ids]).rowcount
+
+        return self._submit("delete entries", remove)
+
+    def close(self) -> Deferred[None]:
+        """Commit the writes already requested, stop the writer thread and
+        close the database; refuses new writes at once."""
+        if self._closed:
+            return succeed(None)
+        return self._writer.stop().addCallback(self._close_reader)
+
+    def _close_reader(self, _: None) -> None:
+        if not self._closed:
+            self._closed = True
+            self._reader.close()
