@@ -1,6 +1,6 @@
 """Packaging entry point for mailrelay (the design card asks for setup.py)."""
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="mailrelay",
@@ -12,14 +12,7 @@ setup(
     python_requires=">=3.11",
     # twisted.plugins is a namespace shared with Twisted itself: ship only our
     # plugin module, never an __init__.py (it would shadow Twisted's package).
-    packages=[
-        "mailrelay",
-        "mailrelay.config",
-        "mailrelay.lmtp",
-        "mailrelay.mta",
-        "mailrelay.testing",
-        "twisted.plugins",
-    ],
+    packages=find_packages(include=["mailrelay", "mailrelay.*"]) + ["twisted.plugins"],
     package_data={"twisted.plugins": ["mailrelay_plugin.py"]},
     install_requires=[
         "Twisted[tls]>=24.7",
