@@ -1,4 +1,4 @@
-"""Tests for :mod:`mailrelay.runner`: routing, fan-out, results, retries, the breaker.
+"""Tests for :mod:`mailrelay.runner`: routing, fan-out, results, retries, the breaker, the package layout.
 
 Most tests run in memory on a ``task.Clock`` with MemorySpool, MemoryRegistry
 and a scripted sender.  The devmode test drives real Connections to an
@@ -24,7 +24,7 @@ from zope.interface.verify import verifyObject
 from mailrelay.errors import RegistryUnavailable, SpoolError
 from mailrelay.interfaces import IMessageSender, IMessageStore
 from mailrelay.lmtp import AcceptedRecipient, Transaction
-from mailrelay.lmtp.delivery import InboundHandler
+from mailrelay.lmtp.policy import InboundHandler
 from mailrelay.model import Bounce, Destination, EntryKind, EntryState, Envelope, Member
 from mailrelay.mta.connection import Connection
 from mailrelay.mta.errors import (
@@ -1067,3 +1067,36 @@ class EndToEndTests(TestCase):
         self.assertEqual(len(sender.recipients()), 10_000)
         self.assertEqual(self.spool.counts()[EntryState.DONE], 10_001)
         self.assertLess(elapsed, 20, f"10,000 members took {elapsed:.1f}s")
+
+
+class PackageTests(SynchronousTestCase):
+    """The runner package's public names and its place in the import graph."""
+
+    def test_public_names_import(self):
+        """``mailrelay.runner`` re-exports exactly its public names."""
+        import mailrelay.runner
+
+        self.assertEqual(sorted(mailrelay.runner.__all__), ["CIRCUIT_STATUS_KEY", "DeliveryRunner"])
+        for name in mailrelay.runner.__all__:
+            self.assertIsNotNone(getattr(mailrelay.runner, name))
+        self.assertEqual(CIRCUIT_STATUS_KEY, "circuit")
+
+    def test_no_module_imports_a_concrete_spool(self):
+        """Runner modules reach storage only through ISpool: none imports mailrelay.spool."""
+        import ast
+        import pathlib
+
+        import mailrelay.runner
+
+        for path in pathlib.Path(mailrelay.runner.__file__).parent.glob("*.py"):
+            tree = ast.parse(path.read_text())
+            imported = {
+                node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+            } | {
+                alias.name
+                for node in ast.walk(tree)
+                if isinstance(node, ast.Import)
+                for alias in node.names
+            }
+            concrete = {m for m in imported if m and m.split(".")[:2] == ["mailrelay", "spool"]}
+            self.assertEqual(concrete, set(), path.name)
