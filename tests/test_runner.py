@@ -312,6 +312,21 @@ class StoreTests(RunnerCase):
         self.assertEqual((post.state, post.kind), (EntryState.DONE, EntryKind.INBOUND))
         self.assertEqual(self.states(), dict.fromkeys(MEMBERS, EntryState.DONE))
 
+    def test_stored_post_is_delivered_from_what_routing_has_in_hand(self):
+        """A post (and -owner mail) delivered without a claim is sent from the bytes
+        just stored and the list read at routing: the message is not read back
+        from the spool and the list is read once per destination."""
+        reads = self.count_calls(self.spool, "get_message")
+        lists = self.count_calls(self.registry, "get_list")
+        self.store(POST, OWNER)
+        self.settle()
+        owners = ("boss@example.org", "owner@example.org")
+        self.assertEqual(self.sender.recipients(), sorted((*MEMBERS, *owners)))
+        self.assertEqual((reads, lists), ([], [(LIST,), (LIST,)]))
+        by_first = {sent.rcpts[0]: sent.message.data for sent in self.sender.sent}
+        self.assertIn(b"List-Id: Test List <test.example.com>\r\n", by_first[MEMBERS[0]])
+        self.assertTrue(by_first["boss@example.org"].startswith(MESSAGE))
+
     def test_provides_imessagestore(self):
         """The runner is an IMessageStore, which the LMTP policy can store into."""
         self.assertTrue(verifyObject(IMessageStore, self.runner))

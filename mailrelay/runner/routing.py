@@ -34,10 +34,12 @@ from mailrelay.model import (
     EntryState,
     EntryUpdate,
     Envelope,
+    MailingList,
     Route,
     SpoolEntry,
 )
 from mailrelay.runner.outcomes import LOCAL_RETRY_DELAY, retry_after_local_trouble
+from mailrelay.runner.sending import JustStored
 
 __all__ = ["Router"]
 
@@ -82,7 +84,8 @@ class Router:
     Posts to lists of more than ``inline_limit`` members are left QUEUED for a
     batch to expand.  The scheduler's side is handed in as callbacks:
     ``has_room(n)`` says whether a batch of ``n`` new entries may start at
-    once, ``start_batch(entries)`` delivers entries stored in flight, and
+    once, ``start_batch(entries, just_stored)`` delivers entries stored in
+    flight (with the message and lists routing has in hand), and
     ``wake()`` says new entries are waiting.
     """
 
@@ -94,7 +97,7 @@ class Router:
         clock: Any,
         inline_limit: int,
         has_room: Callable[[int], bool],
-        start_batch: Callable[[list[SpoolEntry]], None],
+        start_batch: Callable[[list[SpoolEntry], JustStored], None],
         wake: Callable[[], None],
     ):
         self._spool = spool
@@ -108,8 +111,11 @@ class Router:
         # than inline_limit are not expanded while being stored.
         self._list_sizes: dict[str, int] = {}
 
-    def _decide(self, destination: Destination, *, inline: bool) -> tuple[Route, _RouteLogLine]:
-        """What becomes of a post (or -owner mail) to ``destination``, and why.
+    def _decide(
+        self, destination: Destination, *, inline: bool
+    ) -> tuple[Route, _RouteLogLine, MailingList | None]:
+        """What becomes of a post (or -owner mail) to ``destination``, why, and
+        the list if it was read.
 
         Raises RegistryError or RegistryUnavailable when the registry cannot
         answer.  With ``inline`` (routing while the message is stored), a list
@@ -117,16 +123,16 @@ class Router:
         """
         subaddress = destination.subaddress
         if subaddress in _HELD_SUBADDRESSES:
-            return Route(EntryState.HELD), _RouteLogLine(
+            line = _RouteLogLine(
                 "info",
                 "Holding {message_id} from {sender} to {list} -{subaddress} for later processing",
             )
+            return Route(EntryState.HELD), line, None
         if subaddress not in (None, "owner"):
-            return Route(
-                EntryState.HELD, error=f"unknown sub-address {subaddress!r}"
-            ), _RouteLogLine(
+            line = _RouteLogLine(
                 "warn", "Holding {message_id} to {list}: unknown sub-address {subaddress}"
             )
+            return Route(EntryState.HELD, error=f"unknown sub-address {subaddress!r}"), line, None
         list_address = destination.list_address
         if inline and subaddress is None:
             known = self._list_sizes.get(list_address)
@@ -137,12 +143,11 @@ class Router:
                 with contextlib.suppress(RegistryError):
                     known = count(list_address) if count is not None else None
             if known is not None and known > self._inline_limit:
-                return Route(), _STORED_FOR_BATCH
+                return Route(), _STORED_FOR_BATCH, None
         mlist = self._registry.get_list(list_address)
         if mlist is None:
-            return Route(EntryState.FAILED, error="the list no longer exists"), _RouteLogLine(
-                "warn", "{message_id} to {list}: the list no longer exists"
-            )
+            line = _RouteLogLine("warn", "{message_id} to {list}: the list no longer exists")
+            return Route(EntryState.FAILED, error="the list no longer exists"), line, None
         if subaddress is None:
             kind = EntryKind.MEMBER
             recipients = tuple(
@@ -150,17 +155,19 @@ class Router:
             )
             self._list_sizes[list_address] = len(recipients)
             if inline and len(recipients) > self._inline_limit:
-                return Route(), _STORED_FOR_BATCH
+                return Route(), _STORED_FOR_BATCH, None
         else:
             kind = EntryKind.OWNER
             recipients = tuple(mlist.owners)
             if not recipients:
-                return Route(EntryState.FAILED, error="the list has no owners"), _RouteLogLine(
+                line = _RouteLogLine(
                     "error", "{message_id} to {list}-owner: the list has no owners; dead-lettered"
                 )
-        return Route(EntryState.DONE, kind, recipients), _RouteLogLine(
+                return Route(EntryState.FAILED, error="the list has no owners"), line, mlist
+        line = _RouteLogLine(
             "info", "{message_id} from {sender} to {list}: {count} {kind} copies queued"
         )
+        return Route(EntryState.DONE, kind, recipients), line, mlist
 
     # -- routing claimed inbound entries ----------------------------------------
 
@@ -187,7 +194,7 @@ class Router:
             return EntryUpdate(entry.entry_id, EntryState.DONE)
         posts_seen[key] = entry.entry_id
         try:
-            route, line = self._decide(destination, inline=False)
+            route, line, _ = self._decide(destination, inline=False)
         except (RegistryError, RegistryUnavailable) as e:
             _log.warn(
                 "{message_id} to {list}: cannot read the list ({error}); trying again in {delay}s",
@@ -228,6 +235,7 @@ class Router:
             return await self._spool.enqueue(envelope, message)  # its error
         plans = []
         seen: dict[tuple[str, str | None], int] = {}
+        lists: dict[str, MailingList] = {}
 
         def key_of(destination: Destination) -> tuple[str, str | None]:
             return destination.list_address, destination.subaddress
@@ -239,9 +247,12 @@ class Router:
                 continue
             seen[key] = index
             try:
-                plans.append(self._decide(destination, inline=True))
+                route, line, mlist = self._decide(destination, inline=True)
             except (RegistryError, RegistryUnavailable):
-                plans.append((Route(), _STORED_FOR_BATCH))  # a batch routes it, retrying
+                route, line, mlist = Route(), _STORED_FOR_BATCH, None  # a batch routes it, retrying
+            plans.append((route, line))
+            if mlist is not None:
+                lists[destination.list_address] = mlist
         routes = [route for route, _ in plans]
         # The entries left to deliver or route: copies, and entries left QUEUED.
         waiting = sum(
@@ -264,7 +275,10 @@ class Router:
             )
             _log_route(line, route, fields)
         if stored.claimed:
-            self._start_batch(list(stored.claimed))
+            # Delivered from what is in hand: the bytes just stored and the
+            # lists just read, not read back from the spool and the registry.
+            claimed = list(stored.claimed)
+            self._start_batch(claimed, JustStored(claimed[0].message_key, bytes(message), lists))
         elif waiting:
             self._wake()
         return list(stored.entry_ids)

@@ -40,7 +40,9 @@ _PURGE_INTERVAL = 3600.0
 
 class Scheduler:
     """Claims due entries from ``spool`` (an ``ISpool``) and runs
-    ``run_batch(entries)`` on each batch; ``clock`` schedules everything."""
+    ``run_batch(entries, just_stored)`` on each batch; ``clock`` schedules
+    everything.  ``just_stored`` is what :meth:`start_batch` was given (``None``
+    for a claimed batch), handed through without being looked at."""
 
     def __init__(
         self,
@@ -51,7 +53,7 @@ class Scheduler:
         batch_size: int,
         poll_interval: float | None,
         keep_done: float | None,
-        run_batch: Callable[[list[SpoolEntry]], Awaitable[None]],
+        run_batch: Callable[[list[SpoolEntry], Any], Awaitable[None]],
     ):
         self._spool = spool
         self._clock = clock
@@ -262,10 +264,10 @@ class Scheduler:
 
     # -- batches ------------------------------------------------------------------
 
-    def start_batch(self, entries: list[SpoolEntry]) -> None:
+    def start_batch(self, entries: list[SpoolEntry], just_stored: Any = None) -> None:
         """Run a batch of claimed (in flight) entries now."""
         self._batches += 1
-        d = defer.Deferred.fromCoroutine(self._run_batch(entries))
+        d = defer.Deferred.fromCoroutine(self._run_batch(entries, just_stored))
         d.addErrback(
             lambda f: _log.failure(
                 "Delivery of a batch of {count} entries failed; they stay in flight "

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import random as _random
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer
@@ -44,7 +45,7 @@ from mailrelay.runner.outcomes import (
     retry_after_local_trouble,
 )
 
-__all__ = ["CopySender", "GroupKey"]
+__all__ = ["CopySender", "GroupKey", "JustStored"]
 
 _log = Logger()
 
@@ -56,6 +57,17 @@ _CACHED_MESSAGES = 8
 
 # Entries delivered together: the same message, list and kind of copy.
 GroupKey = tuple[int, str, EntryKind]
+
+
+@dataclass(frozen=True)
+class JustStored:
+    """What routing has in hand for a message it stored and hands straight to
+    delivery: the bytes exactly as stored and the lists it read, by address.
+    Delivery uses them instead of reading the message and the list again."""
+
+    message_key: int
+    message: bytes = field(repr=False)
+    lists: Mapping[str, MailingList]
 
 
 def _verp_sender(mlist: MailingList, recipient: str) -> str:
@@ -120,14 +132,18 @@ class CopySender:
         self._unreachable: tuple[float, SmarthostUnreachable] | None = None
         self._messages: OrderedDict[GroupKey, WireMessage] = OrderedDict()
 
-    def _wire_message(self, message_key: int, mlist: MailingList, kind: EntryKind) -> WireMessage:
-        """The DATA bytes for this message and list, built once per message."""
+    def _wire_message(
+        self, message_key: int, mlist: MailingList, kind: EntryKind, raw: bytes | None
+    ) -> WireMessage:
+        """The DATA bytes for this message and list, built once per message
+        (from ``raw``, the stored bytes, when the caller has them)."""
         key = (message_key, mlist.posting_address, kind)
         wire = self._messages.get(key)
         if wire is not None:
             self._messages.move_to_end(key)
             return wire
-        raw = self._spool.get_message(message_key)
+        if raw is None:
+            raw = self._spool.get_message(message_key)
         if kind is EntryKind.MEMBER:
             raw = add_list_headers(raw, mlist)
         wire = prepare_message(raw)
@@ -137,15 +153,24 @@ class CopySender:
         return wire
 
     async def deliver_group(
-        self, key: GroupKey, entries: list[SpoolEntry]
+        self, key: GroupKey, entries: list[SpoolEntry], just_stored: JustStored | None = None
     ) -> tuple[list[EntryUpdate], list[Bounce]]:
         """Send one message's copies (``entries``, all of ``key``) and return the
-        spool update of each entry and the bounces to record."""
+        spool update of each entry and the bounces to record.
+
+        With ``just_stored`` for this message, its bytes and the list read at
+        routing are used as they are; otherwise both are read again.
+        """
         message_key, list_address, kind = key
         first = entries[0]
         fields = dict(message_id=first.message_id, list=list_address)
+        raw = mlist = None
+        if just_stored is not None and just_stored.message_key == message_key:
+            raw = just_stored.message
+            mlist = just_stored.lists.get(list_address)
         try:
-            mlist = self._registry.get_list(list_address)
+            if mlist is None:
+                mlist = self._registry.get_list(list_address)
         except (RegistryError, RegistryUnavailable) as e:
             _log.warn(
                 "{message_id}: cannot read list {list} ({error}); trying again in {delay}s",
@@ -170,7 +195,7 @@ class CopySender:
                 for e in entries
             ], []
         try:
-            wire = self._wire_message(message_key, mlist, kind)
+            wire = self._wire_message(message_key, mlist, kind, raw)
         except KeyError:
             return [], []  # deleted by an operator meanwhile
         except SpoolError as e:

@@ -50,7 +50,7 @@ from mailrelay.retry import RetryPolicy
 from mailrelay.runner.breaker import CIRCUIT_STATUS_KEY, CircuitBreaker
 from mailrelay.runner.routing import Router
 from mailrelay.runner.scheduler import Scheduler
-from mailrelay.runner.sending import CopySender, GroupKey
+from mailrelay.runner.sending import CopySender, GroupKey, JustStored
 
 __all__ = ["DeliveryRunner"]
 
@@ -225,8 +225,11 @@ class DeliveryRunner(service.Service):
 
     # -- one batch ----------------------------------------------------------------
 
-    async def _run_batch(self, entries: list[SpoolEntry]) -> None:
-        """Route the INBOUND entries, deliver the copies, record every result."""
+    async def _run_batch(self, entries: list[SpoolEntry], just_stored: JustStored | None) -> None:
+        """Route the INBOUND entries, deliver the copies, record every result.
+
+        ``just_stored`` comes with entries that routing stored in flight.
+        """
         updates: list[EntryUpdate] = []
         bounces: list[Bounce] = []
         deliveries: dict[GroupKey, list[SpoolEntry]] = defaultdict(list)
@@ -243,7 +246,7 @@ class DeliveryRunner(service.Service):
                     entry
                 )
         groups = [
-            defer.Deferred.fromCoroutine(self._copies.deliver_group(key, group))
+            defer.Deferred.fromCoroutine(self._copies.deliver_group(key, group, just_stored))
             for key, group in deliveries.items()
         ]
         for group_updates, group_bounces in await defer.gatherResults(groups):
