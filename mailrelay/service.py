@@ -134,7 +134,7 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
     """
     if reactor is None:
         from twisted.internet import reactor
-    from mailrelay.lmtp.delivery import InboundHandler
+    from mailrelay.lmtp.policy import InboundHandler
     from mailrelay.lmtp.protocol import LMTPFactory
     from mailrelay.registry import SQLiteRegistry
     from mailrelay.runner import DeliveryRunner

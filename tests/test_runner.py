@@ -1,4 +1,4 @@
-"""Tests for :mod:`mailrelay.runner`: routing, fan-out, results, retries, the breaker.
+"""Tests for :mod:`mailrelay.runner`: routing, fan-out, results, retries, the breaker, the package layout.
 
 Most tests run in memory on a ``task.Clock`` with MemorySpool, MemoryRegistry
 and a scripted sender.  The devmode test drives real Connections to an
@@ -24,7 +24,7 @@ from zope.interface.verify import verifyObject
 from mailrelay.errors import RegistryUnavailable, SpoolError
 from mailrelay.interfaces import IMessageSender, IMessageStore
 from mailrelay.lmtp import AcceptedRecipient, Transaction
-from mailrelay.lmtp.delivery import InboundHandler
+from mailrelay.lmtp.policy import InboundHandler
 from mailrelay.model import Bounce, Destination, EntryKind, EntryState, Envelope, Member
 from mailrelay.mta.connection import Connection
 from mailrelay.mta.errors import (
@@ -311,6 +311,21 @@ class StoreTests(RunnerCase):
         post = [e for e in self.spool.entries() if e.entry_id == post_id][0]
         self.assertEqual((post.state, post.kind), (EntryState.DONE, EntryKind.INBOUND))
         self.assertEqual(self.states(), dict.fromkeys(MEMBERS, EntryState.DONE))
+
+    def test_stored_post_is_delivered_from_what_routing_has_in_hand(self):
+        """A post (and -owner mail) delivered without a claim is sent from the bytes
+        just stored and the list read at routing: the message is not read back
+        from the spool and the list is read once per destination."""
+        reads = self.count_calls(self.spool, "get_message")
+        lists = self.count_calls(self.registry, "get_list")
+        self.store(POST, OWNER)
+        self.settle()
+        owners = ("boss@example.org", "owner@example.org")
+        self.assertEqual(self.sender.recipients(), sorted((*MEMBERS, *owners)))
+        self.assertEqual((reads, lists), ([], [(LIST,), (LIST,)]))
+        by_first = {sent.rcpts[0]: sent.message.data for sent in self.sender.sent}
+        self.assertIn(b"List-Id: Test List <test.example.com>\r\n", by_first[MEMBERS[0]])
+        self.assertTrue(by_first["boss@example.org"].startswith(MESSAGE))
 
     def test_provides_imessagestore(self):
         """The runner is an IMessageStore, which the LMTP policy can store into."""
@@ -1067,3 +1082,36 @@ class EndToEndTests(TestCase):
         self.assertEqual(len(sender.recipients()), 10_000)
         self.assertEqual(self.spool.counts()[EntryState.DONE], 10_001)
         self.assertLess(elapsed, 20, f"10,000 members took {elapsed:.1f}s")
+
+
+class PackageTests(SynchronousTestCase):
+    """The runner package's public names and its place in the import graph."""
+
+    def test_public_names_import(self):
+        """``mailrelay.runner`` re-exports exactly its public names."""
+        import mailrelay.runner
+
+        self.assertEqual(sorted(mailrelay.runner.__all__), ["CIRCUIT_STATUS_KEY", "DeliveryRunner"])
+        for name in mailrelay.runner.__all__:
+            self.assertIsNotNone(getattr(mailrelay.runner, name))
+        self.assertEqual(CIRCUIT_STATUS_KEY, "circuit")
+
+    def test_no_module_imports_a_concrete_spool(self):
+        """Runner modules reach storage only through ISpool: none imports mailrelay.spool."""
+        import ast
+        import pathlib
+
+        import mailrelay.runner
+
+        for path in pathlib.Path(mailrelay.runner.__file__).parent.glob("*.py"):
+            tree = ast.parse(path.read_text())
+            imported = {
+                node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+            } | {
+                alias.name
+                for node in ast.walk(tree)
+                if isinstance(node, ast.Import)
+                for alias in node.names
+            }
+            concrete = {m for m in imported if m and m.split(".")[:2] == ["mailrelay", "spool"]}
+            self.assertEqual(concrete, set(), path.name)

@@ -39,7 +39,7 @@ class PluginTests(SynchronousTestCase):
         """Importing the plugin, tap, CLI and policy modules installs no reactor (twistd -r asyncio works)."""
         code = (
             "import sys, twisted.plugins.mailrelay_plugin, mailrelay.tap, mailrelay.cli, mailrelay.runner, "
-            "mailrelay.lmtp.delivery, mailrelay.mta.errors, mailrelay.mta.bulk;"
+            "mailrelay.lmtp.policy, mailrelay.mta.errors, mailrelay.mta.bulk;"
             "sys.exit('twisted.internet.reactor' in sys.modules)"
         )
         self.assertEqual(subprocess.run([sys.executable, "-c", code], check=False).returncode, 0)

@@ -1,7 +1,7 @@
 """Inbound LMTP (RFC 2033): the wire protocol and the policy behind it.
 
 :mod:`mailrelay.lmtp.protocol` speaks LMTP and knows nothing about lists or
-storage; :mod:`mailrelay.lmtp.delivery` decides which recipients to accept and
+storage; :mod:`mailrelay.lmtp.policy` decides which recipients to accept and
 stores accepted messages.  The values defined here are the seam between them
 (see :class:`mailrelay.interfaces.IInboundHandler`).
 
@@ -75,8 +75,8 @@ class Transaction:
 _LAZY = {
     "LMTPFactory": "mailrelay.lmtp.protocol",
     "LMTPServer": "mailrelay.lmtp.protocol",
-    "InboundHandler": "mailrelay.lmtp.delivery",
-    "prepare_message": "mailrelay.lmtp.delivery",
+    "InboundHandler": "mailrelay.lmtp.policy",
+    "prepare_message": "mailrelay.lmtp.policy",
 }
 
 

@@ -1,4 +1,4 @@
-"""Tests for mailrelay.lmtp.delivery (the LMTP policy) and, end to end, the LMTP
+"""Tests for mailrelay.lmtp.policy (the LMTP policy) and, end to end, the LMTP
 server with it behind, driven by mailrelay.testing.lmtp's client."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from mailrelay.addresses import resolve_recipient
 from mailrelay.errors import RegistryUnavailable, SpoolError
 from mailrelay.interfaces import IInboundHandler
 from mailrelay.lmtp import AcceptedRecipient, RecipientRejected, Reply, Transaction
-from mailrelay.lmtp.delivery import (
+from mailrelay.lmtp.policy import (
     ERROR_IN_PROCESSING,
     INSUFFICIENT_STORAGE,
     MAILBOX_UNAVAILABLE,

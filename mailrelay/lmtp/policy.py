@@ -7,6 +7,12 @@ it has none, or a repaired one) prepended to its bytes, which otherwise stay
 exactly as received, and is stored once in an :class:`~mailrelay.interfaces.ISpool`
 with one entry per accepted recipient.  Success is answered only once the spool
 has the message on stable storage.
+
+Place in the flow: :mod:`mailrelay.lmtp.protocol` (the wire) hands each
+transaction here; what is accepted goes to an ``IMessageStore``, normally the
+delivery runner's routing (:mod:`mailrelay.runner.routing`).  This module is
+the inbound acceptance policy; outbound delivery lives in :mod:`mailrelay.runner`
+and :mod:`mailrelay.mta`.
 """
 
 from __future__ import annotations

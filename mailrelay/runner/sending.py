@@ -1,0 +1,339 @@
+"""Sending the copies of one message: one SMTP transaction per chunk of recipients.
+
+Place in the flow: the :mod:`~mailrelay.runner.scheduler` hands each claimed
+group of MEMBER or OWNER entries (one message, one list) to
+:meth:`CopySender.deliver_group`, which reads the list, builds the DATA bytes
+once per message (with the list headers, for posts), sends them through the
+``IMessageSender`` (normally :class:`~mailrelay.mta.pool.ConnectionPool`, the
+``mta`` package) in transactions of at most ``max_recipients`` (one per
+recipient with VERP) from the list's ``-bounces`` address, and returns the
+spool updates and bounces that :mod:`~mailrelay.runner.outcomes` derives from
+the replies.
+
+Problems of the site itself trip the :class:`~mailrelay.runner.breaker.CircuitBreaker`;
+while it is open no transaction is started, and after the smarthost could not
+be reached at all, transactions are deferred for a few seconds without dialling.
+"""
+
+from __future__ import annotations
+
+import random as _random
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from mailrelay.addresses import is_valid_mailbox, split_mailbox
+from mailrelay.errors import InvalidAddress, RegistryError, RegistryUnavailable, SpoolError
+from mailrelay.listheaders import add_list_headers
+from mailrelay.model import Bounce, EntryKind, EntryState, EntryUpdate, MailingList, SpoolEntry
+from mailrelay.mta.bulk import INVALID_ADDRESS, chunkify
+from mailrelay.mta.errors import NO_REPLY, DeliveryError, SmarthostUnreachable
+from mailrelay.mta.message import WireMessage, prepare_message
+from mailrelay.retry import RetryPolicy, Verdict, classify_error
+from mailrelay.runner.breaker import CircuitBreaker
+from mailrelay.runner.outcomes import (
+    LOCAL_RETRY_DELAY,
+    NotAttempted,
+    RecipientResult,
+    entry_updates,
+    one_line,
+    results_for_refusals,
+    retry_after_local_trouble,
+)
+
+__all__ = ["CopySender", "GroupKey", "JustStored"]
+
+_log = Logger()
+
+# After the smarthost could not be reached at all, transactions starting within
+# this many seconds are deferred without dialling again: with a black-holed
+# smarthost every chunk would otherwise wait out the connect timeout in turn.
+_UNREACHABLE_HOLD = 5.0
+_CACHED_MESSAGES = 8
+
+# Entries delivered together: the same message, list and kind of copy.
+GroupKey = tuple[int, str, EntryKind]
+
+
+@dataclass(frozen=True)
+class JustStored:
+    """What routing has in hand for a message it stored and hands straight to
+    delivery: the bytes exactly as stored and the lists it read, by address.
+    Delivery uses them instead of reading the message and the list again."""
+
+    message_key: int
+    message: bytes = field(repr=False)
+    lists: Mapping[str, MailingList]
+
+
+def _verp_sender(mlist: MailingList, recipient: str) -> str:
+    """``list-bounces+user=domain@listdomain``, or the plain bounces address
+    when the recipient cannot be encoded into a valid mailbox (as Mailman)."""
+    try:
+        local, domain = split_mailbox(recipient)
+    except InvalidAddress:
+        return mlist.bounces_address
+    candidate = f"{mlist.local_part}-bounces+{local}={domain}@{mlist.domain}"
+    if is_valid_mailbox(candidate):
+        return candidate
+    _log.info(
+        "Cannot VERP-encode {recipient}; using {sender}",
+        recipient=recipient,
+        sender=mlist.bounces_address,
+        list=mlist.posting_address,
+    )
+    return mlist.bounces_address
+
+
+class CopySender:
+    """Delivers groups of MEMBER and OWNER copies through ``sender``.
+
+    ``spool`` (an ``ISpool``) supplies the stored message, ``registry`` the
+    list.  ``is_running`` says whether the runner still delivers (a chunk
+    whose turn comes after a stop is not sent); ``publish_circuit`` is called
+    with the breaker's description when it trips and with ``None`` when it
+    closes again.
+    """
+
+    def __init__(
+        self,
+        spool: Any,
+        registry: Any,
+        sender: Any,
+        *,
+        clock: Any,
+        breaker: CircuitBreaker,
+        policy: RetryPolicy,
+        random: _random.Random,
+        max_recipients: int,
+        max_parallel: int,
+        verp: bool,
+        devmode_recipient: str | None,
+        is_running: Callable[[], bool],
+        publish_circuit: Callable[[str | None], None],
+    ):
+        self._spool = spool
+        self._registry = registry
+        self._sender = sender
+        self._clock = clock
+        self._breaker = breaker
+        self._policy = policy
+        self._random = random
+        self._max_recipients = max_recipients
+        self._verp = verp
+        self._devmode_recipient = devmode_recipient
+        self._is_running = is_running
+        self._publish_circuit = publish_circuit
+        self._slots = defer.DeferredSemaphore(max_parallel)
+        self._unreachable: tuple[float, SmarthostUnreachable] | None = None
+        self._messages: OrderedDict[GroupKey, WireMessage] = OrderedDict()
+
+    def _wire_message(
+        self, message_key: int, mlist: MailingList, kind: EntryKind, raw: bytes | None
+    ) -> WireMessage:
+        """The DATA bytes for this message and list, built once per message
+        (from ``raw``, the stored bytes, when the caller has them)."""
+        key = (message_key, mlist.posting_address, kind)
+        wire = self._messages.get(key)
+        if wire is not None:
+            self._messages.move_to_end(key)
+            return wire
+        if raw is None:
+            raw = self._spool.get_message(message_key)
+        if kind is EntryKind.MEMBER:
+            raw = add_list_headers(raw, mlist)
+        wire = prepare_message(raw)
+        self._messages[key] = wire
+        if len(self._messages) > _CACHED_MESSAGES:
+            self._messages.popitem(last=False)
+        return wire
+
+    async def deliver_group(
+        self, key: GroupKey, entries: list[SpoolEntry], just_stored: JustStored | None = None
+    ) -> tuple[list[EntryUpdate], list[Bounce]]:
+        """Send one message's copies (``entries``, all of ``key``) and return the
+        spool update of each entry and the bounces to record.
+
+        With ``just_stored`` for this message, its bytes and the list read at
+        routing are used as they are; otherwise both are read again.
+        """
+        message_key, list_address, kind = key
+        first = entries[0]
+        fields = dict(message_id=first.message_id, list=list_address)
+        raw = mlist = None
+        if just_stored is not None and just_stored.message_key == message_key:
+            raw = just_stored.message
+            mlist = just_stored.lists.get(list_address)
+        try:
+            if mlist is None:
+                mlist = self._registry.get_list(list_address)
+        except (RegistryError, RegistryUnavailable) as e:
+            _log.warn(
+                "{message_id}: cannot read list {list} ({error}); trying again in {delay}s",
+                error=str(e),
+                delay=LOCAL_RETRY_DELAY,
+                **fields,
+            )
+            return self._retry_all(entries, f"cannot read the list: {e}"), []
+        if mlist is None:
+            _log.warn(
+                "{message_id}: list {list} no longer exists; {count} copies dead-lettered",
+                count=len(entries),
+                **fields,
+            )
+            return [
+                EntryUpdate(
+                    e.entry_id,
+                    EntryState.FAILED,
+                    count_attempt=True,
+                    error="the list no longer exists",
+                )
+                for e in entries
+            ], []
+        try:
+            wire = self._wire_message(message_key, mlist, kind, raw)
+        except KeyError:
+            return [], []  # deleted by an operator meanwhile
+        except SpoolError as e:
+            _log.error("{message_id}: cannot read the message ({error})", error=str(e), **fields)
+            return self._retry_all(entries, f"cannot read the message: {e}"), []
+
+        by_address: dict[str, list[SpoolEntry]] = defaultdict(list)
+        for entry in entries:
+            by_address[entry.destination.address].append(entry)
+        results: dict[str, RecipientResult] = {}
+        valid = []
+        for address in by_address:
+            if is_valid_mailbox(address):
+                valid.append(address)
+            else:
+                code, response = INVALID_ADDRESS
+                results[address] = RecipientResult(
+                    Verdict.PERMANENT, code, one_line(response), bounce=True
+                )
+        if self._verp or self._devmode_recipient is not None:
+            chunks = [[address] for address in sorted(valid)]
+        else:
+            chunks = chunkify(valid, self._max_recipients)
+        # At most max_parallel transactions in the sender's hands: the others
+        # wait their turn here, and look at the breaker when they get it.
+        transactions = [
+            self._slots.run(self._send, mlist, kind, first.message_id, chunk, wire)
+            for chunk in chunks
+        ]
+        for chunk_results in await defer.gatherResults(transactions):
+            results.update(chunk_results)
+        now = self._clock.seconds()
+        return entry_updates(
+            mlist,
+            kind,
+            by_address,
+            results,
+            now=now,
+            paused_until=self._breaker.paused_until(now),
+            policy=self._policy,
+            random=self._random,
+        )
+
+    def _retry_all(self, entries: list[SpoolEntry], error: str) -> list[EntryUpdate]:
+        now = self._clock.seconds()
+        return [retry_after_local_trouble(entry, error, now) for entry in entries]
+
+    async def _send(
+        self,
+        mlist: MailingList,
+        kind: EntryKind,
+        message_id: str,
+        chunk: list[str],
+        wire: WireMessage,
+    ) -> dict[str, RecipientResult]:
+        """Send one SMTP transaction; a result for each recipient of ``chunk``."""
+        if not self._is_running():
+            return dict.fromkeys(chunk, RecipientResult(NotAttempted.STOPPING))
+        if self._breaker.state() == CircuitBreaker.OPEN:
+            return dict.fromkeys(
+                chunk, RecipientResult(NotAttempted.PAUSED, text=self._breaker.reason)
+            )
+        if self._unreachable is not None:
+            failed_at, error = self._unreachable
+            if self._clock.seconds() < failed_at + _UNREACHABLE_HOLD:
+                return dict.fromkeys(
+                    chunk,
+                    RecipientResult(classify_error(error), error.code, one_line(error.response)),
+                )
+            self._unreachable = None
+        if self._verp and kind is EntryKind.MEMBER:
+            envelope_sender = _verp_sender(mlist, chunk[0])
+        else:
+            envelope_sender = mlist.bounces_address
+        rcpts = chunk if self._devmode_recipient is None else [self._devmode_recipient]
+        generation = self._breaker.generation
+        fields = dict(
+            message_id=message_id,
+            list=mlist.posting_address,
+            sender=envelope_sender,
+            count=len(chunk),
+        )
+        started = self._clock.seconds()
+        try:
+            refused = await self._sender.sendmail(envelope_sender, rcpts, wire)
+        except DeliveryError as e:
+            return self._whole_failure(e, chunk, started, fields)
+        except Exception:
+            _log.failure("{message_id}: the sender raised unexpectedly", **fields)
+            e = DeliveryError(NO_REPLY, b"Internal error in the SMTP client")
+            return self._whole_failure(e, chunk, started, fields)
+        duration = self._clock.seconds() - started
+        if self._devmode_recipient is not None and refused:
+            # One real recipient per devmode transaction: its result is the only one.
+            refused = {chunk[0]: next(iter(refused.values()))}
+        _log.info(
+            "{message_id} smtp to {list} for {count} recips, completed in {duration:.3f} "
+            "seconds, {refused} refused",
+            duration=duration,
+            refused=len(refused),
+            **fields,
+        )
+        results, site_problem = results_for_refusals(chunk, refused)
+        if site_problem is not None:
+            self._trip(site_problem)
+        elif self._breaker.succeeded(generation):
+            _log.info("Delivery resumed: the smarthost accepted a transaction again")
+            self._publish_circuit(None)
+        return results
+
+    def _whole_failure(
+        self, error: DeliveryError, chunk: list[str], started: float, fields: dict[str, Any]
+    ) -> dict[str, RecipientResult]:
+        verdict = classify_error(error)
+        text = one_line(error.response)
+        _log.warn(
+            "{message_id} smtp to {list} for {count} recips failed after {duration:.3f} "
+            "seconds: {code} {response}",
+            duration=self._clock.seconds() - started,
+            code=error.code,
+            response=text,
+            **fields,
+        )
+        if verdict is Verdict.SITE_PROBLEM:
+            self._trip(f"{error.code} {text}")
+        if isinstance(error, SmarthostUnreachable):
+            self._unreachable = (self._clock.seconds(), error)
+        # A refusal of the whole transaction (MAIL FROM or DATA) is about the
+        # message or our envelope, not about these recipients: never a bounce.
+        return dict.fromkeys(chunk, RecipientResult(verdict, error.code, text))
+
+    def _trip(self, reason: str) -> None:
+        if self._breaker.trip(reason):
+            _log.error(
+                "Delivery paused for {delay:.0f}s by a site problem: {reason}. No member is "
+                "bounced and every message stays queued; check the smarthost settings "
+                "(credentials, TLS).",
+                delay=self._breaker.delay,
+                reason=reason,
+            )
+            self._publish_circuit(self._breaker.describe())

@@ -1,0 +1,300 @@
+"""The delivery runner: the service that composes routing, scheduling and sending.
+
+Place in the flow: LMTP → :mod:`~mailrelay.runner.routing` → spool →
+:mod:`~mailrelay.runner.scheduler` → :mod:`~mailrelay.runner.sending` → mta,
+with :mod:`~mailrelay.runner.outcomes` deciding what each reply means and the
+results written back to the spool here, one write per batch.
+
+:class:`DeliveryRunner` claims due spool entries in batches and routes each by
+its kind and sub-address (a message stored through :meth:`DeliveryRunner.enqueue`
+is routed in the transaction that stores it, and delivered without a claim);
+see :mod:`~mailrelay.runner.routing` for what becomes of each destination.
+MEMBER and OWNER entries are delivered, grouped by message: the stored
+message (with the list headers, for posts) is encoded once and sent in
+transactions of at most ``max_recipients`` (one per recipient with VERP)
+from the list's ``-bounces`` address.
+
+Each recipient's result is recorded on its own entry: accepted is DONE; a
+temporary failure is retried with backoff until ``retry_period`` after the
+first attempt, then dead-lettered (FAILED, with the reason); a permanent
+refusal of a recipient is FAILED and recorded as a bounce of that member.
+
+Problems of the site itself (refused credentials, TLS trouble, missing
+STARTTLS) never count against a member: nothing is bounced, no attempt is
+counted, the entries stay queued, and a circuit breaker pauses all delivery,
+retrying one transaction at a time with a doubling delay until the smarthost
+accepts one.  Its state is published in the spool's status table under
+``"circuit"``, where ``mailrelay queue`` shows it.
+
+Delivery is at-least-once: entries in flight when the process dies are sent
+again after :meth:`DeliveryRunner.startService` recovers them, but a recipient
+the smarthost accepted is DONE and is not sent the message again.
+"""
+
+from __future__ import annotations
+
+import random as _random
+from collections import defaultdict
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer, task
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mailrelay.addresses import check_mailbox
+from mailrelay.errors import RegistryError, RegistryUnavailable, SpoolError
+from mailrelay.interfaces import IMessageStore
+from mailrelay.model import Bounce, EntryKind, EntryState, EntryUpdate, Envelope, SpoolEntry
+from mailrelay.retry import RetryPolicy
+from mailrelay.runner.breaker import CIRCUIT_STATUS_KEY, CircuitBreaker
+from mailrelay.runner.routing import Router
+from mailrelay.runner.scheduler import Scheduler
+from mailrelay.runner.sending import CopySender, GroupKey, JustStored
+
+__all__ = ["DeliveryRunner"]
+
+_log = Logger()
+
+_RESULT_WRITE_TRIES = 5
+_PENDING = frozenset({EntryState.QUEUED, EntryState.RETRY})
+
+
+def _check_positive_int(name: str, value: object, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, not {value!r}")
+    return value
+
+
+@implementer(IMessageStore)
+class DeliveryRunner(service.Service):
+    """Delivers spooled mail through ``sender`` (an ``IMessageSender``, normally a
+    :class:`~mailrelay.mta.pool.ConnectionPool`), recording every result in ``spool``.
+
+    ``registry`` supplies lists, members and owners, and records bounces.
+    ``clock`` (an ``IReactorTime``) schedules everything.  ``random`` (a
+    :class:`random.Random`) draws the retry jitter.  ``devmode_recipient``
+    makes the runner itself send every copy there, one recipient per
+    transaction; leave it ``None`` when the sender already rewrites (as
+    :class:`~mailrelay.mta.connection.Connection` does).  ``max_parallel``
+    bounds the transactions handed to the sender at once (default: its
+    ``max_connections``, else 1).  DONE entries (and messages no entry needs
+    any more) are purged ``keep_done`` seconds after delivery (``None``: never).
+    The spool is also checked every ``poll_interval`` seconds for entries
+    re-queued by another process, such as ``mailrelay queue retry``.
+
+    The runner is also an ``IMessageStore`` (:meth:`enqueue`): given to the
+    LMTP policy in place of the spool, it routes each accepted message while
+    storing it and starts delivering at once.  Posts to lists of more than
+    ``inline_limit`` members are left for a batch to expand (0: every post is).
+    """
+
+    name = "delivery"
+
+    def __init__(
+        self,
+        spool: Any,
+        registry: Any,
+        sender: Any,
+        *,
+        clock: Any,
+        max_recipients: int = 10,
+        retry_period: float = 5 * 86400.0,
+        min_backoff: float = 300.0,
+        max_backoff: float = 4000.0,
+        verp: bool = False,
+        devmode_recipient: str | None = None,
+        batch_size: int = 1000,
+        random: _random.Random | None = None,
+        max_parallel: int | None = None,
+        breaker_min_delay: float = 30.0,
+        breaker_max_delay: float = 600.0,
+        keep_done: float | None = 7 * 86400.0,
+        poll_interval: float | None = 30.0,
+        inline_limit: int = 1000,
+    ):
+        if not callable(getattr(sender, "sendmail", None)):
+            raise TypeError(f"sender must provide sendmail(), not {sender!r}")
+        max_recipients = _check_positive_int("max_recipients", max_recipients, 0)
+        policy = RetryPolicy(retry_period, min_backoff, max_backoff)
+        if not isinstance(verp, bool):
+            raise TypeError(f"verp must be a bool, not {verp!r}")
+        if devmode_recipient is not None:
+            check_mailbox(devmode_recipient)
+        batch_size = _check_positive_int("batch_size", batch_size)
+        inline_limit = _check_positive_int("inline_limit", inline_limit, 0)
+        if max_parallel is None:
+            max_parallel = getattr(sender, "max_connections", 1)
+        max_parallel = _check_positive_int("max_parallel", max_parallel)
+        if not 0 < breaker_min_delay <= breaker_max_delay:
+            raise ValueError(
+                "breaker delays must satisfy 0 < breaker_min_delay <= breaker_max_delay, "
+                f"not {breaker_min_delay!r} and {breaker_max_delay!r}"
+            )
+        if keep_done is not None and (
+            isinstance(keep_done, bool) or not isinstance(keep_done, int | float) or keep_done < 0
+        ):
+            raise ValueError(
+                f"keep_done must be a number of seconds >= 0 or None, not {keep_done!r}"
+            )
+        if poll_interval is not None and not poll_interval > 0:
+            raise ValueError(f"poll_interval must be > 0 or None, not {poll_interval!r}")
+        self._keep_done = keep_done
+        self._verp = verp
+        self._spool = spool
+        self._registry = registry
+        self._clock = clock
+        self._breaker = CircuitBreaker(clock, breaker_min_delay, breaker_max_delay)
+        self._scheduler = Scheduler(
+            spool,
+            clock=clock,
+            breaker=self._breaker,
+            batch_size=batch_size,
+            poll_interval=poll_interval,
+            keep_done=keep_done,
+            run_batch=self._run_batch,
+        )
+        self._copies = CopySender(
+            spool,
+            registry,
+            sender,
+            clock=clock,
+            breaker=self._breaker,
+            policy=policy,
+            random=random if random is not None else _random.Random(),
+            max_recipients=max_recipients,
+            max_parallel=max_parallel,
+            verp=verp,
+            devmode_recipient=devmode_recipient,
+            is_running=lambda: bool(self.running),
+            publish_circuit=self._publish_circuit,
+        )
+        self._router = Router(
+            spool,
+            registry,
+            clock=clock,
+            inline_limit=inline_limit,
+            has_room=self._scheduler.has_room,
+            start_batch=self._scheduler.start_batch,
+            wake=self._scheduler.wake,
+        )
+
+    # -- public API -----------------------------------------------------------
+
+    def wake(self) -> None:
+        """New entries were stored: look for work on the next reactor turn.
+
+        Cheap and safe to call often; calls before the next turn coalesce.
+        """
+        self._scheduler.wake()
+
+    @property
+    def paused_until(self) -> float | None:
+        """While the circuit breaker holds delivery, when it tries again; else ``None``."""
+        return self._breaker.retry_at
+
+    def when_idle(self) -> defer.Deferred[None]:
+        """Fires once nothing is being claimed, delivered or written and nothing
+        is due before the next scheduled wake-up (at once when stopped)."""
+        return self._scheduler.when_idle()
+
+    def startService(self) -> None:  # noqa: N802
+        """Return entries left in flight by a crash to the queue, then start delivering."""
+        super().startService()
+        self._scheduler.start()
+
+    def stopService(self) -> defer.Deferred[None]:  # noqa: N802
+        """Stop claiming; fires when the transactions in flight are done and
+        recorded.  Entries not yet handed to the sender go back to the queue."""
+        super().stopService()
+        return self._scheduler.stop()
+
+    def enqueue(self, envelope: Envelope, message: bytes) -> defer.Deferred[list[int]]:
+        """Store an accepted message and start delivering it (``IMessageStore``).
+
+        Posts to lists of at most ``inline_limit`` members, -owner mail and
+        mail to the command addresses are routed in the transaction that
+        stores the message (one fsync, as for the message alone); larger lists
+        are routed by a batch later.  When the runner has room for another
+        batch, what is to be delivered is stored in flight and delivered at
+        once, without waiting for a claim.  Fires with one entry id per
+        destination once the message is on stable storage, as
+        :meth:`ISpool.enqueue <mailrelay.interfaces.IMessageStore.enqueue>`.
+        """
+        return defer.Deferred.fromCoroutine(self._router.enqueue(envelope, message))
+
+    # -- one batch ----------------------------------------------------------------
+
+    async def _run_batch(self, entries: list[SpoolEntry], just_stored: JustStored | None) -> None:
+        """Route the INBOUND entries, deliver the copies, record every result.
+
+        ``just_stored`` comes with entries that routing stored in flight.
+        """
+        updates: list[EntryUpdate] = []
+        bounces: list[Bounce] = []
+        deliveries: dict[GroupKey, list[SpoolEntry]] = defaultdict(list)
+        posts_seen: dict[tuple[int, str, str | None], int] = {}
+        for entry in entries:
+            if entry.kind is EntryKind.INBOUND:
+                update = await self._router.route(entry, posts_seen)
+                if update is None:
+                    self._scheduler.note_backlog()  # the copies are QUEUED: claim them next
+                else:
+                    updates.append(update)
+            else:
+                deliveries[(entry.message_key, entry.destination.list_address, entry.kind)].append(
+                    entry
+                )
+        groups = [
+            defer.Deferred.fromCoroutine(self._copies.deliver_group(key, group, just_stored))
+            for key, group in deliveries.items()
+        ]
+        for group_updates, group_bounces in await defer.gatherResults(groups):
+            updates.extend(group_updates)
+            bounces.extend(group_bounces)
+        if any(u.state in _PENDING for u in updates):
+            # QUEUED or RETRY again: the next claim (or next_due) must see them.
+            self._scheduler.note_backlog()
+        if updates:
+            await self._write_results(updates)
+        if bounces:
+            self._record_bounces(bounces)
+
+    async def _write_results(self, updates: list[EntryUpdate]) -> None:
+        delay = 1.0
+        for attempt in range(1, _RESULT_WRITE_TRIES + 1):
+            try:
+                await self._spool.update(updates)
+                return
+            except SpoolError as e:
+                if attempt == _RESULT_WRITE_TRIES:
+                    _log.error(
+                        "Could not record {count} delivery results: {error}; those entries "
+                        "stay in flight and are sent again after a restart",
+                        count=len(updates),
+                        error=str(e),
+                    )
+                    return
+                _log.warn(
+                    "Could not record {count} delivery results: {error}; retrying",
+                    count=len(updates),
+                    error=str(e),
+                )
+                await task.deferLater(self._clock, delay, lambda: None)
+                delay *= 2
+
+    def _record_bounces(self, bounces: list[Bounce]) -> None:
+        try:
+            self._registry.record_bounces(bounces)
+        except (RegistryError, RegistryUnavailable) as e:
+            _log.warn("Could not record {count} bounces: {error}", count=len(bounces), error=str(e))
+
+    def _publish_circuit(self, text: str | None) -> None:
+        """Record the breaker's state (``None``: closed) for ``mailrelay queue``."""
+        d = defer.maybeDeferred(self._spool.set_status, CIRCUIT_STATUS_KEY, text)
+        d.addErrback(
+            lambda f: _log.warn(
+                "Could not record the circuit breaker state: {error}", error=f.getErrorMessage()
+            )
+        )
+        self._scheduler.track(d)
