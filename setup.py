@@ -14,6 +14,7 @@ setup(
     # plugin module, never an __init__.py (it would shadow Twisted's package).
     packages=[
         "mailrelay",
+        "mailrelay.cli",
         "mailrelay.lmtp",
         "mailrelay.mta",
         "mailrelay.testing",
