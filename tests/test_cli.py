@@ -6,12 +6,17 @@ import io
 import os
 import shutil
 import stat
+import subprocess
+import sys
 import tempfile
 import time
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from mailrelay import __version__, cli
+from mailrelay.cli import context
+from mailrelay.cli.context import ThreadBridge
+from mailrelay.cli.output import format_time
 from mailrelay.config import describe_defaults
 from mailrelay.model import Destination, EntryState, Envelope, Member
 from mailrelay.postfix import transport_map
@@ -562,7 +567,7 @@ class QueueTests(CLITestCase):
     def setUp(self):
         super().setUp()
         spool_path = os.path.join(self.var_dir, "spool.sqlite3")
-        bridge = cli._ThreadBridge()
+        bridge = ThreadBridge()
         spool = SQLiteSpool(spool_path, bridge)
         post = Destination("test@example.com", None, "test@example.com")
         owner = Destination("test@example.com", "owner", "test-owner@example.com")
@@ -595,7 +600,7 @@ class QueueTests(CLITestCase):
         bridge.wait(spool.close())
 
     def states(self) -> dict[int, EntryState]:
-        bridge = cli._ThreadBridge()
+        bridge = ThreadBridge()
         spool = SQLiteSpool(os.path.join(self.var_dir, "spool.sqlite3"), bridge)
         try:
             return {entry.entry_id: entry.state for entry in spool.entries()}
@@ -630,7 +635,7 @@ class QueueTests(CLITestCase):
             retry.split()[:6],
             [str(self.ids[0]), "retry", "post", "test@example.com", "test@example.com", "1"],
         )
-        self.assertIn(cli._format_time(self.next_attempt, time.time()).split(" (")[0], retry)
+        self.assertIn(format_time(self.next_attempt, time.time()).split(" (")[0], retry)
         self.assertIn("(in 2h)", retry)
         self.assertTrue(retry.endswith("451 4.3.0 try again later"))
         self.assertEqual(
@@ -647,7 +652,7 @@ class QueueTests(CLITestCase):
             raise SkipTest("this spool has no entry kinds")
         from mailrelay.model import EntryKind
 
-        bridge = cli._ThreadBridge()
+        bridge = ThreadBridge()
         spool = SQLiteSpool(os.path.join(self.var_dir, "spool.sqlite3"), bridge)
         bridge.wait(spool.update([EntryUpdate(self.ids[0], EntryState.INFLIGHT)]))
         new = bridge.wait(spool.expand(self.ids[0], ["anne@example.org"], EntryKind.MEMBER))
@@ -677,7 +682,7 @@ class QueueTests(CLITestCase):
             def get_status(self, key):
                 return {"circuit": "smarthost refused authentication (535)"}.get(key)
 
-        self.patch(cli, "SQLiteSpool", PausedSpool)
+        self.patch(context, "SQLiteSpool", PausedSpool)
         out = self.ok("queue")
         self.assertTrue(out.startswith("DELIVERY PAUSED: smarthost refused authentication (535)\n"))
 
@@ -686,7 +691,7 @@ class QueueTests(CLITestCase):
         once cleared."""
         if not hasattr(SQLiteSpool, "set_status"):
             raise SkipTest("this spool has no status table")
-        bridge = cli._ThreadBridge()
+        bridge = ThreadBridge()
         spool = SQLiteSpool(os.path.join(self.var_dir, "spool.sqlite3"), bridge)
         bridge.wait(spool.set_status("circuit", "open: 535 authentication failed"))
         self.assertTrue(
@@ -757,7 +762,7 @@ class QueueTests(CLITestCase):
 
     def test_delete_inflight_warns(self):
         """Deleting an entry being delivered warns that it does not stop the delivery."""
-        bridge = cli._ThreadBridge()
+        bridge = ThreadBridge()
         spool = SQLiteSpool(os.path.join(self.var_dir, "spool.sqlite3"), bridge)
         bridge.wait(spool.update([EntryUpdate(self.ids[0], EntryState.INFLIGHT)]))
         bridge.wait(spool.close())
@@ -843,3 +848,24 @@ class PostfixMapsTests(CLITestCase):
         code, _out, err = self.run_cli("postfix-maps", "-o", path)
         self.assertEqual(code, cli.EXIT_FAILURE)
         self.assertIn(f"cannot write {path}", err)
+
+
+class PackageTests(SynchronousTestCase):
+    """The public names of ``mailrelay.cli`` and its two ways of running."""
+
+    def test_public_names_import(self):
+        """Every name in ``mailrelay.cli.__all__`` imports from the package, ``main`` among them
+        (the console script is ``mailrelay.cli:main``)."""
+        for name in cli.__all__:
+            self.assertIsNotNone(getattr(cli, name), name)
+        self.assertTrue(callable(cli.main))
+
+    def test_python_m(self):
+        """``python -m mailrelay.cli --version`` runs the command line and exits 0."""
+        done = subprocess.run(
+            [sys.executable, "-m", "mailrelay.cli", "--version"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        self.assertEqual((done.returncode, done.stdout), (0, f"mailrelay {__version__}\n"))

@@ -1,0 +1,131 @@
+"""``mailrelay lists``: create, list, show and delete mailing lists in the registry.
+
+Works on the registry file the daemon reads, which sees a change at the next
+RCPT; each command reminds the operator to regenerate the Postfix maps
+(:mod:`mailrelay.cli.postfix_maps`) that route a new list's addresses.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mailrelay.cli.context import EXIT_OK, Context, require_list
+from mailrelay.cli.output import plural
+from mailrelay.cli.parser import add_command, add_group, add_list_argument, add_yes_option
+from mailrelay.postfix import list_addresses
+
+
+def _create(ctx: Context) -> int:
+    args = ctx.args
+    with ctx.registry(create=True) as registry:
+        # Warn when the new list and another one claim the same address:
+        # RCPT resolution gives it to the list of that name.
+        shadowed = registry.resolve(args.address)
+        created = registry.create_list(args.address, args.display_name, args.owners)
+        if shadowed is not None and shadowed.subaddress is not None:
+            ctx.err(
+                f"warning: {created.posting_address} was the {shadowed.subaddress} address "
+                f"of {shadowed.list_address}; mail to it now goes to the new list"
+            )
+        for address in list_addresses(created.posting_address)[1:]:
+            if registry.get_list(address) is not None:
+                ctx.err(
+                    f"warning: {address} is the list {address}, so it is not "
+                    f"{created.posting_address}'s sub-address"
+                )
+    ctx.out(f"Created list {created.posting_address}.")
+    ctx.err(
+        "note: regenerate the Postfix maps (`mailrelay postfix-maps`) so that Postfix "
+        "routes its addresses to mailrelay"
+    )
+    return EXIT_OK
+
+
+def _list(ctx: Context) -> int:
+    with ctx.registry(create=False) as registry:
+        rows = [
+            (
+                mailing_list.posting_address,
+                plural(len(registry.members(mailing_list.posting_address)), "member"),
+                mailing_list.display_name,
+            )
+            for mailing_list in registry.lists()
+        ]
+    width = max((len(address) for address, _, _ in rows), default=0)
+    count_width = max((len(count) for _, count, _ in rows), default=0)
+    for address, count, name in rows:
+        ctx.out(f"{address:<{width}}  {count:>{count_width}}  {name}".rstrip())
+    return EXIT_OK
+
+
+def _show(ctx: Context) -> int:
+    with ctx.registry(create=False) as registry:
+        mailing_list = require_list(registry, ctx.args.address)
+        members = registry.members(mailing_list.posting_address)
+        addresses = []
+        for address in list_addresses(mailing_list.posting_address):
+            if address != mailing_list.posting_address and registry.get_list(address):
+                address += "  (taken by the list of that name)"
+            addresses.append(address)
+    enabled = sum(member.delivery_enabled for member in members)
+    ctx.out(mailing_list.posting_address)
+    ctx.out(f"  display name:  {mailing_list.display_name or '(none)'}")
+    ctx.out(f"  owners:        {', '.join(mailing_list.owners) or '(none)'}")
+    ctx.out(f"  members:       {len(members):,} ({enabled:,} with delivery enabled)")
+    ctx.out(f"  addresses:     {addresses[0]}  (posts)")
+    for address in addresses[1:]:
+        ctx.out(f"                 {address}")
+    return EXIT_OK
+
+
+def _delete(ctx: Context) -> int:
+    with ctx.registry(create=False) as registry:
+        mailing_list = require_list(registry, ctx.args.address)
+        address = mailing_list.posting_address
+        count = len(registry.members(address))
+        ctx.confirm(f"delete list {address} and its {plural(count, 'member')}")
+        registry.delete_list(address)
+    ctx.out(f"Deleted list {address} and its {plural(count, 'member')}.")
+    ctx.err("note: regenerate the Postfix maps (`mailrelay postfix-maps`)")
+    return EXIT_OK
+
+
+def add_parser(commands: Any) -> None:
+    """Register ``lists`` and its commands in the top-level collection ``commands``."""
+    lists_commands = add_group(commands, "lists", "create, show and delete mailing lists")
+    create = add_command(
+        lists_commands,
+        "create",
+        _create,
+        "create a mailing list",
+        epilog="example:\n  mailrelay lists create test@example.com "
+        "--display-name 'Test list' --owner anne@example.org",
+    )
+    add_list_argument(create, "address", "ADDRESS")
+    create.add_argument(
+        "--display-name", metavar="NAME", default="", help="the list's name as people read it"
+    )
+    create.add_argument(
+        "--owner",
+        dest="owners",
+        metavar="ADDR",
+        action="append",
+        default=[],
+        help="an owner, who gets mail sent to LIST-owner (repeat for several)",
+    )
+    add_command(
+        lists_commands,
+        "list",
+        _list,
+        "list every mailing list with its member count and display name",
+    )
+    show = add_command(
+        lists_commands,
+        "show",
+        _show,
+        "show a list: display name, owners, member count and all its addresses",
+    )
+    add_list_argument(show, "address", "ADDRESS")
+    delete = add_command(lists_commands, "delete", _delete, "delete a list and all its members")
+    add_list_argument(delete, "address", "ADDRESS")
+    add_yes_option(delete)

@@ -1,0 +1,115 @@
+"""``mailrelay postfix-maps``: write the Postfix maps that route list addresses to mailrelay.
+
+Reads the lists from the registry and renders them with :mod:`mailrelay.postfix`:
+the transport(5) map (every posting address and its sub-addresses to the LMTP
+nexthop) or, with ``--domains``, the relay_domains map.  A file is replaced
+atomically so that Postfix and postmap never read half of it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+from mailrelay.cli.context import EXIT_OK, CommandError, Context
+from mailrelay.cli.output import plural
+from mailrelay.cli.parser import add_command
+from mailrelay.postfix import (
+    check_nexthop,
+    domains_map,
+    lmtp_nexthop,
+    relay_domains,
+    transport_map,
+)
+
+
+def _write_atomically(path: str, text: str) -> None:
+    """Replace ``path`` with ``text`` so that Postfix or postmap never read half a file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+                # mkstemp makes it 0600; Postfix's postmap and daemons must read it.
+                os.fchmod(f.fileno(), 0o644)
+            os.replace(temporary, path)
+        except BaseException:
+            os.unlink(temporary)
+            raise
+    except OSError as e:
+        raise CommandError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def _postfix_maps(ctx: Context) -> int:
+    args = ctx.args
+    nexthop = ""
+    if args.nexthop is not None:
+        nexthop = check_nexthop(args.nexthop)
+    elif not args.domains:
+        nexthop = lmtp_nexthop(ctx.settings.mta.lmtp_endpoint)
+    with ctx.registry(create=False) as registry:
+        addresses = [mailing_list.posting_address for mailing_list in registry.lists()]
+    text = domains_map(addresses) if args.domains else transport_map(addresses, nexthop)
+    if not addresses:
+        ctx.err("warning: there are no lists yet: the map is empty")
+    if args.output:
+        _write_atomically(args.output, text)
+        what = "relay domains" if args.domains else "transport map"
+        ctx.err(
+            f"wrote the {what} for {plural(len(addresses), 'list')} to {args.output}; "
+            f"now run: postmap {args.output}"
+        )
+    else:
+        ctx.stdout.write(text)
+    if not args.domains:
+        if nexthop.startswith("lmtp:unix:"):
+            ctx.err(
+                "note: a chrooted Postfix lmtp client (chroot = y in master.cf) resolves "
+                "the socket path inside its queue directory"
+            )
+        domains = relay_domains(addresses)
+        if domains:
+            ctx.err(
+                f"Postfix must relay for: {' '.join(domains)} "
+                f"(relay_domains; `mailrelay postfix-maps --domains` writes that map)"
+            )
+    return EXIT_OK
+
+
+def add_parser(commands: Any) -> None:
+    """Register ``postfix-maps`` in the top-level collection ``commands``."""
+    maps = add_command(
+        commands,
+        "postfix-maps",
+        _postfix_maps,
+        "print the Postfix transport map routing every list address to mailrelay",
+        description="Print the Postfix transport(5) map that sends every list's posting "
+        "address and its sub-addresses (bounces confirm join leave owner "
+        "request subscribe unsubscribe) to mailrelay's LMTP server, or, with "
+        "--domains, the map of the lists' domains for relay_domains.",
+        epilog="example (then set transport_maps = hash:/etc/postfix/mailrelay_transport "
+        "and\nrelay_domains = hash:/etc/postfix/mailrelay_domains in main.cf):\n"
+        "  mailrelay postfix-maps -o /etc/postfix/mailrelay_transport\n"
+        "  mailrelay postfix-maps --domains -o /etc/postfix/mailrelay_domains\n"
+        "  postmap /etc/postfix/mailrelay_transport /etc/postfix/mailrelay_domains",
+    )
+    maps.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="write the map to FILE (atomically) instead of standard output",
+    )
+    maps.add_argument(
+        "--domains", action="store_true", help="the relay_domains map instead of the transport map"
+    )
+    maps.add_argument(
+        "--nexthop",
+        metavar="TRANSPORT:NEXTHOP",
+        help="where Postfix delivers, e.g. lmtp:[127.0.0.1]:8024 or "
+        "lmtp:unix:/run/mailrelay/lmtp.sock (default: derived from the "
+        "configured LMTP endpoint)",
+    )
