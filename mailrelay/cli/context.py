@@ -20,13 +20,11 @@ from typing import IO, Any
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from mailrelay.config import Settings, load_settings
+from mailrelay.config import CONFIG_ENVIRONMENT_VARIABLE, Settings, load_settings
 from mailrelay.errors import ConfigurationError, MailrelayError
 from mailrelay.model import MailingList
 from mailrelay.registry import MemoryRegistry, SQLiteRegistry
 from mailrelay.spool import MemorySpool, SQLiteSpool
-
-CONFIG_ENVIRONMENT_VARIABLE = "MAILRELAY_CONFIG"
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # the command failed: unknown list, bad address, duplicate, storage error

@@ -42,6 +42,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailrelay._checks import check_count
 from mailrelay.addresses import check_mailbox
 from mailrelay.errors import RegistryError, RegistryUnavailable, SpoolError
 from mailrelay.interfaces import IMessageStore
@@ -58,12 +59,6 @@ _log = Logger()
 
 _RESULT_WRITE_TRIES = 5
 _PENDING = frozenset({EntryState.QUEUED, EntryState.RETRY})
-
-
-def _check_positive_int(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, not {value!r}")
-    return value
 
 
 @implementer(IMessageStore)
@@ -115,17 +110,17 @@ class DeliveryRunner(service.Service):
     ):
         if not callable(getattr(sender, "sendmail", None)):
             raise TypeError(f"sender must provide sendmail(), not {sender!r}")
-        max_recipients = _check_positive_int("max_recipients", max_recipients, 0)
+        max_recipients = check_count("max_recipients", max_recipients, 0)
         policy = RetryPolicy(retry_period, min_backoff, max_backoff)
         if not isinstance(verp, bool):
             raise TypeError(f"verp must be a bool, not {verp!r}")
         if devmode_recipient is not None:
             check_mailbox(devmode_recipient)
-        batch_size = _check_positive_int("batch_size", batch_size)
-        inline_limit = _check_positive_int("inline_limit", inline_limit, 0)
+        batch_size = check_count("batch_size", batch_size)
+        inline_limit = check_count("inline_limit", inline_limit, 0)
         if max_parallel is None:
             max_parallel = getattr(sender, "max_connections", 1)
-        max_parallel = _check_positive_int("max_parallel", max_parallel)
+        max_parallel = check_count("max_parallel", max_parallel)
         if not 0 < breaker_min_delay <= breaker_max_delay:
             raise ValueError(
                 "breaker delays must satisfy 0 < breaker_min_delay <= breaker_max_delay, "
