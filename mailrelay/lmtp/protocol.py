@@ -18,6 +18,10 @@ Twisted has no LMTP and its SMTP server needs several corrections, made here:
 Policy (which recipients exist, what happens to the message) lives behind
 :class:`mailrelay.interfaces.IInboundHandler`.  Importing this module imports
 :mod:`twisted.mail.smtp`, which imports the global reactor.
+
+It is one module, though longer than most: it is one session state machine
+over Twisted's ``ESMTP``, and its overrides (line limits, DATA chunks, the
+reply order) read and reset the same per-session state.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from mailrelay.addresses import is_valid_mailbox
 from mailrelay.mta.errors import DeliveryError
 from mailrelay.mta.message import prepare_message
 
-log = Logger()
+_log = Logger()
 
 # Mailman's chunk buckets; every other top-level domain shares bucket 0.
 CHUNKMAP = {"com": 1, "net": 2, "org": 2, "edu": 3, "us": 3, "ca": 3}
@@ -83,7 +83,7 @@ class BulkDelivery:
             try:
                 result = await self._connection.sendmail(sender, chunk, wire)
             except DeliveryError as e:
-                log.warn(
+                _log.warn(
                     "{message_id} delivery of {count} recipients failed: {code} {response}",
                     message_id=wire.message_id,
                     count=len(chunk),

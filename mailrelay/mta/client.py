@@ -14,7 +14,10 @@ Twisted's client is unsafe or too limited for a relay:
   text includes the session log and so the base64 credentials.
 
 The protocol knows nothing of queues or policy: its owner calls
-:meth:`RelayClient.transact` for one transaction at a time.
+:meth:`RelayClient.transact` for one transaction at a time.  It is one
+module, though longer than most: one session state machine over Twisted's
+``ESMTPClient``, whose EHLO, STARTTLS, AUTH and transaction states share the
+same per-connection state.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from mailrelay.mta.errors import NO_REPLY, ConnectionFailed, DeliveryError, Smar
 from mailrelay.mta.message import prepare_message
 from mailrelay.mta.tls import client_tls_options
 
-log = Logger()
+_log = Logger()
 
 
 class SecureMode(enum.Enum):
@@ -224,7 +224,7 @@ class Connection:
                 except DeliveryError as e:
                     d.errback(e)
                 except Exception:
-                    log.failure(
+                    _log.failure(
                         "unexpected error while sending to {host}:{port}",
                         host=self.host,
                         port=self.port,

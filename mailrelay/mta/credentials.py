@@ -23,7 +23,7 @@ from twisted.logger import Logger
 
 from mailrelay.errors import ConfigurationError
 
-log = Logger()
+_log = Logger()
 
 # Service names smtpmail and auth-source accept in place of a number.
 _SERVICES = {"smtp": 25, "submission": 587, "smtps": 465, "submissions": 465, "ssmtp": 465}
@@ -78,7 +78,7 @@ class CredentialsFile:
                 f"{path}: cannot read credentials file: {e.strerror}"
             ) from None
         if mode & (stat.S_IRWXG | stat.S_IRWXO) & ~stat.S_IRGRP:
-            log.warn(
+            _log.warn(
                 "credentials file {path} is accessible to other users; chmod 600 it", path=path
             )
         return cls(list(_parse(text, path)), path)
