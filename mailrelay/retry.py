@@ -21,6 +21,8 @@ import math
 import random as _random
 from dataclasses import dataclass
 
+from mailrelay._checks import check_count
+
 __all__ = [
     "SITE_PROBLEM_CODES",
     "RetryPolicy",
@@ -148,8 +150,7 @@ def backoff(
     ``max_backoff``; the result is drawn uniformly from ``jitter`` either side
     of it, clipped to ``min_backoff``..``max_backoff``.
     """
-    if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
-        raise ValueError(f"attempt must be an int >= 1, not {attempt!r}")
+    check_count("attempt", attempt)
     # Capping the exponent keeps 2**n finite for absurd attempt counts.
     nominal = min(max_backoff, min_backoff * 2.0 ** min(attempt - 1, 64))
     low = max(min_backoff, nominal * (1 - jitter))

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from twisted.logger import Logger
 
+from mailrelay._checks import check_count
+
 __all__ = ["DISCONNECT_STAGES", "REJECT_STAGES", "Fault", "FaultPlan"]
 
 _log = Logger()
@@ -69,26 +71,30 @@ class FaultPlan:
         elif isinstance(text, str):
             text = text.encode("utf-8")
         self._faults.append(
-            Fault("reject", stage, _check_count(count), code=code, text=text, match=match)
+            Fault("reject", stage, check_count("count", count), code=code, text=text, match=match)
         )
 
     def disconnect(self, stage: str, with_421: bool, count: int) -> None:
         """Arm closing the connection at the next ``count`` occurrences of ``stage``."""
         _check_stage(stage, DISCONNECT_STAGES)
-        self._faults.append(Fault("disconnect", stage, _check_count(count), with_421=with_421))
+        self._faults.append(
+            Fault("disconnect", stage, check_count("count", count), with_421=with_421)
+        )
 
     def drop_during_data(self, after_bytes: int, count: int) -> None:
         """Arm closing the connection ``after_bytes`` into the next ``count`` DATA."""
         if not isinstance(after_bytes, int) or after_bytes < 0:
             raise ValueError(f"after_bytes must be an int >= 0, not {after_bytes!r}")
-        self._faults.append(Fault("drop", "data", _check_count(count), after_bytes=after_bytes))
+        self._faults.append(
+            Fault("drop", "data", check_count("count", count), after_bytes=after_bytes)
+        )
 
     def delay(self, stage: str, seconds: float, count: int) -> None:
         """Arm holding the next ``count`` replies of ``stage`` for ``seconds``."""
         _check_stage(stage, DISCONNECT_STAGES)
         if seconds < 0:
             raise ValueError(f"seconds must be >= 0, not {seconds!r}")
-        self._faults.append(Fault("delay", stage, _check_count(count), seconds=seconds))
+        self._faults.append(Fault("delay", stage, check_count("count", count), seconds=seconds))
 
     def clear(self) -> None:
         """Forget every fault that has not fired yet."""
@@ -117,9 +123,3 @@ class FaultPlan:
 def _check_stage(stage: str, allowed: frozenset[str]) -> None:
     if stage not in allowed:
         raise ValueError(f"stage must be one of {sorted(allowed)}, not {stage!r}")
-
-
-def _check_count(count: int) -> int:
-    if not isinstance(count, int) or count < 1:
-        raise ValueError(f"count must be an int >= 1, not {count!r}")
-    return count
