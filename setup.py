@@ -14,18 +14,24 @@ setup(
     # plugin module, never an __init__.py (it would shadow Twisted's package).
     packages=[
         "mailrelay",
+        "mailrelay.listproc",
         "mailrelay.lmtp",
         "mailrelay.mta",
         "mailrelay.testing",
         "twisted.plugins",
     ],
-    package_data={"twisted.plugins": ["mailrelay_plugin.py"]},
+    package_data={
+        "twisted.plugins": ["mailrelay_plugin.py"],
+        "mailrelay.listproc": ["templates/*/*.txt"],
+    },
     install_requires=[
         "Twisted[tls]>=24.7",
         "pyOpenSSL>=24",
         "service-identity>=24",
         "zope.interface>=6",
         "attrs>=23",
+        # Bounce detectors for MTAs that send no RFC 3464 report (Mailman's own).
+        "flufl.bounce>=6.0",
     ],
     extras_require={
         # mailrelay.testing's TLS helpers need trustme; embedders install [testing].
