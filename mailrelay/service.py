@@ -16,6 +16,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from mailrelay.config import Settings
+from mailrelay.config.endpoints import with_backlog
 
 _log = Logger()
 
@@ -103,6 +104,12 @@ def connection_arguments(settings: Settings) -> dict[str, Any]:
     }
 
 
+def lmtp_listen_endpoint(settings: Settings) -> str:
+    """The endpoint description the LMTP listener uses: ``lmtp_endpoint`` with
+    ``backlog=lmtp_listen_backlog`` added unless it gives its own."""
+    return with_backlog(settings.mta.lmtp_endpoint, settings.mta.lmtp_listen_backlog)
+
+
 def make_sender(settings: Settings, reactor: Any):
     """The outbound connection pool configured from ``[mta]`` and ``[devmode]``."""
     from mailrelay.mta.connection import Connection
@@ -178,7 +185,7 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
         max_sessions=mta.lmtp_max_sessions,
         clock=reactor,
     )
-    listener = strports.service(mta.lmtp_endpoint, factory, reactor=reactor)
+    listener = strports.service(lmtp_listen_endpoint(settings), factory, reactor=reactor)
     listener.setName("mailrelay-lmtp")
     listener.setServiceParent(top)
     _log.info(

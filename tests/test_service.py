@@ -12,6 +12,7 @@ import tempfile
 
 from twisted.application.service import IServiceMaker
 from twisted.internet import defer, endpoints, reactor, task
+from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -20,7 +21,8 @@ from mailrelay import cli, tap
 from mailrelay.config import Settings
 from mailrelay.mta.connection import Connection, SecureMode
 from mailrelay.mta.tls import client_tls_options
-from mailrelay.service import connection_arguments, tls_arguments
+from mailrelay.service import connection_arguments, makeService, tls_arguments
+from mailrelay.spool.memory import MemorySpool
 from mailrelay.testing import FakeMTA
 from mailrelay.testing.lmtp import LMTPClient, connect_lmtp
 from tests.support import as_deferred, free_port
@@ -151,6 +153,31 @@ class ConnectionArgumentsTests(SynchronousTestCase):
         self.assertLessEqual(set(arguments), set(inspect.signature(client_tls_options).parameters))
 
 
+class ListenerTests(SynchronousTestCase):
+    """makeService's LMTP listener, on a MemoryReactor."""
+
+    def make(self, **mta) -> MemoryReactorClock:
+        memory = MemoryReactorClock()
+        settings = Settings.from_mapping(
+            {"paths": {"var_dir": tempfile.mkdtemp()}, "mta": mta}, environ={}
+        )
+        relay = makeService(settings, memory, spool=MemorySpool(memory))
+        relay.startService()
+        self.addCleanup(relay.stopService)
+        return memory
+
+    def test_listen_backlog(self):
+        """The LMTP listener is created with backlog 1024 by default (Twisted's is
+        50, which drops connections in a burst), or lmtp_listen_backlog."""
+        port, factory, backlog, interface = self.make().tcpServers[0]
+        self.assertEqual((port, backlog, interface), (8024, 1024, "127.0.0.1"))
+        self.assertEqual(factory.max_sessions, 100)
+        socket = os.path.join(tempfile.mkdtemp(), "lmtp.sock")
+        memory = self.make(lmtp_endpoint=f"unix:{socket}", lmtp_listen_backlog=2048)
+        address, _, backlog, mode, _ = memory.unixServers[0]
+        self.assertEqual((address, backlog, mode), (socket, 2048, 0o660))
+
+
 class RelayCase(TestCase):
     """The whole relay on the test's reactor, LMTP on a unix socket; subclasses pick the smarthost."""
 
@@ -170,7 +197,6 @@ class RelayCase(TestCase):
                 + "".join(f"{k} = {v}\n" for k, v in values.items())
             )
         from mailrelay.config import load_settings
-        from mailrelay.service import makeService
 
         self.settings: Settings = load_settings(self.config)
         self.service = makeService(self.settings, reactor, sender=sender)

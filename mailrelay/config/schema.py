@@ -103,11 +103,22 @@ SCHEMA: tuple[Key, ...] = (
         "mta",
         "lmtp_endpoint",
         "",
-        "Twisted server endpoint for LMTP (tcp:, tcp6:, unix:, ssl:, systemd:); when "
-        "set it wins over lmtp_host and lmtp_port.  Empty means "
-        "tcp:<lmtp_port>:interface=<lmtp_host>.  A unix: socket without mode= is "
-        "created with mode=660; a relative socket path is relative to this file.",
+        "Twisted server endpoint for LMTP (tcp:, tcp6:, unix:, ssl:, systemd:), instead "
+        "of lmtp_host and lmtp_port: setting it together with either is an error.  Empty "
+        "means tcp:<lmtp_port>:interface=<lmtp_host>.  A unix: socket without mode= is "
+        "created with mode=660 (a world-writable mode is refused); a relative socket "
+        "path is relative to this file.",
         _endpoint,
+    ),
+    Key(
+        "mta",
+        "lmtp_listen_backlog",
+        "1024",
+        "Connections the kernel queues for the LMTP listener before mailrelay accepts "
+        "them (listen(2) backlog; Linux caps it at net.core.somaxconn).  Used unless "
+        "lmtp_endpoint gives backlog=, which must then not be set here as well.  "
+        "Twisted's default of 50 drops connections in a burst.",
+        _plain(lambda text: parse_int(text, 1, 65535)),
     ),
     Key(
         "mta",
