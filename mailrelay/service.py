@@ -182,6 +182,7 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
         max_message_size=mta.max_message_size,
         max_line_length=mta.lmtp_max_line_length,
         idle_timeout=mta.lmtp_idle_timeout,
+        store_timeout=mta.lmtp_store_timeout,
         max_sessions=mta.lmtp_max_sessions,
         clock=reactor,
     )

@@ -22,6 +22,7 @@ from mailrelay.config import Settings
 from mailrelay.mta.connection import Connection, SecureMode
 from mailrelay.mta.tls import client_tls_options
 from mailrelay.service import connection_arguments, makeService, tls_arguments
+from mailrelay.spool import SQLiteSpool
 from mailrelay.spool.memory import MemorySpool
 from mailrelay.testing import FakeMTA
 from mailrelay.testing.lmtp import LMTPClient, connect_lmtp
@@ -181,8 +182,8 @@ class ListenerTests(SynchronousTestCase):
 class RelayCase(TestCase):
     """The whole relay on the test's reactor, LMTP on a unix socket; subclasses pick the smarthost."""
 
-    async def start_relay(self, smtp_port: int, *, sender=None, **mta):
-        self.tmp = tempfile.mkdtemp()
+    async def start_relay(self, smtp_port: int, *, sender=None, spool=None, **mta):
+        self.tmp = getattr(self, "tmp", None) or tempfile.mkdtemp()
         self.socket = os.path.join(self.tmp, "lmtp.sock")
         self.config = os.path.join(self.tmp, "mailrelay.ini")
         values = {
@@ -199,7 +200,7 @@ class RelayCase(TestCase):
         from mailrelay.config import load_settings
 
         self.settings: Settings = load_settings(self.config)
-        self.service = makeService(self.settings, reactor, sender=sender)
+        self.service = makeService(self.settings, reactor, sender=sender, spool=spool)
         self.service.startService()
         self.addCleanup(self.service.stopService)
 
@@ -267,6 +268,33 @@ class LoopTests(RelayCase):
             self.assertEqual(
                 msg.get_all("X-MailFrom"), ["anne@example.com", "test-bounces@example.com"]
             )
+
+        return as_deferred(go())
+
+    def test_disk_full(self):
+        """With the spool out of space, every recipient of a new message gets 452 4.3.1
+        (never 250, never 5xx); the relay stays up and a message that fits is then
+        accepted and delivered."""
+
+        async def go():
+            self.tmp = tempfile.mkdtemp()
+            spool = SQLiteSpool(os.path.join(self.tmp, "small.sqlite3"), reactor, max_bytes=2**18)
+            await self.start_relay(spool=spool)
+            for address in ("test@example.com", "other@example.com"):
+                self.assertEqual(self.admin("lists", "create", address), 0)
+                self.assertEqual(self.admin("members", "add", address, "bart@example.com"), 0)
+            client = await self.lmtp()
+            big = POST + (b"x" * 76 + b"\r\n") * (2**20 // 78)
+            recipients = ["test@example.com", "other@example.com"]
+            replies = await client.sendmail("anne@example.com", recipients, big)
+            self.assertEqual(
+                [(r.code, r.text) for r in replies],
+                [(452, "4.3.1 Requested action not taken: insufficient system storage")] * 2,
+            )
+            replies = await client.sendmail("anne@example.com", recipients, POST)
+            self.assertEqual([r.code for r in replies], [250, 250])
+            await self.delivered(2)
+            self.assertEqual(len(self.smarthost.messages), 2)
 
         return as_deferred(go())
 

@@ -131,7 +131,18 @@ SCHEMA: tuple[Key, ...] = (
         "mta",
         "lmtp_idle_timeout",
         "5m",
-        "An LMTP client silent for this long is disconnected.",
+        "An LMTP client silent for this long is disconnected (the timer stops while "
+        "a message is being stored).",
+        _plain(_duration),
+    ),
+    Key(
+        "mta",
+        "lmtp_store_timeout",
+        "60s",
+        "A message not on stable storage this long after its final dot is answered "
+        "451 4.3.0 for each recipient, and the client sends it again later.  If the "
+        "store finishes after all, that message is delivered twice (at-least-once).  "
+        "Keep it below the client's timeout (Postfix: lmtp_data_done_timeout, 600s).",
         _plain(_duration),
     ),
     Key(

@@ -82,6 +82,7 @@ class MTASettings:
     lmtp_listen_backlog: int
     lmtp_max_sessions: int
     lmtp_idle_timeout: float
+    lmtp_store_timeout: float
     lmtp_max_line_length: int
     max_message_size: int
     lmtp_hostname: str
