@@ -19,6 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailrelay import cli, tap
 from mailrelay.config import Settings
+from mailrelay.errors import StateDirectoryInUse
 from mailrelay.mta.connection import Connection, SecureMode
 from mailrelay.mta.tls import client_tls_options
 from mailrelay.service import connection_arguments, makeService, tls_arguments
@@ -177,6 +178,49 @@ class ListenerTests(SynchronousTestCase):
         memory = self.make(lmtp_endpoint=f"unix:{socket}", lmtp_listen_backlog=2048)
         address, _, backlog, mode, _ = memory.unixServers[0]
         self.assertEqual((address, backlog, mode), (socket, 2048, 0o660))
+
+
+class StateDirectoryLockTests(SynchronousTestCase):
+    """One relay per [paths] var_dir; the command line is not locked out."""
+
+    def settings(self, var_dir: str) -> Settings:
+        return Settings.from_mapping({"paths": {"var_dir": var_dir}}, environ={})
+
+    def start(self, settings: Settings):
+        memory = MemoryReactorClock()
+        relay = makeService(settings, memory, spool=MemorySpool(memory))
+        relay.startService()
+        return relay
+
+    def test_second_relay_refused(self):
+        """A second relay on the same var_dir refuses to start, naming the directory,
+        the holder's pid and the fix; once the first stops, a new one starts."""
+        var_dir = tempfile.mkdtemp()
+        first = self.start(self.settings(var_dir))
+        with open(os.path.join(var_dir, "mailrelay.lock")) as f:
+            self.assertEqual(f.read(), f"{os.getpid()}\n")
+        error = self.assertRaises(StateDirectoryInUse, self.start, self.settings(var_dir))
+        self.assertEqual(error.pid, os.getpid())
+        self.assertEqual(
+            str(error),
+            f"{var_dir} is in use by another mailrelay daemon (pid {os.getpid()}): "
+            f"stop it, or give this one another [paths] var_dir",
+        )
+        self.successResultOf(first.stopService())
+        self.successResultOf(self.start(self.settings(var_dir)).stopService())
+
+    def test_cli_works_while_relay_runs(self):
+        """The command line reads and changes the stores of a running relay."""
+        var_dir = tempfile.mkdtemp()
+        config = os.path.join(var_dir, "mailrelay.ini")
+        with open(config, "w") as f:
+            f.write(f"[paths]\nvar_dir = {var_dir}\n")
+        relay = self.start(self.settings(var_dir))
+        self.addCleanup(relay.stopService)
+        for argv in (["lists", "create", "test@example.com"], ["queue"]):
+            with self.subTest(argv=argv):
+                out, err = io.StringIO(), io.StringIO()
+                self.assertEqual(cli.main(["-C", config, *argv], stdout=out, stderr=err), 0)
 
 
 class RelayCase(TestCase):
