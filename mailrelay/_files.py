@@ -1,9 +1,10 @@
-"""Files of the state directory: private SQLite files, and the daemon's lock on the directory."""
+"""Private files: the SQLite stores, the daemon's lock on its state directory, secrets."""
 
 from __future__ import annotations
 
 import fcntl
 import os
+import stat
 
 from mailrelay.errors import StateDirectoryInUse
 
@@ -23,6 +24,22 @@ def create_private_file(path: str) -> None:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640))
     except FileExistsError:
         pass
+
+
+def secret_file_problem(path: str, mode: int) -> str | None:
+    """Why a file of secrets at ``path`` with ``st_mode`` ``mode`` must be refused, or None.
+
+    As ssh does with private keys: any permission for the group or for others
+    is refused, not just warned about (a warning in a log nobody reads leaves
+    the password readable).
+    """
+    permissions = stat.S_IMODE(mode)
+    if not permissions & 0o077:
+        return None
+    return (
+        f"{path} is accessible to other users (mode {permissions:04o}); "
+        f"it holds a password: run chmod 600 {path} (owned by the user mailrelay runs as)"
+    )
 
 
 class DirectoryLock:

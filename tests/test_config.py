@@ -56,6 +56,12 @@ class _FileMixin:
             f.write(textwrap.dedent(text))
         return path
 
+    def write_secret(self, text: str, name: str) -> str:
+        """Write a file of secrets, mode 0600 as mailrelay requires."""
+        path = self.write(text, name)
+        os.chmod(path, 0o600)
+        return path
+
     def load(self, text: str, environ: dict[str, str] | None = None) -> Settings:
         return load_settings(self.write(text), environ=environ or {})
 
@@ -679,7 +685,7 @@ class CrossKeyTests(_FileMixin, SynchronousTestCase):
             message,
         )
         self.assertNotIn("s3cret", message)
-        self.write("s3cret\n", name="pw")
+        self.write_secret("s3cret\n", name="pw")
         message = self.load_error("[mta]\nsmtp_pass_file = pw\n")
         self.assertIn(
             "[mta] smtp_user = '', smtp_pass_file = 'pw': a password is set (by "
@@ -735,14 +741,14 @@ class PasswordTests(_FileMixin, SynchronousTestCase):
 
     def test_file_beats_key(self) -> None:
         """smtp_pass_file wins over smtp_pass; only its first line counts, CRLF stripped."""
-        self.write("from file \r\nsecond line\n", name="pw")
+        self.write_secret("from file \r\nsecond line\n", name="pw")
         mta = self.load(self.CONFIG + "smtp_pass = key\nsmtp_pass_file = pw\n").mta
         self.assertEqual(mta.smtp_pass, "from file ")
         self.assertEqual(mta.smtp_pass_file, os.path.join(self.directory, "pw"))
 
     def test_environment_beats_file(self) -> None:
         """MAILRELAY_SMTP_PASS wins over both keys."""
-        self.write("from file\n", name="pw")
+        self.write_secret("from file\n", name="pw")
         mta = self.load(
             self.CONFIG + "smtp_pass = key\nsmtp_pass_file = pw\n",
             environ={PASSWORD_ENVIRONMENT_VARIABLE: "from env"},
@@ -755,7 +761,7 @@ class PasswordTests(_FileMixin, SynchronousTestCase):
         self.assertEqual(
             self.load(self.CONFIG + "smtp_pass = key\n", environ=environ).mta.smtp_pass, "key"
         )
-        self.write("from file\n", name="pw")
+        self.write_secret("from file\n", name="pw")
         mta = self.load(self.CONFIG + "smtp_pass_file = pw\n", environ=environ).mta
         self.assertEqual(mta.smtp_pass, "from file")
 
@@ -764,9 +770,27 @@ class PasswordTests(_FileMixin, SynchronousTestCase):
         mta = self.load(self.CONFIG, environ={PASSWORD_ENVIRONMENT_VARIABLE: "env"}).mta
         self.assertEqual(mta.smtp_pass, "env")
 
+    def test_password_file_others_may_read(self) -> None:
+        """A password file the group or others may access is refused, naming the
+        file and the fix; mode 0600 (or 0400) is accepted."""
+        path = self.write_secret("s3cret\n", name="pw")
+        for mode in (0o644, 0o640, 0o604, 0o620):
+            with self.subTest(mode=oct(mode)):
+                os.chmod(path, mode)
+                message = self.load_error(self.CONFIG + "smtp_pass_file = pw\n")
+                self.assertIn(
+                    f"[mta] smtp_pass_file = 'pw': password file {path} is accessible to "
+                    f"other users (mode {mode:04o})",
+                    message,
+                )
+                self.assertIn(f"run chmod 600 {path}", message)
+                self.assertNotIn("s3cret", message)
+        os.chmod(path, 0o400)
+        self.assertEqual(self.load(self.CONFIG + "smtp_pass_file = pw\n").mta.smtp_pass, "s3cret")
+
     def test_empty_password_file(self) -> None:
         """A password file with an empty first line is an error naming the key."""
-        self.write("\nsecond\n", name="pw")
+        self.write_secret("\nsecond\n", name="pw")
         message = self.load_error(self.CONFIG + "smtp_pass_file = pw\n")
         self.assertIn("[mta] smtp_pass_file = 'pw': password file's first line is empty", message)
 

@@ -195,7 +195,8 @@ SCHEMA: tuple[Key, ...] = (
         "mta",
         "smtp_pass_file",
         "",
-        "File whose first line is the SMTP AUTH password.",
+        "File whose first line is the SMTP AUTH password; refused unless only its "
+        "owner may access it (chmod 600).",
         _readable_file,
     ),
     Key(
@@ -246,7 +247,8 @@ SCHEMA: tuple[Key, ...] = (
         "smtp_credentials_file",
         "",
         "authinfo-style file of per-host credentials "
-        "(machine HOST port PORT login USER password PASS).",
+        "(machine HOST port PORT login USER password PASS); refused unless only its "
+        "owner may access it (chmod 600).",
         _readable_file,
     ),
     Key(
