@@ -27,6 +27,19 @@ class SpoolError(MailrelayError):
         self.disk_full = disk_full
 
 
+class StateDirectoryInUse(MailrelayError):
+    """Another process (a running daemon) holds the lock on the state directory."""
+
+    def __init__(self, directory: str, pid: int | None):
+        holder = f"pid {pid}" if pid is not None else "a process whose pid is not recorded"
+        super().__init__(
+            f"{directory} is in use by another mailrelay daemon ({holder}): stop it, "
+            f"or give this one another [paths] var_dir"
+        )
+        self.directory = directory
+        self.pid = pid
+
+
 class InvalidAddress(MailrelayError, ValueError):
     """An address is not a valid RFC 5321 mailbox."""
 

@@ -8,25 +8,35 @@ the interfaces in :mod:`mailrelay.interfaces`).
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from twisted.application import service, strports
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from mailrelay._files import DirectoryLock
 from mailrelay.config import Settings
+from mailrelay.config.endpoints import with_backlog
 
 _log = Logger()
 
 
 class _StoreService(service.Service):
-    """Closes the registry and spool when the application stops (after the runner)."""
+    """Closes the registry and spool when the application stops (after the runner),
+    then releases the lock on the state directory, if it holds one."""
 
     name = "mailrelay-stores"
 
-    def __init__(self, registry, spool, sender):
+    def __init__(self, registry, spool, sender, lock: DirectoryLock | None = None):
         self._registry, self._spool, self._sender = registry, spool, sender
+        self._lock = lock
+
+    def startService(self):  # noqa: N802
+        super().startService()
+        if self._lock is not None:
+            # twistd forks into the background after makeService: the pid
+            # recorded then was the parent's.
+            self._lock.write_pid()
 
     def stopService(self):  # noqa: N802
         super().stopService()
@@ -35,8 +45,12 @@ class _StoreService(service.Service):
             try:
                 await self._sender.quit()
             finally:
-                await self._spool.close()
-                self._registry.close()
+                try:
+                    await self._spool.close()
+                    self._registry.close()
+                finally:
+                    if self._lock is not None:
+                        self._lock.release()
 
         return defer.Deferred.fromCoroutine(close())
 
@@ -103,6 +117,12 @@ def connection_arguments(settings: Settings) -> dict[str, Any]:
     }
 
 
+def lmtp_listen_endpoint(settings: Settings) -> str:
+    """The endpoint description the LMTP listener uses: ``lmtp_endpoint`` with
+    ``backlog=lmtp_listen_backlog`` added unless it gives its own."""
+    return with_backlog(settings.mta.lmtp_endpoint, settings.mta.lmtp_listen_backlog)
+
+
 def make_sender(settings: Settings, reactor: Any):
     """The outbound connection pool configured from ``[mta]`` and ``[devmode]``."""
     from mailrelay.mta.connection import Connection
@@ -129,8 +149,11 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
     """Build the relay: LMTP listener, durable spool, delivery runner, SMTP pool.
 
     Opens the stores at once (so a bad path is reported before anything
-    listens) and closes them when the service stops.  ``registry``, ``spool``
-    and ``sender`` replace the SQLite registry, SQLite spool and SMTP pool.
+    listens) and closes them when the service stops.  Using the SQLite
+    stores, it holds a lock on ``[paths] var_dir`` while it runs: a second
+    relay on the same directory raises :class:`~mailrelay.errors.StateDirectoryInUse`.
+    ``registry``, ``spool`` and ``sender`` replace the SQLite registry, SQLite
+    spool and SMTP pool.
     """
     if reactor is None:
         from twisted.internet import reactor
@@ -141,16 +164,26 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
     from mailrelay.spool import SQLiteSpool
 
     mta = settings.mta
+    lock = None
     if registry is None or spool is None:
-        os.makedirs(settings.paths.var_dir, mode=0o750, exist_ok=True)
-    registry = registry if registry is not None else SQLiteRegistry(settings.paths.registry_path)
-    spool = spool if spool is not None else SQLiteSpool(settings.paths.spool_path, reactor)
-    sender = sender if sender is not None else make_sender(settings, reactor)
+        # One daemon per state directory (raises StateDirectoryInUse); the
+        # command line never takes this lock.
+        lock = DirectoryLock(settings.paths.var_dir)
+    try:
+        if registry is None:
+            registry = SQLiteRegistry(settings.paths.registry_path)
+        if spool is None:
+            spool = SQLiteSpool(settings.paths.spool_path, reactor)
+        sender = sender if sender is not None else make_sender(settings, reactor)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
 
     top = _OrderedStop()
     # Children stop in reverse order, each after the previous one has finished:
     # listener first, then the runner, stores last.
-    _StoreService(registry, spool, sender).setServiceParent(top)
+    _StoreService(registry, spool, sender, lock).setServiceParent(top)
     runner = DeliveryRunner(
         spool,
         registry,
@@ -175,10 +208,11 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
         max_message_size=mta.max_message_size,
         max_line_length=mta.lmtp_max_line_length,
         idle_timeout=mta.lmtp_idle_timeout,
+        store_timeout=mta.lmtp_store_timeout,
         max_sessions=mta.lmtp_max_sessions,
         clock=reactor,
     )
-    listener = strports.service(mta.lmtp_endpoint, factory, reactor=reactor)
+    listener = strports.service(lmtp_listen_endpoint(settings), factory, reactor=reactor)
     listener.setName("mailrelay-lmtp")
     listener.setServiceParent(top)
     _log.info(

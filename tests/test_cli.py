@@ -174,6 +174,7 @@ class CheckConfigTests(CLITestCase):
         password_file = os.path.join(self.directory, "password")
         with open(password_file, "w") as f:
             f.write("from-the-file\n")
+        os.chmod(password_file, 0o600)
         base = "[mta]\nsmtp_user = relay\nsmtp_secure_mode = starttls\n"
         cases = [
             (self.write_config(base + "smtp_pass = in-the-ini\n", "a.ini"), {}),

@@ -34,6 +34,7 @@ from mailrelay.config.schema import SCHEMA
 from mailrelay.errors import ConfigurationError
 from mailrelay.mta.client import RelayClient
 from mailrelay.mta.errors import AuthenticationFailed
+from mailrelay.service import lmtp_listen_endpoint
 
 EXAMPLE = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mailrelay.ini.example"
@@ -53,6 +54,12 @@ class _FileMixin:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w", encoding="utf-8") as f:
             f.write(textwrap.dedent(text))
+        return path
+
+    def write_secret(self, text: str, name: str) -> str:
+        """Write a file of secrets, mode 0600 as mailrelay requires."""
+        path = self.write(text, name)
+        os.chmod(path, 0o600)
         return path
 
     def load(self, text: str, environ: dict[str, str] | None = None) -> Settings:
@@ -215,8 +222,10 @@ EXPECTED_MTA_DEFAULTS = {
     "lmtp_host": "127.0.0.1",
     "lmtp_port": 8024,
     "lmtp_endpoint": "tcp:8024:interface=127.0.0.1",
+    "lmtp_listen_backlog": 1024,
     "lmtp_max_sessions": 100,
     "lmtp_idle_timeout": 300.0,
+    "lmtp_store_timeout": 60.0,
     "lmtp_max_line_length": 16384,
     "max_message_size": 32 * 2**20,
     "lmtp_hostname": "",
@@ -443,9 +452,11 @@ class ErrorMessageTests(_FileMixin, SynchronousTestCase):
         ("mta", "lmtp_port", "0", "not a port number"),
         ("mta", "lmtp_port", "65536", "not a port number"),
         ("mta", "lmtp_endpoint", "tcp:abc", "not a port number"),
+        ("mta", "lmtp_listen_backlog", "0", "out of range (1-65535)"),
         ("mta", "lmtp_max_sessions", "0", "at least 1"),
         ("mta", "lmtp_idle_timeout", "0", "greater than zero"),
         ("mta", "lmtp_idle_timeout", "soon", "not a duration"),
+        ("mta", "lmtp_store_timeout", "0", "greater than zero"),
         ("mta", "lmtp_max_line_length", "999", "at least 1000"),
         ("mta", "max_message_size", "0", "greater than zero"),
         ("mta", "max_message_size", "lots", "not a size"),
@@ -674,7 +685,7 @@ class CrossKeyTests(_FileMixin, SynchronousTestCase):
             message,
         )
         self.assertNotIn("s3cret", message)
-        self.write("s3cret\n", name="pw")
+        self.write_secret("s3cret\n", name="pw")
         message = self.load_error("[mta]\nsmtp_pass_file = pw\n")
         self.assertIn(
             "[mta] smtp_user = '', smtp_pass_file = 'pw': a password is set (by "
@@ -730,14 +741,14 @@ class PasswordTests(_FileMixin, SynchronousTestCase):
 
     def test_file_beats_key(self) -> None:
         """smtp_pass_file wins over smtp_pass; only its first line counts, CRLF stripped."""
-        self.write("from file \r\nsecond line\n", name="pw")
+        self.write_secret("from file \r\nsecond line\n", name="pw")
         mta = self.load(self.CONFIG + "smtp_pass = key\nsmtp_pass_file = pw\n").mta
         self.assertEqual(mta.smtp_pass, "from file ")
         self.assertEqual(mta.smtp_pass_file, os.path.join(self.directory, "pw"))
 
     def test_environment_beats_file(self) -> None:
         """MAILRELAY_SMTP_PASS wins over both keys."""
-        self.write("from file\n", name="pw")
+        self.write_secret("from file\n", name="pw")
         mta = self.load(
             self.CONFIG + "smtp_pass = key\nsmtp_pass_file = pw\n",
             environ={PASSWORD_ENVIRONMENT_VARIABLE: "from env"},
@@ -750,7 +761,7 @@ class PasswordTests(_FileMixin, SynchronousTestCase):
         self.assertEqual(
             self.load(self.CONFIG + "smtp_pass = key\n", environ=environ).mta.smtp_pass, "key"
         )
-        self.write("from file\n", name="pw")
+        self.write_secret("from file\n", name="pw")
         mta = self.load(self.CONFIG + "smtp_pass_file = pw\n", environ=environ).mta
         self.assertEqual(mta.smtp_pass, "from file")
 
@@ -759,9 +770,27 @@ class PasswordTests(_FileMixin, SynchronousTestCase):
         mta = self.load(self.CONFIG, environ={PASSWORD_ENVIRONMENT_VARIABLE: "env"}).mta
         self.assertEqual(mta.smtp_pass, "env")
 
+    def test_password_file_others_may_read(self) -> None:
+        """A password file the group or others may access is refused, naming the
+        file and the fix; mode 0600 (or 0400) is accepted."""
+        path = self.write_secret("s3cret\n", name="pw")
+        for mode in (0o644, 0o640, 0o604, 0o620):
+            with self.subTest(mode=oct(mode)):
+                os.chmod(path, mode)
+                message = self.load_error(self.CONFIG + "smtp_pass_file = pw\n")
+                self.assertIn(
+                    f"[mta] smtp_pass_file = 'pw': password file {path} is accessible to "
+                    f"other users (mode {mode:04o})",
+                    message,
+                )
+                self.assertIn(f"run chmod 600 {path}", message)
+                self.assertNotIn("s3cret", message)
+        os.chmod(path, 0o400)
+        self.assertEqual(self.load(self.CONFIG + "smtp_pass_file = pw\n").mta.smtp_pass, "s3cret")
+
     def test_empty_password_file(self) -> None:
         """A password file with an empty first line is an error naming the key."""
-        self.write("\nsecond\n", name="pw")
+        self.write_secret("\nsecond\n", name="pw")
         message = self.load_error(self.CONFIG + "smtp_pass_file = pw\n")
         self.assertIn("[mta] smtp_pass_file = 'pw': password file's first line is empty", message)
 
@@ -809,10 +838,66 @@ class EndpointTests(_FileMixin, SynchronousTestCase):
         port, _, _, interface = self.listen(mta.lmtp_endpoint).tcpServers[0]
         self.assertEqual((port, interface), (8024, "::1"))
 
-    def test_endpoint_wins(self) -> None:
-        """A given endpoint replaces host and port."""
-        mta = self.mta(lmtp_host="192.0.2.7", lmtp_endpoint="tcp:9024:interface=0.0.0.0")
+    def test_endpoint_with_host_or_port_is_refused(self) -> None:
+        """lmtp_endpoint set together with lmtp_host or lmtp_port is an error naming
+        the file, the section and both keys (neither silently wins)."""
+        for name, value in [("lmtp_host", "192.0.2.7"), ("lmtp_port", "9025")]:
+            with self.subTest(name=name):
+                message = self.load_error(
+                    f"[mta]\n{name} = {value}\nlmtp_endpoint = tcp:9024:interface=0.0.0.0\n"
+                )
+                self.assertIn(os.path.join(self.directory, "mailrelay.ini"), message)
+                self.assertIn(
+                    f"[mta] {name} = '{value}', lmtp_endpoint = 'tcp:9024:interface=0.0.0.0'",
+                    message,
+                )
+                self.assertIn(f"set either lmtp_endpoint or {name}, not both", message)
+
+    def test_endpoint_alone(self) -> None:
+        """A given endpoint is used as it is."""
+        mta = self.mta(lmtp_endpoint="tcp:9024:interface=0.0.0.0")
         self.assertEqual(mta.lmtp_endpoint, "tcp:9024:interface=0.0.0.0")
+
+    def test_listen_backlog_default(self) -> None:
+        """The LMTP listener's endpoint gets backlog=1024 (Twisted's default is 50),
+        for TCP and unix sockets alike, and Twisted listens with it."""
+        for given, expected in [
+            ({}, "tcp:8024:interface=127.0.0.1:backlog=1024"),
+            ({"lmtp_endpoint": "unix:/run/lmtp"}, "unix:/run/lmtp:mode=660:backlog=1024"),
+        ]:
+            with self.subTest(given=given):
+                description = lmtp_listen_endpoint(self.load_mta(given))
+                self.assertEqual(description, expected)
+        reactor = self.listen("tcp:8024:interface=127.0.0.1:backlog=1024")
+        self.assertEqual(reactor.tcpServers[0][2], 1024)
+        reactor = self.listen("unix:/run/lmtp:mode=660:backlog=1024")
+        self.assertEqual(reactor.unixServers[0][2], 1024)
+
+    def test_listen_backlog_configured(self) -> None:
+        """lmtp_listen_backlog sets the backlog; an endpoint's own backlog= is kept;
+        systemd: sockets (already listening) are left alone."""
+        for given, expected in [
+            ({"lmtp_listen_backlog": "4096"}, "tcp:8024:interface=127.0.0.1:backlog=4096"),
+            ({"lmtp_endpoint": "tcp:24:backlog=10"}, "tcp:24:backlog=10"),
+            ({"lmtp_endpoint": "systemd:domain=UNIX:index=0"}, "systemd:domain=UNIX:index=0"),
+        ]:
+            with self.subTest(given=given):
+                self.assertEqual(lmtp_listen_endpoint(self.load_mta(given)), expected)
+
+    def test_listen_backlog_twice_is_refused(self) -> None:
+        """A backlog in both lmtp_listen_backlog and lmtp_endpoint is an error naming both."""
+        message = self.load_error(
+            "[mta]\nlmtp_listen_backlog = 5\nlmtp_endpoint = tcp:24:backlog=10\n"
+        )
+        self.assertIn(
+            "[mta] lmtp_listen_backlog = '5', lmtp_endpoint = 'tcp:24:backlog=10': "
+            "lmtp_endpoint gives backlog= too",
+            message,
+        )
+
+    def load_mta(self, keys: dict[str, str]) -> Settings:
+        body = "".join(f"{k} = {v}\n" for k, v in keys.items())
+        return self.load("[mta]\n" + body)
 
     def test_unix_gets_mode_660(self) -> None:
         """A unix: endpoint without mode= is created 0660, not Twisted's 0666."""
@@ -885,6 +970,8 @@ class EndpointTests(_FileMixin, SynchronousTestCase):
         ("ssl:465", "ssl: endpoint needs privateKey="),
         ("unix:", "unix: endpoint needs a socket path"),
         ("unix:/s:mode=rw", "mode= must be octal"),
+        ("unix:/s:mode=666", "must not make the socket world-writable"),
+        ("unix:/s:mode=0772", "must not make the socket world-writable"),
         ("unix:/s:lockfile=yes", "lockfile= must be 0 or 1"),
         ("systemd:domain=INET", "exactly one of index= and name="),
         ("systemd:domain=INET:index=0:name=x", "exactly one of index= and name="),

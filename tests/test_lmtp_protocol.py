@@ -714,6 +714,67 @@ class LimitTests(ServerTestMixin, SynchronousTestCase):
             server.dataReceived(b"x")
         self.assertFalse(transport.disconnecting)
 
+    def start_held_delivery(self, **options):
+        """A session whose message (two recipients) is being stored by a holding handler."""
+        server, transport = self.make_server(FakeHandler(hold=True), **options)
+        server.dataReceived(
+            b"LHLO x\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<a@example.com>\r\n"
+            b"RCPT TO:<b@example.com>\r\nDATA\r\nSubject: s\r\n\r\nbody\r\n.\r\n"
+        )
+        transport.clear()
+        return server, transport
+
+    def test_idle_timer_stops_while_storing(self):
+        """While a message waits for the store, the idle timer does not run: a store
+        slower than idle_timeout (but within store_timeout) is answered, not cut off;
+        the idle timer runs again once the replies are out."""
+        server, transport = self.start_held_delivery(idle_timeout=30, store_timeout=100)
+        self.clock.advance(90)
+        self.assertFalse(transport.disconnecting)
+        self.handler.pending[0].callback(self.handler.accepted(self.handler.transactions[0]))
+        self.assertEqual(
+            self.replies(transport),
+            [b"250 2.0.0 <a@example.com> delivered", b"250 2.0.0 <b@example.com> delivered"],
+        )
+        self.clock.advance(30)
+        self.assertEqual(
+            self.replies(transport),
+            [b"421 4.4.2 lists.example.com Idle timeout, closing connection"],
+        )
+
+    def test_store_timeout(self):
+        """A store slower than store_timeout gets 451 4.3.0 for each recipient and the
+        session goes on (pipelined input is then served); the late result is dropped."""
+        server, transport = self.start_held_delivery(idle_timeout=300, store_timeout=60)
+        server.dataReceived(b"NOOP\r\n")
+        self.clock.advance(59)
+        self.assertEqual(transport.value(), b"")
+        self.clock.advance(1)
+        timed_out = b"451 4.3.0 Requested action aborted: storing the message timed out"
+        self.assertEqual(self.replies(transport), [timed_out, timed_out, b"250 2.0.0 Ok"])
+        self.assertFalse(transport.disconnecting)
+        self.handler.pending[0].callback(self.handler.accepted(self.handler.transactions[0]))
+        self.assertEqual(transport.value(), b"")
+        # The idle timer runs again; no store timer is left behind.
+        self.assertEqual([call.getTime() for call in self.clock.getDelayedCalls()], [360.0])
+        self.handler.hold = False
+        server.dataReceived(
+            b"MAIL FROM:<a@example.org>\r\nRCPT TO:<a@example.com>\r\nDATA\r\nx\r\n.\r\n"
+        )
+        self.assertEqual(
+            self.replies(transport),
+            [SENDER_OK, RCPT_OK, GO_AHEAD, b"250 2.0.0 <a@example.com> delivered"],
+        )
+
+    def test_store_timer_stops_with_connection(self):
+        """A connection lost while its message is stored leaves no timer behind,
+        and the store's late result is ignored."""
+        server, transport = self.start_held_delivery(idle_timeout=30, store_timeout=60)
+        server.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.handler.pending[0].callback(self.handler.accepted(self.handler.transactions[0]))
+        self.assertEqual(transport.value(), b"")
+
     def test_timer_stops_with_connection(self):
         """Closing the connection cancels the idle timer."""
         server, transport = self.make_server(idle_timeout=30)
@@ -752,6 +813,7 @@ class FactoryTests(SynchronousTestCase):
             dict(max_line_length=500),
             dict(idle_timeout=-1),
             dict(max_sessions=True),
+            dict(store_timeout=0),
         ]:
             with self.assertRaises(ValueError, msg=str(bad)):
                 LMTPFactory(handler, **{**good, **bad})

@@ -128,6 +128,21 @@ class CredentialsFileTests(SynchronousTestCase):
             e = self.assertRaises(ConfigurationError, CredentialsFile.load, path)
             self.assertIn(f"{path}, line 2", str(e))
 
+    def test_others_may_read(self):
+        """A credentials file the group or others may access is refused with an
+        error naming the file and the fix (chmod 600), as ssh refuses such keys."""
+        path = self.write("machine a login u password s3cret\n")
+        for mode in (0o644, 0o640, 0o606):
+            with self.subTest(mode=oct(mode)):
+                os.chmod(path, mode)
+                e = self.assertRaises(ConfigurationError, CredentialsFile.load, path)
+                self.assertEqual(
+                    str(e),
+                    f"credentials file {path} is accessible to other users (mode {mode:04o}); "
+                    f"it holds a password: run chmod 600 {path} (owned by the user mailrelay "
+                    f"runs as)",
+                )
+
     def test_unreadable(self):
         """A missing file is an error naming it."""
         e = self.assertRaises(ConfigurationError, CredentialsFile.load, "/nonexistent/authinfo")

@@ -12,15 +12,19 @@ import tempfile
 
 from twisted.application.service import IServiceMaker
 from twisted.internet import defer, endpoints, reactor, task
+from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailrelay import cli, tap
 from mailrelay.config import Settings
+from mailrelay.errors import StateDirectoryInUse
 from mailrelay.mta.connection import Connection, SecureMode
 from mailrelay.mta.tls import client_tls_options
-from mailrelay.service import connection_arguments, tls_arguments
+from mailrelay.service import connection_arguments, makeService, tls_arguments
+from mailrelay.spool import SQLiteSpool
+from mailrelay.spool.memory import MemorySpool
 from mailrelay.testing import FakeMTA
 from mailrelay.testing.lmtp import LMTPClient, connect_lmtp
 from tests.support import as_deferred, free_port
@@ -151,11 +155,79 @@ class ConnectionArgumentsTests(SynchronousTestCase):
         self.assertLessEqual(set(arguments), set(inspect.signature(client_tls_options).parameters))
 
 
+class ListenerTests(SynchronousTestCase):
+    """makeService's LMTP listener, on a MemoryReactor."""
+
+    def make(self, **mta) -> MemoryReactorClock:
+        memory = MemoryReactorClock()
+        settings = Settings.from_mapping(
+            {"paths": {"var_dir": tempfile.mkdtemp()}, "mta": mta}, environ={}
+        )
+        relay = makeService(settings, memory, spool=MemorySpool(memory))
+        relay.startService()
+        self.addCleanup(relay.stopService)
+        return memory
+
+    def test_listen_backlog(self):
+        """The LMTP listener is created with backlog 1024 by default (Twisted's is
+        50, which drops connections in a burst), or lmtp_listen_backlog."""
+        port, factory, backlog, interface = self.make().tcpServers[0]
+        self.assertEqual((port, backlog, interface), (8024, 1024, "127.0.0.1"))
+        self.assertEqual(factory.max_sessions, 100)
+        socket = os.path.join(tempfile.mkdtemp(), "lmtp.sock")
+        memory = self.make(lmtp_endpoint=f"unix:{socket}", lmtp_listen_backlog=2048)
+        address, _, backlog, mode, _ = memory.unixServers[0]
+        self.assertEqual((address, backlog, mode), (socket, 2048, 0o660))
+
+
+class StateDirectoryLockTests(SynchronousTestCase):
+    """One relay per [paths] var_dir; the command line is not locked out."""
+
+    def settings(self, var_dir: str) -> Settings:
+        return Settings.from_mapping({"paths": {"var_dir": var_dir}}, environ={})
+
+    def start(self, settings: Settings):
+        memory = MemoryReactorClock()
+        relay = makeService(settings, memory, spool=MemorySpool(memory))
+        relay.startService()
+        return relay
+
+    def test_second_relay_refused(self):
+        """A second relay on the same var_dir refuses to start, naming the directory,
+        the holder's pid and the fix; once the first stops, a new one starts."""
+        var_dir = tempfile.mkdtemp()
+        first = self.start(self.settings(var_dir))
+        with open(os.path.join(var_dir, "mailrelay.lock")) as f:
+            self.assertEqual(f.read(), f"{os.getpid()}\n")
+        error = self.assertRaises(StateDirectoryInUse, self.start, self.settings(var_dir))
+        self.assertEqual(error.pid, os.getpid())
+        self.assertEqual(
+            str(error),
+            f"{var_dir} is in use by another mailrelay daemon (pid {os.getpid()}): "
+            f"stop it, or give this one another [paths] var_dir",
+        )
+        self.successResultOf(first.stopService())
+        self.successResultOf(self.start(self.settings(var_dir)).stopService())
+
+    def test_cli_works_while_relay_runs(self):
+        """The command line reads and changes the stores of a running relay."""
+        var_dir = tempfile.mkdtemp()
+        config = os.path.join(var_dir, "mailrelay.ini")
+        with open(config, "w") as f:
+            f.write(f"[paths]\nvar_dir = {var_dir}\n")
+        relay = self.start(self.settings(var_dir))
+        self.addCleanup(relay.stopService)
+        for argv in (["lists", "create", "test@example.com"], ["queue"]):
+            with self.subTest(argv=argv):
+                out, err = io.StringIO(), io.StringIO()
+                self.assertEqual(cli.main(["-C", config, *argv], stdout=out, stderr=err), 0)
+
+
 class RelayCase(TestCase):
     """The whole relay on the test's reactor, LMTP on a unix socket; subclasses pick the smarthost."""
 
-    async def start_relay(self, smtp_port: int, *, sender=None, **mta):
-        self.tmp = tempfile.mkdtemp()
+    async def start_relay(self, smtp_port: int, *, sender=None, spool=None, **mta):
+        self.tmp = getattr(self, "tmp", None) or tempfile.mkdtemp()
         self.socket = os.path.join(self.tmp, "lmtp.sock")
         self.config = os.path.join(self.tmp, "mailrelay.ini")
         values = {
@@ -170,10 +242,9 @@ class RelayCase(TestCase):
                 + "".join(f"{k} = {v}\n" for k, v in values.items())
             )
         from mailrelay.config import load_settings
-        from mailrelay.service import makeService
 
         self.settings: Settings = load_settings(self.config)
-        self.service = makeService(self.settings, reactor, sender=sender)
+        self.service = makeService(self.settings, reactor, sender=sender, spool=spool)
         self.service.startService()
         self.addCleanup(self.service.stopService)
 
@@ -241,6 +312,33 @@ class LoopTests(RelayCase):
             self.assertEqual(
                 msg.get_all("X-MailFrom"), ["anne@example.com", "test-bounces@example.com"]
             )
+
+        return as_deferred(go())
+
+    def test_disk_full(self):
+        """With the spool out of space, every recipient of a new message gets 452 4.3.1
+        (never 250, never 5xx); the relay stays up and a message that fits is then
+        accepted and delivered."""
+
+        async def go():
+            self.tmp = tempfile.mkdtemp()
+            spool = SQLiteSpool(os.path.join(self.tmp, "small.sqlite3"), reactor, max_bytes=2**18)
+            await self.start_relay(spool=spool)
+            for address in ("test@example.com", "other@example.com"):
+                self.assertEqual(self.admin("lists", "create", address), 0)
+                self.assertEqual(self.admin("members", "add", address, "bart@example.com"), 0)
+            client = await self.lmtp()
+            big = POST + (b"x" * 76 + b"\r\n") * (2**20 // 78)
+            recipients = ["test@example.com", "other@example.com"]
+            replies = await client.sendmail("anne@example.com", recipients, big)
+            self.assertEqual(
+                [(r.code, r.text) for r in replies],
+                [(452, "4.3.1 Requested action not taken: insufficient system storage")] * 2,
+            )
+            replies = await client.sendmail("anne@example.com", recipients, POST)
+            self.assertEqual([r.code for r in replies], [250, 250])
+            await self.delivered(2)
+            self.assertEqual(len(self.smarthost.messages), 2)
 
         return as_deferred(go())
 

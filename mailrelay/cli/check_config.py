@@ -18,6 +18,9 @@ from mailrelay.config import describe_defaults
 
 # Keys of Settings never printed; the values are replaced by a note.
 _SECRET_KEYS = frozenset({"smtp_pass"})
+# Keys the effective lmtp_endpoint replaces: printed as comments, since a file
+# that sets them together with lmtp_endpoint is refused.
+_REPLACED_BY_ENDPOINT = frozenset({"lmtp_host", "lmtp_port"})
 
 
 def _format_setting(value: Any) -> str:
@@ -51,6 +54,8 @@ def _check_config(ctx: Context) -> int:
             value = getattr(section, key.name)
             if key.name in _SECRET_KEYS:
                 ctx.out(f"# {key.name} is set (not shown)" if value else f"{key.name} =")
+            elif key.name in _REPLACED_BY_ENDPOINT:
+                ctx.out(f"# {key.name} = {_format_setting(value)} (lmtp_endpoint says where)")
             else:
                 ctx.out(f"{key.name} = {_format_setting(value)}".rstrip())
     ctx.err(f"configuration OK ({settings.source or 'built-in defaults'})")

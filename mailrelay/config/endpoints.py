@@ -16,7 +16,13 @@ from twisted.internet.endpoints import quoteStringArgument
 
 from mailrelay.config.values import check_readable, parse_port, resolve_path
 
-__all__ = ["ENDPOINT_TYPES", "derived_endpoint", "parse_endpoint"]
+__all__ = [
+    "ENDPOINT_TYPES",
+    "derived_endpoint",
+    "endpoint_backlog",
+    "parse_endpoint",
+    "with_backlog",
+]
 
 ENDPOINT_TYPES: tuple[str, ...] = ("tcp", "tcp6", "unix", "ssl", "systemd")
 
@@ -42,6 +48,9 @@ _ENDPOINT_KEYWORDS = {
     },
     "systemd": {"domain", "index", "name"},
 }
+# The types whose listening socket mailrelay creates (systemd: hands over one
+# that is already listening, with the backlog of its .socket unit).
+_LISTENING_TYPES = ("tcp", "tcp6", "unix", "ssl")
 _ENDPOINT_POSITIONAL = {"tcp": ["port"], "tcp6": ["port"], "ssl": ["port"], "unix": ["address"]}
 _ENDPOINT_FILES = {
     "unix": ("address",),
@@ -105,7 +114,8 @@ def _join_endpoint(kind: str, args: Iterable[str], keywords: Mapping[str, str]) 
 def parse_endpoint(text: str, base_dir: str) -> str:
     """Check a server endpoint description, resolve its file names, add ``mode=660`` to unix.
 
-    Raises ``ValueError`` naming the first problem; ``ssl:`` key files must be readable.
+    Raises ``ValueError`` naming the first problem; ``ssl:`` key files must be
+    readable, and a unix socket must not be world-writable.
     """
     text = text.strip()
     args, keywords = _split_endpoint(text)
@@ -135,6 +145,12 @@ def parse_endpoint(text: str, base_dir: str) -> str:
         keywords.setdefault("mode", _UNIX_SOCKET_MODE)
         if not re.fullmatch(r"[0-7]{1,4}", keywords["mode"]):
             raise ValueError("unix: mode= must be octal, e.g. 660")
+        if int(keywords["mode"], 8) & 0o002:
+            # Connecting to a unix socket needs write permission on it.
+            raise ValueError(
+                "unix: mode= must not make the socket world-writable (any local user "
+                "could inject mail); use 660 and a group shared with the MTA"
+            )
         if keywords.get("lockfile", "0") not in ("0", "1"):
             raise ValueError("unix: lockfile= must be 0 or 1")
     if kind == "systemd":
@@ -159,3 +175,23 @@ def derived_endpoint(host: str, port: int) -> str:
     """The ``tcp:``/``tcp6:`` description that listens on ``host`` (an IP address) at ``port``."""
     kind = "tcp6" if ":" in host else "tcp"
     return _join_endpoint(kind, [str(port)], {"interface": host})
+
+
+def endpoint_backlog(description: str) -> str | None:
+    """The ``backlog=`` text of a checked description, or ``None`` when it has none."""
+    return _split_endpoint(description)[1].get("backlog")
+
+
+def with_backlog(description: str, backlog: int) -> str:
+    """A checked description that listens with ``backlog`` unless it names its own.
+
+    Twisted listens with a backlog of 50; a burst of connections beyond it is
+    dropped by the kernel after the client already counted them as open.
+    ``systemd:`` descriptions are returned unchanged: the socket is already
+    listening.
+    """
+    args, keywords = _split_endpoint(description)
+    kind = args.pop(0)
+    if kind not in _LISTENING_TYPES or "backlog" in keywords:
+        return description
+    return _join_endpoint(kind, args, {**keywords, "backlog": str(backlog)})

@@ -103,11 +103,22 @@ SCHEMA: tuple[Key, ...] = (
         "mta",
         "lmtp_endpoint",
         "",
-        "Twisted server endpoint for LMTP (tcp:, tcp6:, unix:, ssl:, systemd:); when "
-        "set it wins over lmtp_host and lmtp_port.  Empty means "
-        "tcp:<lmtp_port>:interface=<lmtp_host>.  A unix: socket without mode= is "
-        "created with mode=660; a relative socket path is relative to this file.",
+        "Twisted server endpoint for LMTP (tcp:, tcp6:, unix:, ssl:, systemd:), instead "
+        "of lmtp_host and lmtp_port: setting it together with either is an error.  Empty "
+        "means tcp:<lmtp_port>:interface=<lmtp_host>.  A unix: socket without mode= is "
+        "created with mode=660 (a world-writable mode is refused); a relative socket "
+        "path is relative to this file.",
         _endpoint,
+    ),
+    Key(
+        "mta",
+        "lmtp_listen_backlog",
+        "1024",
+        "Connections the kernel queues for the LMTP listener before mailrelay accepts "
+        "them (listen(2) backlog; Linux caps it at net.core.somaxconn).  Used unless "
+        "lmtp_endpoint gives backlog=, which must then not be set here as well.  "
+        "Twisted's default of 50 drops connections in a burst.",
+        _plain(lambda text: parse_int(text, 1, 65535)),
     ),
     Key(
         "mta",
@@ -120,7 +131,18 @@ SCHEMA: tuple[Key, ...] = (
         "mta",
         "lmtp_idle_timeout",
         "5m",
-        "An LMTP client silent for this long is disconnected.",
+        "An LMTP client silent for this long is disconnected (the timer stops while "
+        "a message is being stored).",
+        _plain(_duration),
+    ),
+    Key(
+        "mta",
+        "lmtp_store_timeout",
+        "60s",
+        "A message not on stable storage this long after its final dot is answered "
+        "451 4.3.0 for each recipient, and the client sends it again later.  If the "
+        "store finishes after all, that message is delivered twice (at-least-once).  "
+        "Keep it below the client's timeout (Postfix: lmtp_data_done_timeout, 600s).",
         _plain(_duration),
     ),
     Key(
@@ -173,7 +195,8 @@ SCHEMA: tuple[Key, ...] = (
         "mta",
         "smtp_pass_file",
         "",
-        "File whose first line is the SMTP AUTH password.",
+        "File whose first line is the SMTP AUTH password; refused unless only its "
+        "owner may access it (chmod 600).",
         _readable_file,
     ),
     Key(
@@ -224,7 +247,8 @@ SCHEMA: tuple[Key, ...] = (
         "smtp_credentials_file",
         "",
         "authinfo-style file of per-host credentials "
-        "(machine HOST port PORT login USER password PASS).",
+        "(machine HOST port PORT login USER password PASS); refused unless only its "
+        "owner may access it (chmod 600).",
         _readable_file,
     ),
     Key(

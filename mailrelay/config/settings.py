@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mailrelay.addresses import is_loopback_host
-from mailrelay.config.endpoints import derived_endpoint
+from mailrelay.config.endpoints import derived_endpoint, endpoint_backlog
 from mailrelay.config.schema import KEYS, PASSWORD_ENVIRONMENT_VARIABLE, SCHEMA
 from mailrelay.config.values import read_password_file
 from mailrelay.errors import ConfigurationError
@@ -79,8 +79,10 @@ class MTASettings:
     lmtp_host: str
     lmtp_port: int
     lmtp_endpoint: str
+    lmtp_listen_backlog: int
     lmtp_max_sessions: int
     lmtp_idle_timeout: float
+    lmtp_store_timeout: float
     lmtp_max_line_length: int
     max_message_size: int
     lmtp_hostname: str
@@ -171,11 +173,15 @@ class Settings:
 
 
 class _Context:
-    """What an error message needs: the file label and the raw text of every key."""
+    """What an error message needs: the file label and the raw text of every key
+    (``given`` holds only the keys the file or mapping set)."""
 
-    def __init__(self, label: str, raw: dict[str, dict[str, str]]):
+    def __init__(
+        self, label: str, raw: dict[str, dict[str, str]], given: dict[str, dict[str, str]]
+    ):
         self.label = label
         self.raw = raw
+        self.given = given
 
     def error(self, section: str, keys: Iterable[str], reason: str) -> ConfigurationError:
         shown = []
@@ -273,7 +279,7 @@ def _build(
         section: {name: given.get(section, {}).get(name, key.default) for name, key in keys.items()}
         for section, keys in KEYS.items()
     }
-    context = _Context(label, raw)
+    context = _Context(label, raw, given)
     values: dict[str, dict[str, Any]] = {section: {} for section in KEYS}
     for key in SCHEMA:
         text = raw[key.section][key.name]
@@ -301,8 +307,25 @@ def _build(
 
 def _check_mta(context: _Context, mta: dict[str, Any], environ: Mapping[str, str]) -> None:
     """Cross-key rules of ``[mta]``; fills in the effective endpoint and password."""
+    given = context.given.get("mta", {})
     if not mta["lmtp_endpoint"]:
         mta["lmtp_endpoint"] = derived_endpoint(mta["lmtp_host"], mta["lmtp_port"])
+    else:
+        # Which address wins would be a guess: an operator who set both meant one.
+        for name in ("lmtp_host", "lmtp_port"):
+            if name in given:
+                raise context.error(
+                    "mta",
+                    [name, "lmtp_endpoint"],
+                    f"lmtp_endpoint replaces lmtp_host and lmtp_port: set either "
+                    f"lmtp_endpoint or {name}, not both",
+                )
+        if "lmtp_listen_backlog" in given and endpoint_backlog(mta["lmtp_endpoint"]) is not None:
+            raise context.error(
+                "mta",
+                ["lmtp_listen_backlog", "lmtp_endpoint"],
+                "lmtp_endpoint gives backlog= too: set the backlog in one place",
+            )
 
     if bool(mta["smtp_client_cert"]) != bool(mta["smtp_client_key"]):
         raise context.error(

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 
 from mailrelay._checks import check_positive
+from mailrelay._files import secret_file_problem
 from mailrelay.addresses import check_mailbox, is_host_name, is_ip_address
 from mailrelay.errors import InvalidAddress
 
@@ -203,14 +204,18 @@ def check_readable(path: str) -> None:
 
 
 def read_password_file(path: str) -> str:
-    """The first line of ``path`` without its line ending; it must not be empty."""
+    """The first line of ``path`` without its line ending; it must not be empty,
+    and the group and others must have no access to the file."""
     try:
         with open(path, encoding="utf-8") as f:
+            problem = secret_file_problem(path, os.fstat(f.fileno()).st_mode)
             line = f.readline()
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(
             f"cannot read password file: {getattr(e, 'strerror', None) or e}"
         ) from None
+    if problem is not None:
+        raise ValueError(f"password file {problem}")
     password = line.rstrip("\r\n")
     if not password:
         raise ValueError("password file's first line is empty")

@@ -13,6 +13,10 @@ Twisted has no LMTP and its SMTP server needs several corrections, made here:
   not fed line by line to one message object per recipient;
 * input that arrives while a delivery is being stored waits for its replies,
   so pipelined commands (even QUIT right after the final ".") stay in order;
+* the idle timer stops while a delivery is being stored (the silence is
+  ours, not the client's), and a store that takes longer than the store
+  timeout is answered 451 4.3.0 per recipient instead of keeping the client
+  waiting until it gives up and drops the connection;
 * every reply carries an RFC 3463 enhanced status code.
 
 Policy (which recipients exist, what happens to the message) lives behind
@@ -64,6 +68,7 @@ _TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 _NON_ASCII = Reply(553, "5.6.7", "Non-ASCII addresses need SMTPUTF8, which is not offered")
 _TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 _INTERNAL_ERROR = Reply(451, "4.3.0", "Requested action aborted: error in processing")
+_STORE_TIMEOUT = Reply(451, "4.3.0", "Requested action aborted: storing the message timed out")
 
 # RFC 5321 4.5.3.1: a text line holds at most 998 octets besides CRLF.
 MIN_LINE_LENGTH = 998
@@ -137,11 +142,23 @@ class LMTPServer(smtp.ESMTP):
         }
     )
 
-    def __init__(self, handler, *, max_message_size: int, max_line_length: int = 16384):
+    def __init__(
+        self,
+        handler,
+        *,
+        max_message_size: int,
+        max_line_length: int = 16384,
+        store_timeout: float = 60,
+    ):
         super().__init__()
         self._handler = handler
         self._max_message_size = max_message_size
         self._max_line_length = max_line_length
+        self._store_timeout = store_timeout
+        # While a delivery is being stored: the store timer, and the idle
+        # timeout to restore when the replies are out.
+        self._store_timer = None
+        self._idle_timeout: float | None = None
         self._peer = ""
         self._lhlo: str | None = None
         self._sender: str | None = None
@@ -172,6 +189,8 @@ class LMTPServer(smtp.ESMTP):
 
     def connectionLost(self, reason=protocol.connectionDone):
         self._lost = True
+        if self._store_timer is not None and self._store_timer.active():
+            self._store_timer.cancel()
         if self.factory is not None:
             self.factory._release(self)
         self._reset_data()
@@ -313,13 +332,58 @@ class LMTPServer(smtp.ESMTP):
             lhlo=self._lhlo or "",
         )
         self._hold_input()
+        # The idle timer measures the client's silence; while the message is
+        # being stored the client waits for us (the store timer covers that).
+        self._idle_timeout = self.setTimeout(None)
         d = defer.maybeDeferred(self._handler.deliver, transaction)
         d.addCallback(self._check_replies, len(recipients))
         d.addErrback(self._delivery_failed, transaction)
-        d.addCallback(self._send_replies)
-        d.addBoth(self._release_input)
+        answer = self._within_store_timeout(d, transaction)
+        answer.addCallback(self._send_replies)
+        answer.addBoth(self._release_input)
 
     # -- waiting for the handler -------------------------------------------------
+
+    def _within_store_timeout(self, stored: defer.Deferred, transaction: Transaction):
+        """A Deferred firing with ``stored``'s replies, or with 451 4.3.0 for
+        every recipient if they take longer than the store timeout.
+
+        The store is not cancelled: a write the spool has begun may still
+        commit.  Then the message is delivered although the client was told
+        451 and will send it again: a duplicate, never a loss (at-least-once).
+        """
+        answer: defer.Deferred = defer.Deferred()
+
+        def timed_out() -> None:
+            self._log.warn(
+                "Storing message from {sender} for {count} recipient(s) took over "
+                "{timeout}s: answered {code} {status}",
+                sender=transaction.sender,
+                count=len(transaction.recipients),
+                timeout=self._store_timeout,
+                code=_STORE_TIMEOUT.code,
+                status=_STORE_TIMEOUT.status,
+            )
+            answer.callback([_STORE_TIMEOUT] * len(transaction.recipients))
+
+        # Local as well: by the time a late store finishes, the session's
+        # attribute may hold the next transaction's timer.
+        self._store_timer = timer = self.callLater(self._store_timeout, timed_out)
+
+        def finished(replies: list[Reply]) -> None:
+            if timer.active():
+                timer.cancel()
+                answer.callback(replies)
+            elif answer.called and any(reply.code == 250 for reply in replies):
+                self._log.warn(
+                    "Message from {sender} was stored after its store timeout: the "
+                    "client was told 451 and will likely send it again (a duplicate)",
+                    sender=transaction.sender,
+                    count=len(transaction.recipients),
+                )
+
+        stored.addCallback(finished)
+        return answer
 
     def _hold_input(self) -> None:
         # Input that arrives meanwhile (a pipelined next transaction) waits in
@@ -343,8 +407,10 @@ class LMTPServer(smtp.ESMTP):
     def _release_input(self, ignored: object) -> None:
         held, self._held = b"".join(self._held or ()), None
         paused, self._input_paused = self._input_paused, False
+        self._store_timer = None
         if self._lost or self.transport.disconnecting:
             return
+        self.setTimeout(self._idle_timeout)
         if paused:
             self.transport.resumeProducing()
         if held:
@@ -556,7 +622,8 @@ class LMTPFactory(protocol.ServerFactory):
     ``max_message_size`` is in octets, ``max_line_length`` in octets without
     CRLF, ``idle_timeout`` in seconds (on ``clock``, the global reactor if
     ``None``).  Beyond ``max_sessions`` open sessions, a connection is answered
-    421 and closed.
+    421 4.3.2 and closed at once.  A message the handler has not stored within
+    ``store_timeout`` seconds is answered 451 4.3.0 for each recipient.
     """
 
     protocol = LMTPServer
@@ -571,6 +638,7 @@ class LMTPFactory(protocol.ServerFactory):
         max_line_length: int = 16384,
         idle_timeout: float = 300,
         max_sessions: int = 100,
+        store_timeout: float = 60,
         clock=None,
     ):
         if not IInboundHandler.providedBy(handler):
@@ -591,12 +659,14 @@ class LMTPFactory(protocol.ServerFactory):
             )
         _check_positive("idle_timeout", idle_timeout, (int, float))
         _check_positive("max_sessions", max_sessions, int)
+        _check_positive("store_timeout", store_timeout, (int, float))
         self.handler = handler
         self.hostname = hostname
         self.max_message_size = max_message_size
         self.max_line_length = max_line_length
         self.idle_timeout = idle_timeout
         self.max_sessions = max_sessions
+        self.store_timeout = store_timeout
         self.clock = clock
         self._sessions: set[LMTPServer] = set()
 
@@ -610,6 +680,7 @@ class LMTPFactory(protocol.ServerFactory):
             self.handler,
             max_message_size=self.max_message_size,
             max_line_length=self.max_line_length,
+            store_timeout=self.store_timeout,
         )
         p.factory = self
         p.host = self.hostname

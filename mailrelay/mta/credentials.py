@@ -16,14 +16,10 @@ from __future__ import annotations
 
 import os
 import shlex
-import stat
 from dataclasses import dataclass, field
 
-from twisted.logger import Logger
-
+from mailrelay._files import secret_file_problem
 from mailrelay.errors import ConfigurationError
-
-_log = Logger()
 
 # Service names smtpmail and auth-source accept in place of a number.
 _SERVICES = {"smtp": 25, "submission": 587, "smtps": 465, "submissions": 465, "ssmtp": 465}
@@ -68,7 +64,8 @@ class CredentialsFile:
 
     @classmethod
     def load(cls, path: str) -> CredentialsFile:
-        """Parse ``path``; raises ConfigurationError naming the file and line."""
+        """Parse ``path``; raises ConfigurationError naming the file and line,
+        or the file and the fix if the group or others may access it."""
         try:
             with open(path, encoding="utf-8") as f:
                 mode = os.fstat(f.fileno()).st_mode
@@ -77,10 +74,9 @@ class CredentialsFile:
             raise ConfigurationError(
                 f"{path}: cannot read credentials file: {e.strerror}"
             ) from None
-        if mode & (stat.S_IRWXG | stat.S_IRWXO) & ~stat.S_IRGRP:
-            _log.warn(
-                "credentials file {path} is accessible to other users; chmod 600 it", path=path
-            )
+        problem = secret_file_problem(path, mode)
+        if problem is not None:
+            raise ConfigurationError(f"credentials file {problem}")
         return cls(list(_parse(text, path)), path)
 
     def lookup(self, host: str, port: int) -> Credentials | None:
