@@ -33,6 +33,7 @@ from mailrelay.addresses import check_mailbox
 from mailrelay.errors import InvalidAddress
 from mailrelay.interfaces import IInboundHandler
 from mailrelay.lmtp import AcceptedRecipient, RecipientRejected, Reply, Transaction
+from mailrelay.observer import NO_OBSERVER
 
 _OK = Reply(250, "2.0.0", "Ok")
 _SENDER_OK = Reply(250, "2.1.0", "Sender ok")
@@ -552,7 +553,8 @@ class LMTPFactory(protocol.ServerFactory):
     ``max_message_size`` is in octets, ``max_line_length`` in octets without
     CRLF, ``idle_timeout`` in seconds (on ``clock``, the global reactor if
     ``None``).  Beyond ``max_sessions`` open sessions, a connection is answered
-    421 and closed.
+    421 and closed.  ``observer`` (an :class:`~mailrelay.interfaces.IRelayObserver`)
+    is told of each admitted session and of its end.
     """
 
     protocol = LMTPServer
@@ -568,6 +570,7 @@ class LMTPFactory(protocol.ServerFactory):
         idle_timeout: float = 300,
         max_sessions: int = 100,
         clock=None,
+        observer=None,
     ):
         if not IInboundHandler.providedBy(handler):
             raise TypeError(f"handler must provide IInboundHandler, not {handler!r}")
@@ -594,6 +597,8 @@ class LMTPFactory(protocol.ServerFactory):
         self.idle_timeout = idle_timeout
         self.max_sessions = max_sessions
         self.clock = clock
+        # An IRelayObserver, told of each admitted session and its end.
+        self.observer = observer if observer is not None else NO_OBSERVER
         self._sessions: set[LMTPServer] = set()
 
     @property
@@ -620,10 +625,13 @@ class LMTPFactory(protocol.ServerFactory):
         if len(self._sessions) >= self.max_sessions:
             return False
         self._sessions.add(session)
+        self.observer.lmtp_session_opened()
         return True
 
     def _release(self, session: LMTPServer) -> None:
-        self._sessions.discard(session)
+        if session in self._sessions:
+            self._sessions.remove(session)
+            self.observer.lmtp_session_closed()
 
 
 def _check_positive(name: str, value: object, types) -> None:
