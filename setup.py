@@ -20,6 +20,7 @@ setup(
         "service-identity>=24",
         "zope.interface>=6",
         "attrs>=23",
+        "prometheus_client>=0.17",
     ],
     extras_require={
         # mailrelay.testing's TLS helpers need trustme; embedders install [testing].

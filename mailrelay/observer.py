@@ -13,7 +13,7 @@ from zope.interface import implementer
 
 from mailrelay.interfaces import IRelayObserver
 
-__all__ = ["NO_OBSERVER", "NullObserver"]
+__all__ = ["NO_OBSERVER", "NullObserver", "ObserverFanout"]
 
 
 @implementer(IRelayObserver)
@@ -57,3 +57,23 @@ class NullObserver:
 
 
 NO_OBSERVER = NullObserver()
+
+
+@implementer(IRelayObserver)
+class ObserverFanout:
+    """Tells every one of ``observers`` (for metrics and an embedder's own)."""
+
+    def __init__(self, *observers: object):
+        self._observers = tuple(observers)
+
+    def __getattr__(self, name: str):
+        if name.startswith("_") or name not in IRelayObserver:
+            raise AttributeError(name)
+        methods = [getattr(observer, name) for observer in self._observers]
+
+        def tell_all(*args: object) -> None:
+            for method in methods:
+                method(*args)
+
+        setattr(self, name, tell_all)  # looked up once per name
+        return tell_all

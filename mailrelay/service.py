@@ -8,6 +8,7 @@ the interfaces in :mod:`mailrelay.interfaces`).
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -16,8 +17,14 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from mailrelay.config import Settings
+from mailrelay.errors import MailrelayError
+from mailrelay.observer import ObserverFanout
 
 _log = Logger()
+
+# The spool status key under which a running daemon publishes its pid,
+# version and start time (JSON) for ``mailrelay status``.
+DAEMON_STATUS_KEY = "daemon"
 
 
 class _StoreService(service.Service):
@@ -62,6 +69,60 @@ class _OrderedStop(service.MultiService):
         return defer.Deferred.fromCoroutine(stop_each())
 
 
+class _DaemonStatus(service.Service):
+    """Publishes the running daemon's pid, version and start time in the spool's
+    status table (under :data:`DAEMON_STATUS_KEY`) for ``mailrelay status``,
+    and removes them when it stops."""
+
+    name = "mailrelay-status"
+
+    def __init__(self, spool: Any, clock: Any):
+        self._spool, self._clock = spool, clock
+
+    def startService(self) -> None:  # noqa: N802
+        super().startService()
+        from mailrelay import __version__
+
+        text = json.dumps(
+            {"pid": os.getpid(), "version": __version__, "started_at": self._clock.seconds()}
+        )
+        self._publish(text)
+
+    def stopService(self):  # noqa: N802
+        super().stopService()
+        return self._publish(None)
+
+    def _publish(self, text: str | None) -> defer.Deferred[None]:
+        d = defer.maybeDeferred(self._spool.set_status, DAEMON_STATUS_KEY, text)
+        return d.addErrback(
+            lambda f: _log.warn(
+                "Could not publish the daemon's status: {error}", error=f.getErrorMessage()
+            )
+        )
+
+
+class _PostfixMaps(service.Service):
+    """Rewrites the ``[postfix]`` maps when the daemon starts (lists may have
+    changed while it was down); a failure is logged, and LMTP serves anyway."""
+
+    name = "mailrelay-postfix-maps"
+
+    def __init__(self, settings: Settings, registry: Any):
+        self._settings, self._registry = settings, registry
+
+    def startService(self) -> None:  # noqa: N802
+        super().startService()
+        from mailrelay.mapfiles import sync_settings_maps
+
+        try:
+            addresses = [mailing_list.posting_address for mailing_list in self._registry.lists()]
+            sync_settings_maps(self._settings, addresses)
+        except MailrelayError as e:
+            _log.error("Could not update the Postfix maps: {error}", error=str(e))
+        except ValueError as e:  # PostfixMapError: an endpoint Postfix cannot reach
+            _log.error("Could not build the Postfix maps: {error}", error=str(e))
+
+
 def tls_arguments(settings: Settings) -> dict[str, Any]:
     """``[mta]``'s TLS keys as the keyword arguments of
     :func:`~mailrelay.mta.tls.client_tls_options` (and of ``Connection``)."""
@@ -103,15 +164,16 @@ def connection_arguments(settings: Settings) -> dict[str, Any]:
     }
 
 
-def make_sender(settings: Settings, reactor: Any):
-    """The outbound connection pool configured from ``[mta]`` and ``[devmode]``."""
+def make_sender(settings: Settings, reactor: Any, observer: Any = None):
+    """The outbound connection pool configured from ``[mta]`` and ``[devmode]``;
+    ``observer`` (an ``IRelayObserver``) is told of each connection made or failed."""
     from mailrelay.mta.connection import Connection
     from mailrelay.mta.pool import ConnectionPool
 
     arguments = connection_arguments(settings)
 
     def connection() -> Connection:
-        return Connection(**arguments, reactor=reactor)
+        return Connection(**arguments, reactor=reactor, observer=observer)
 
     # The pool makes its first connection at once: a bad TLS or credentials
     # set-up fails here, before anything listens.
@@ -125,12 +187,22 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
     registry: Any = None,
     spool: Any = None,
     sender: Any = None,
+    observer: Any = None,
 ) -> service.MultiService:
-    """Build the relay: LMTP listener, durable spool, delivery runner, SMTP pool.
+    """Build the relay: LMTP listener, durable spool, delivery runner, SMTP pool,
+    and with ``[http] endpoint`` the HTTP site serving ``/metrics``.
 
     Opens the stores at once (so a bad path is reported before anything
     listens) and closes them when the service stops.  ``registry``, ``spool``
-    and ``sender`` replace the SQLite registry, SQLite spool and SMTP pool.
+    and ``sender`` replace the SQLite registry, SQLite spool and SMTP pool;
+    ``observer`` (an :class:`~mailrelay.interfaces.IRelayObserver`) is told
+    what the relay does, besides the metrics.  The returned service's
+    ``metrics`` is the :class:`~mailrelay.metrics.RelayMetrics` (or ``None``)
+    and its ``web_root`` the :class:`~mailrelay.web.WebRoot` of the HTTP site
+    (or ``None``), where other pages can be mounted at their own paths before
+    the service starts.  The daemon publishes its pid, version and start time
+    in the spool's status table under ``"daemon"`` while it runs, and
+    rewrites the ``[postfix]`` maps at start when they are set.
     """
     if reactor is None:
         from twisted.internet import reactor
@@ -145,12 +217,23 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
         os.makedirs(settings.paths.var_dir, mode=0o750, exist_ok=True)
     registry = registry if registry is not None else SQLiteRegistry(settings.paths.registry_path)
     spool = spool if spool is not None else SQLiteSpool(settings.paths.spool_path, reactor)
-    sender = sender if sender is not None else make_sender(settings, reactor)
+    metrics = None
+    if settings.http.endpoint:
+        from mailrelay.metrics import RelayMetrics
+
+        metrics = RelayMetrics(reactor)
+        observer = metrics if observer is None else ObserverFanout(metrics, observer)
+    sender = sender if sender is not None else make_sender(settings, reactor, observer)
 
     top = _OrderedStop()
+    top.metrics = metrics
+    top.web_root = None
     # Children stop in reverse order, each after the previous one has finished:
     # listener first, then the runner, stores last.
     _StoreService(registry, spool, sender).setServiceParent(top)
+    _DaemonStatus(spool, reactor).setServiceParent(top)
+    if settings.postfix.enabled:
+        _PostfixMaps(settings, registry).setServiceParent(top)
     runner = DeliveryRunner(
         spool,
         registry,
@@ -162,13 +245,16 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
         max_backoff=mta.retry_max_backoff,
         verp=mta.verp_delivery,
         keep_done=mta.keep_delivered,
+        observer=observer,
     )
     runner.setName("mailrelay-delivery")
     runner.setServiceParent(top)
     hostname = mta.effective_lmtp_hostname()
     # The runner stores what LMTP accepts: it routes each message in the
     # transaction that stores it and starts delivering without a claim.
-    handler = InboundHandler(registry, runner, hostname=hostname, clock=reactor, log_accepted=False)
+    handler = InboundHandler(
+        registry, runner, hostname=hostname, clock=reactor, log_accepted=False, observer=observer
+    )
     factory = LMTPFactory(
         handler,
         hostname=hostname.encode("idna"),
@@ -177,7 +263,21 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
         idle_timeout=mta.lmtp_idle_timeout,
         max_sessions=mta.lmtp_max_sessions,
         clock=reactor,
+        observer=observer,
     )
+    if metrics is not None:
+        from mailrelay.web import MetricsPage, WebRoot, make_site
+
+        metrics.watch(
+            spool=spool,
+            breaker_state=runner.breaker_state,
+            open_connections=lambda: getattr(sender, "open_connections", 0),
+        )
+        top.web_root = WebRoot()
+        top.web_root.mount("metrics", MetricsPage(metrics.registry))
+        web = strports.service(settings.http.endpoint, make_site(top.web_root), reactor=reactor)
+        web.setName("mailrelay-http")
+        web.setServiceParent(top)
     listener = strports.service(mta.lmtp_endpoint, factory, reactor=reactor)
     listener.setName("mailrelay-lmtp")
     listener.setServiceParent(top)
