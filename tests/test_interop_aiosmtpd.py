@@ -315,3 +315,103 @@ class TLSTests(AiosmtpdTestCase):
             self.assertEqual(self.handler.messages, [])
 
         return as_deferred(go())
+
+
+class RawRecorder:
+    """aiosmtpd handler remembering each message's envelope and exact octets."""
+
+    def __init__(self):
+        self.messages = []
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: N802
+        self.messages.append((list(envelope.rcpt_tos), envelope.original_content))
+        return "250 2.0.0 OK"
+
+
+class TransmittableTests(TestCase):
+    """A strict smarthost (aiosmtpd's default limits: 1,001 octets a line as
+    received, SIZE, and without 8BITMIME when it decodes data) gets every post
+    in a form it accepts, decoding to the post's content."""
+
+    def start(self, **options):
+        if Controller is None:
+            raise AssertionError("aiosmtpd missing: install the test extras")
+        self.handler = RawRecorder()
+        controller = Controller(self.handler, hostname="127.0.0.1", port=free_port(), **options)
+        controller.start()
+        self.addCleanup(controller.stop)
+        return controller.port
+
+    def connection(self, port):
+        conn = Connection("127.0.0.1", port, 0, reactor=reactor)
+        self.addCleanup(conn.quit)
+        return conn
+
+    def test_long_lines_long_headers_and_attachments(self):
+        """5,000-character text and HTML lines, an over-long header and a base64
+        attachment reach every member of a chunked fan-out and decode the same."""
+        from mailrelay.mta import BulkDelivery
+        from tests.test_mta_transmittable import MIXED, assert_same_content
+
+        post = MIXED.replace(
+            b"Subject: test\r\n", b"Subject: " + b"a long subject " * 100 + b"\r\n"
+        )
+        port = self.start()
+        members = ["m1@example.com", "m2@example.org", "m3@example.net"]
+        mlist = types.SimpleNamespace(bounces_address="list-bounces@example.com")
+
+        async def go():
+            bulk = BulkDelivery(self.connection(port), max_recipients=1)
+            refused = await bulk.deliver(mlist, post, {"recipients": members})
+            self.assertEqual(refused, {})
+            self.assertEqual(
+                sorted(r for rcpts, _ in self.handler.messages for r in rcpts), members
+            )
+            for _, content in self.handler.messages:
+                assert_same_content(self, post, content)
+
+        return as_deferred(go())
+
+    def test_eight_bit_without_8bitmime(self):
+        """To a server without 8BITMIME (which refuses 8-bit data outright), an
+        8-bit post with an 8-bit subject goes 7-bit and decodes the same."""
+        from tests.test_mta_transmittable import LONG_TEXT, assert_same_content, crlf
+
+        post = crlf(
+            "From: anne@example.com\nTo: list@example.com\nSubject: Grüße aus Köln\n"
+            "MIME-Version: 1.0\nContent-Type: text/plain; charset=utf-8\n"
+            f"Content-Transfer-Encoding: 8bit\n\nGrüße!\n.dotted\n{LONG_TEXT}\n"
+        )
+        port = self.start(decode_data=True, enable_SMTPUTF8=False)
+
+        async def go():
+            c = self.connection(port)
+            self.assertEqual(await c.sendmail("anne@example.com", ["bart@example.com"], post), {})
+            ((_, content),) = self.handler.messages
+            self.assertTrue(content.isascii())
+            assert_same_content(self, post, content)
+
+        return as_deferred(go())
+
+    def test_larger_than_size(self):
+        """A message over the advertised SIZE fails with MessageTooLarge before
+        MAIL; the same connection then sends a smaller one."""
+        from mailrelay.mta import MessageTooLarge
+
+        port = self.start(data_size_limit=2000)
+
+        async def go():
+            c = self.connection(port)
+            self.assertEqual(
+                await c.sendmail("anne@example.com", ["bart@example.com"], MESSAGE), {}
+            )
+            self.assertEqual(c.size_limit, 2000)
+            with self.assertRaises(MessageTooLarge) as cm:
+                await c.sendmail("anne@example.com", ["bart@example.com"], MESSAGE + "x" * 3000)
+            self.assertEqual(cm.exception.limit, 2000)
+            self.assertEqual(
+                await c.sendmail("anne@example.com", ["bart@example.com"], MESSAGE), {}
+            )
+            self.assertEqual(len(self.handler.messages), 2)
+
+        return as_deferred(go())

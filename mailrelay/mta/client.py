@@ -10,6 +10,10 @@ Twisted's client is unsafe or too limited for a relay:
 * transactions: MAIL FROM parameters (SIZE, BODY=8BITMIME, SMTPUTF8), PIPELINING
   (RFC 2920) when offered, per-recipient results, no RSET after a success, and a
   connection that waits idle for the next message instead of quitting;
+* transmittable data: a message is sent as the server's extensions allow
+  (:meth:`~mailrelay.mta.message.WireMessage.for_server`: no line over 998
+  octets, 7-bit without 8BITMIME), and one over the advertised SIZE is
+  refused before MAIL (:class:`~mailrelay.mta.errors.MessageTooLarge`);
 * errors: our own exceptions carrying code and response, never Twisted's, whose
   text includes the session log and so the base64 credentials.
 
@@ -25,7 +29,7 @@ from __future__ import annotations
 import base64
 import socket
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from OpenSSL import SSL
 from twisted.internet import defer, error
@@ -42,6 +46,7 @@ from mailrelay.mta.errors import (
     ConnectionTimeout,
     DataRefused,
     DeliveryError,
+    MessageTooLarge,
     SenderRefused,
     ServerClosing,
     TLSFailed,
@@ -332,13 +337,22 @@ class RelayClient(smtp.ESMTPClient):
     def supports(self, keyword: bytes) -> bool:
         return keyword.upper() in self.extensions
 
+    @property
+    def size_limit(self) -> int | None:
+        """The largest message the server accepts (its SIZE), or None if it set none."""
+        value = self.extensions.get(b"SIZE")
+        if value is None or not value.strip().isdigit():
+            return None
+        return int(value) or None  # RFC 1870: SIZE 0 means no fixed limit
+
     def transact(self, transaction: Transaction) -> defer.Deferred[TransactionResult]:
         """Send one message; fires with per-recipient replies.
 
         Fails with :class:`SenderRefused` or :class:`DataRefused` when the
         server refused the whole transaction, or another
         :class:`DeliveryError` when the connection failed; after a failure the
-        client is closing and must not be reused.
+        client is closing and must not be reused, except after
+        :class:`MessageTooLarge`, which is found before anything is sent.
         """
         if not self._is_ready or self._current is not None or self._quitting:
             return defer.fail(ConnectionFailed(NO_REPLY, b"Connection not ready for a transaction"))
@@ -365,6 +379,14 @@ class RelayClient(smtp.ESMTPClient):
         if not self._sendable:
             self._finish_result()
             return
+        # Rewritten only when needed, and then once per message and capability.
+        message = txn.message.for_server(eight_bit_mime=self.supports(b"8BITMIME"))
+        limit = self.size_limit
+        if limit is not None and message.size > limit:
+            self._refuse_locally(MessageTooLarge(message.size, limit))
+            return
+        if message is not txn.message:
+            txn = self._txn = replace(txn, message=message)
         params = []
         if self.supports(b"SIZE"):
             params.append(b"SIZE=%d" % txn.message.size)
@@ -504,6 +526,12 @@ class RelayClient(smtp.ESMTPClient):
         d, self._current = self._current, None
         self._go_idle()
         d.callback(TransactionResult(replies))
+
+    def _refuse_locally(self, exc: DeliveryError):
+        """Fail the transaction before anything was sent; the session stays usable."""
+        d, self._current = self._current, None
+        self._go_idle()
+        d.errback(exc)
 
     def _finish_error(self, exc: DeliveryError):
         d, self._current = self._current, None

@@ -30,7 +30,13 @@ from mailrelay.errors import ConfigurationError
 from mailrelay.interfaces import IMessageSender
 from mailrelay.mta.client import RelayClient, Transaction
 from mailrelay.mta.credentials import CredentialsFile
-from mailrelay.mta.errors import NO_REPLY, ConnectionFailed, DeliveryError, SmarthostUnreachable
+from mailrelay.mta.errors import (
+    NO_REPLY,
+    ConnectionFailed,
+    DeliveryError,
+    MessageTooLarge,
+    SmarthostUnreachable,
+)
 from mailrelay.mta.message import prepare_message
 from mailrelay.mta.tls import client_tls_options
 from mailrelay.observer import NO_OBSERVER
@@ -146,6 +152,7 @@ class Connection:
                 client_key=client_key,
             )
         self._client: RelayClient | None = None
+        self._size_limit: int | None = None
         self._session_count = 0
         self._queue: deque = deque()
         self._running = False
@@ -155,6 +162,12 @@ class Connection:
     def connected(self) -> bool:
         """Whether a usable connection to the smarthost is open now."""
         return self._client is not None and self._client.is_usable()
+
+    @property
+    def size_limit(self) -> int | None:
+        """The SIZE the smarthost advertised in the latest session, or None
+        (not connected yet, or no limit advertised)."""
+        return self._size_limit
 
     @property
     def authenticates(self) -> bool:
@@ -248,6 +261,8 @@ class Connection:
         client = await self._ensure_client()
         try:
             result = await client.transact(txn)
+        except MessageTooLarge:
+            raise  # refused before MAIL: the session is still good
         except DeliveryError:
             self._drop_client()
             raise
@@ -265,6 +280,7 @@ class Connection:
         self._drop_client()
         client = await self._connect()
         self._client = client
+        self._size_limit = client.size_limit
         self._session_count = 0
         return client
 

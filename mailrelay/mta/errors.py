@@ -80,3 +80,24 @@ class SenderRefused(DeliveryError):
 
 class DataRefused(DeliveryError):
     """DATA, or the message after it, was refused."""
+
+
+class MessageTooLarge(DeliveryError):
+    """The message is larger than the server's advertised SIZE (RFC 1870).
+
+    Found before MAIL FROM, so nothing was sent and the connection stays
+    usable.  The failure is permanent: the same message will not shrink.
+    ``size`` is the message's size as it would have been sent, ``limit`` the
+    server's.  The code is 554, not the 552 a server would answer, because a
+    552 is taken as temporary (see :attr:`DeliveryError.permanent`).
+    """
+
+    def __init__(self, size: int, limit: int):
+        super().__init__(
+            554, b"5.3.4 Message too big for the smarthost (%d octets, limit %d)" % (size, limit)
+        )
+        self.size = size
+        self.limit = limit
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size!r}, limit={self.limit!r})"

@@ -5,16 +5,24 @@ misses a leading "." on the first line and at chunk boundaries (truncating the
 message or letting its remainder run as commands) and turns CRLF into CR CR LF.
 We therefore encode the whole message once, here, and the client sends these
 bytes untouched.
+
+A message the smarthost would refuse as it is (a line over 998 octets, 8-bit
+data for a server without 8BITMIME) is rewritten by
+:mod:`mailrelay.mta.transmittable` when the client knows the server's
+extensions: :meth:`WireMessage.for_server` does it once per message and
+8BITMIME answer, however many transactions and connections send it.
 """
 
 from __future__ import annotations
 
 import copy
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.generator import BytesGenerator
 from email.message import Message
 from io import BytesIO
+
+from mailrelay.mta.transmittable import has_long_lines, make_transmittable
 
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 _LEADING_DOT = re.compile(rb"^\.", re.MULTILINE)
@@ -25,12 +33,35 @@ class WireMessage:
     """A message ready for DATA: CRLF line ends, dot-stuffed, ending in CRLF.
 
     ``data`` does not include the terminating ``.`` line.  ``size`` is the
-    message size before dot-stuffing (what SIZE= announces).
+    message size before dot-stuffing (what SIZE= announces).  ``long_lines``
+    says whether a line is longer than SMTP's 998 octets.
     """
 
     data: bytes
     size: int
     eight_bit: bool
+    long_lines: bool
+    # Rewritten copies by whether 8BITMIME is offered: see for_server.
+    _variants: dict[bool, WireMessage] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
+
+    def for_server(self, *, eight_bit_mime: bool) -> WireMessage:
+        """This message as a server offering these extensions accepts it.
+
+        That is the message itself unless it has over-long lines, or 8-bit
+        data and no 8BITMIME (one attribute test: the common case).  Otherwise
+        a copy rewritten by :func:`~mailrelay.mta.transmittable.make_transmittable`,
+        made on the first call and kept for the next ones.
+        """
+        if not self.long_lines and (eight_bit_mime or not self.eight_bit):
+            return self
+        variant = self._variants.get(eight_bit_mime)
+        if variant is None:
+            rewritten = make_transmittable(_unstuff(self.data), eight_bit_mime=eight_bit_mime)
+            variant = prepare_message(rewritten)
+            self._variants[eight_bit_mime] = variant
+        return variant
 
     @property
     def message_id(self) -> str:
@@ -84,4 +115,13 @@ def prepare_message(message: bytes | str | Message | WireMessage) -> WireMessage
     data = raw
     if raw.startswith(b".") or b"\n." in raw:
         data = _LEADING_DOT.sub(b"..", raw)
-    return WireMessage(data=data, size=len(raw), eight_bit=not raw.isascii())
+    return WireMessage(
+        data=data, size=len(raw), eight_bit=not raw.isascii(), long_lines=has_long_lines(raw)
+    )
+
+
+def _unstuff(data: bytes) -> bytes:
+    """The message before dot-stuffing: every line starting with "." got one more."""
+    if data.startswith(b".") or b"\n." in data:
+        return _LEADING_DOT.sub(b"", data)
+    return data

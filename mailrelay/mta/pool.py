@@ -49,6 +49,7 @@ class ConnectionPool:
         self._idle: list[Any] = list(self._connections)
         self._waiting: deque[tuple[tuple[Any, Any, Any], defer.Deferred[dict]]] = deque()
         self._busy = 0
+        self._size_limit: int | None = None
         self._drained: list[defer.Deferred[None]] = []
 
     def __repr__(self) -> str:
@@ -71,6 +72,12 @@ class ConnectionPool:
     def busy(self) -> int:
         """How many messages are being sent right now."""
         return self._busy
+
+    @property
+    def size_limit(self) -> int | None:
+        """The smarthost's SIZE as last seen by a connection after a message, or None
+        (none seen yet, none advertised, or connections that do not report one)."""
+        return self._size_limit
 
     @property
     def waiting(self) -> int:
@@ -129,6 +136,7 @@ class ConnectionPool:
 
     def _release(self, result: Any, connection: Any) -> Any:
         self._busy -= 1
+        self._size_limit = getattr(connection, "size_limit", None)
         if self._waiting:
             args, waiter = self._waiting.popleft()
             self._run(connection, args).chainDeferred(waiter)
