@@ -8,13 +8,12 @@ atomically so that Postfix and postmap never read half of it.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Any
 
 from mailrelay.cli.context import EXIT_OK, CommandError, Context
 from mailrelay.cli.output import plural
 from mailrelay.cli.parser import add_command
+from mailrelay.mapfiles import MapFileError, write_atomically
 from mailrelay.postfix import (
     check_nexthop,
     domains_map,
@@ -22,26 +21,6 @@ from mailrelay.postfix import (
     relay_domains,
     transport_map,
 )
-
-
-def _write_atomically(path: str, text: str) -> None:
-    """Replace ``path`` with ``text`` so that Postfix or postmap never read half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-                # mkstemp makes it 0600; Postfix's postmap and daemons must read it.
-                os.fchmod(f.fileno(), 0o644)
-            os.replace(temporary, path)
-        except BaseException:
-            os.unlink(temporary)
-            raise
-    except OSError as e:
-        raise CommandError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def _postfix_maps(ctx: Context) -> int:
@@ -57,7 +36,10 @@ def _postfix_maps(ctx: Context) -> int:
     if not addresses:
         ctx.err("warning: there are no lists yet: the map is empty")
     if args.output:
-        _write_atomically(args.output, text)
+        try:
+            write_atomically(args.output, text)
+        except MapFileError as e:
+            raise CommandError(str(e)) from None
         what = "relay domains" if args.domains else "transport map"
         ctx.err(
             f"wrote the {what} for {plural(len(addresses), 'list')} to {args.output}; "
