@@ -82,6 +82,10 @@ class DeliveryRunner(service.Service):
     LMTP policy in place of the spool, it routes each accepted message while
     storing it and starts delivering at once.  Posts to lists of more than
     ``inline_limit`` members are left for a batch to expand (0: every post is).
+
+    ``processor`` (a :class:`~mailrelay.listproc.processor.ListProcessor`)
+    takes mail to the sub-addresses it handles; at start the runner releases
+    such mail that an earlier release held.
     """
 
     name = "delivery"
@@ -107,6 +111,7 @@ class DeliveryRunner(service.Service):
         keep_done: float | None = 7 * 86400.0,
         poll_interval: float | None = 30.0,
         inline_limit: int = 1000,
+        processor: Any = None,
     ):
         if not callable(getattr(sender, "sendmail", None)):
             raise TypeError(f"sender must provide sendmail(), not {sender!r}")
@@ -172,7 +177,9 @@ class DeliveryRunner(service.Service):
             has_room=self._scheduler.has_room,
             start_batch=self._scheduler.start_batch,
             wake=self._scheduler.wake,
+            processor=processor,
         )
+        self._processor = processor
 
     # -- public API -----------------------------------------------------------
 
@@ -197,6 +204,17 @@ class DeliveryRunner(service.Service):
         """Return entries left in flight by a crash to the queue, then start delivering."""
         super().startService()
         self._scheduler.start()
+        if self._processor is not None:
+            # Mail that an earlier release HELD for what is now processed.
+            d = self._processor.release_held()
+            d.addCallbacks(
+                lambda count: self._scheduler.wake() if count else None,
+                lambda f: _log.warn(
+                    "Could not release held mail for list processing: {error}",
+                    error=f.getErrorMessage(),
+                ),
+            )
+            self._scheduler.track(d)
 
     def stopService(self) -> defer.Deferred[None]:  # noqa: N802
         """Stop claiming; fires when the transactions in flight are done and
