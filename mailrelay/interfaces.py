@@ -122,7 +122,7 @@ class IListProcessingStore(Interface):
         key is unknown or a value is of the wrong kind (then nothing changes)."""
 
     def add_pending(pending):
-        """Store a :class:`~mailrelay.model.PendingConfirmation`; ``RegistryError``
+        """Store a :class:`~mailrelay.listproc.tokens.Pending`; ``RegistryError``
         if its token is already in use or its list does not exist."""
 
     def consume_pending(list_address, token, now):

@@ -16,6 +16,7 @@ Keys stored by a newer release that this one does not know are ignored.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -91,12 +92,13 @@ def _enum(kind: type[enum.Enum]) -> Callable[[str], Any]:
 
 
 def _language(text: str) -> str:
-    text = text.strip().lower()
-    # A directory name under the template directories: nothing that can
-    # climb out of them.
-    if not text or not all(c.isalnum() or c in "_-" for c in text) or len(text) > 16:
-        raise ValueError("must be a language code such as en or pt_br")
-    return text
+    # A directory name under the template directories (mailrelay.listproc.
+    # templating's form): nothing that can climb out of them.
+    language, underscore, region = text.strip().partition("_")
+    code = language.lower() + (underscore + region.upper() if underscore else "")
+    if not re.fullmatch(r"[a-z]{2,3}(?:_[A-Z]{2})?", code):
+        raise ValueError("must be a language code such as en or pt_BR")
+    return code
 
 
 def _optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:

@@ -298,29 +298,3 @@ class Outgoing:
             raise TypeError(f"message must be bytes, not {type(self.message).__name__}")
         if not isinstance(self.list_address, str) or not self.list_address:
             raise TypeError(f"list_address must be a non-empty str, not {self.list_address!r}")
-
-
-class PendingAction(str, enum.Enum):
-    """What a pending confirmation does once confirmed.  Stored as text, so a
-    feature adds its own action here without a schema change."""
-
-    JOIN = "join"
-    LEAVE = "leave"
-
-
-@dataclass(frozen=True)
-class PendingConfirmation:
-    """A request waiting for its confirmation token (double opt-in and the like).
-
-    Bound to one list, one address and one action; ``expires_at`` and
-    ``created_at`` are POSIX time.  ``data`` is what the action needs beyond
-    the address (free text, "" for join and leave).
-    """
-
-    token: str
-    list_address: str
-    address: str
-    action: str
-    created_at: float
-    expires_at: float
-    data: str = ""

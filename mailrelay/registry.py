@@ -26,6 +26,7 @@ from mailrelay._files import create_private_file
 from mailrelay.addresses import check_list_address, check_mailbox, resolve_recipient
 from mailrelay.errors import InvalidAddress, RegistryError, RegistryUnavailable
 from mailrelay.interfaces import IListProcessingStore, IListRegistry
+from mailrelay.listproc.tokens import Pending, PendingAction
 from mailrelay.listsettings import (
     ListSettings,
     settings_from_text,
@@ -40,7 +41,6 @@ from mailrelay.model import (
     MailingList,
     Member,
     MemberRecord,
-    PendingConfirmation,
 )
 
 __all__ = ["MemoryRegistry", "SQLiteRegistry", "SCHEMA_VERSION"]
@@ -142,6 +142,7 @@ _UPDATE_MEMBER = (
     " disabled_reason = ?, bounce_score = ?, last_bounce_at = ?, last_warning_at = ?,"
     " warnings_sent = ? WHERE list_address = ? AND address = ?"
 )
+# In Pending's field order (the column is "data": what the action needs).
 _PENDING_COLUMNS = "token, list_address, address, action, created_at, expires_at, data"
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -279,27 +280,33 @@ def _check_member_changes(member: MemberRecord, changes: Any) -> MemberRecord:
     return replace(member, **checked)
 
 
-def _check_pending(pending: object) -> PendingConfirmation:
+def _check_pending(pending: object) -> Pending:
     """A validated, normalised copy of ``pending``, or ``RegistryError``."""
-    if not isinstance(pending, PendingConfirmation):
-        raise RegistryError(f"not a PendingConfirmation: {pending!r}")
+    if not isinstance(pending, Pending):
+        raise RegistryError(f"not a Pending: {pending!r}")
     token = pending.token
     if not isinstance(token, str) or not token or not token.isascii() or not token.isalnum():
         raise RegistryError(f"a confirmation token is letters and digits, not {token!r}")
     list_address = _lookup_key(pending.list_address)
     address = _check_address(f"address of a confirmation for {list_address}", pending.address)
-    action = str(getattr(pending.action, "value", pending.action))
-    if not action:
-        raise RegistryError("a pending confirmation needs an action")
-    if not isinstance(pending.data, str):
-        raise RegistryError(f"pending data must be a str, not {pending.data!r}")
+    try:
+        action = PendingAction(pending.action)
+    except ValueError:
+        raise RegistryError(f"not a pending action: {pending.action!r}") from None
+    if not isinstance(pending.reference, str):
+        raise RegistryError(f"pending reference must be a str, not {pending.reference!r}")
     created = _optional_time("created_at", pending.created_at)
     expires = _optional_time("expires_at", pending.expires_at)
     if created is None or expires is None:
         raise RegistryError("a pending confirmation needs created_at and expires_at")
-    return PendingConfirmation(
-        token.lower(), list_address, address, action, created, expires, pending.data
+    return Pending(
+        token.lower(), list_address, address, action, created, expires, pending.reference
     )
+
+
+def _pending_from_row(row: tuple[Any, ...]) -> Pending:
+    token, list_address, address, action, created, expires, reference = row
+    return Pending(token, list_address, address, PendingAction(action), created, expires, reference)
 
 
 def _check_token(token: object) -> str:
@@ -367,7 +374,7 @@ class MemoryRegistry(_BounceRecorder):
         self._settings: dict[str, ListSettings] = {}
         # The records of members whose list-processing flags were changed.
         self._records: dict[tuple[str, str], MemberRecord] = {}
-        self._pending: dict[str, PendingConfirmation] = {}
+        self._pending: dict[str, Pending] = {}
         # (list, address) -> (day, replies sent that day)
         self._autoreplies: dict[tuple[str, str], tuple[str, int]] = {}
 
@@ -490,16 +497,14 @@ class MemoryRegistry(_BounceRecorder):
         current[key] = record.member
         return record
 
-    def add_pending(self, pending: PendingConfirmation) -> None:
+    def add_pending(self, pending: Pending) -> None:
         pending = _check_pending(pending)
         self._require(pending.list_address)
         if pending.token in self._pending:
             raise RegistryError("that confirmation token is already in use")
         self._pending[pending.token] = pending
 
-    def consume_pending(
-        self, list_address: str, token: str, now: float
-    ) -> PendingConfirmation | None:
+    def consume_pending(self, list_address: str, token: str, now: float) -> Pending | None:
         list_address, token = _lookup_key(list_address), _check_token(token)
         pending = self._pending.get(token)
         if pending is None or pending.list_address != list_address:
@@ -507,13 +512,13 @@ class MemoryRegistry(_BounceRecorder):
         del self._pending[token]
         return pending if pending.expires_at > now else None
 
-    def get_pending(self, token: str) -> PendingConfirmation | None:
+    def get_pending(self, token: str) -> Pending | None:
         return self._pending.get(_check_token(token))
 
-    def discard_pending(self, token: str) -> PendingConfirmation | None:
+    def discard_pending(self, token: str) -> Pending | None:
         return self._pending.pop(_check_token(token), None)
 
-    def pending(self, list_address: str | None = None) -> tuple[PendingConfirmation, ...]:
+    def pending(self, list_address: str | None = None) -> tuple[Pending, ...]:
         if list_address is not None:
             list_address = _lookup_key(list_address)
             self._require(list_address)
@@ -887,7 +892,7 @@ class SQLiteRegistry(_BounceRecorder):
             self._db.execute(_UPDATE_MEMBER, (*_record_row(record), list_address, key))
         return record
 
-    def add_pending(self, pending: PendingConfirmation) -> None:
+    def add_pending(self, pending: Pending) -> None:
         pending = _check_pending(pending)
         with self._errors("storing a pending confirmation"), self._transaction(cached=False):
             self._require(pending.list_address)
@@ -898,24 +903,22 @@ class SQLiteRegistry(_BounceRecorder):
                         pending.token,
                         pending.list_address,
                         pending.address,
-                        pending.action,
+                        pending.action.value,
                         pending.created_at,
                         pending.expires_at,
-                        pending.data,
+                        pending.reference,
                     ),
                 )
             except sqlite3.IntegrityError:
                 raise RegistryError("that confirmation token is already in use") from None
 
-    def _pending_row(self, token: str) -> PendingConfirmation | None:
+    def _pending_row(self, token: str) -> Pending | None:
         row = self._db.execute(
             f"SELECT {_PENDING_COLUMNS} FROM pending WHERE token = ?", (token,)
         ).fetchone()
-        return None if row is None else PendingConfirmation(*row)
+        return None if row is None else _pending_from_row(row)
 
-    def consume_pending(
-        self, list_address: str, token: str, now: float
-    ) -> PendingConfirmation | None:
+    def consume_pending(self, list_address: str, token: str, now: float) -> Pending | None:
         list_address, token = _lookup_key(list_address), _check_token(token)
         # One write transaction: of two processes spending the same token,
         # exactly one gets it.
@@ -926,12 +929,12 @@ class SQLiteRegistry(_BounceRecorder):
             self._db.execute("DELETE FROM pending WHERE token = ?", (token,))
         return pending if pending.expires_at > now else None
 
-    def get_pending(self, token: str) -> PendingConfirmation | None:
+    def get_pending(self, token: str) -> Pending | None:
         token = _check_token(token)
         with self._errors("reading a pending confirmation"):
             return self._pending_row(token)
 
-    def discard_pending(self, token: str) -> PendingConfirmation | None:
+    def discard_pending(self, token: str) -> Pending | None:
         token = _check_token(token)
         with self._errors("discarding a pending confirmation"), self._transaction(cached=False):
             pending = self._pending_row(token)
@@ -939,7 +942,7 @@ class SQLiteRegistry(_BounceRecorder):
                 self._db.execute("DELETE FROM pending WHERE token = ?", (token,))
         return pending
 
-    def pending(self, list_address: str | None = None) -> tuple[PendingConfirmation, ...]:
+    def pending(self, list_address: str | None = None) -> tuple[Pending, ...]:
         query = f"SELECT {_PENDING_COLUMNS} FROM pending"
         params: tuple[str, ...] = ()
         if list_address is not None:
@@ -948,7 +951,7 @@ class SQLiteRegistry(_BounceRecorder):
             params = (list_address,)
         with self._reading("reading the pending confirmations", list_address):
             rows = self._db.execute(query + " ORDER BY created_at, token", params).fetchall()
-        return tuple(PendingConfirmation(*row) for row in rows)
+        return tuple(_pending_from_row(row) for row in rows)
 
     def purge_pending(self, now: float) -> int:
         with self._errors("purging expired confirmations"), self._transaction(cached=False):

@@ -13,6 +13,7 @@ from zope.interface.verify import verifyObject
 
 from mailrelay.errors import RegistryError, RegistryUnavailable
 from mailrelay.interfaces import IListProcessingStore, IListRegistry
+from mailrelay.listproc.tokens import Pending, PendingAction
 from mailrelay.listsettings import ListSettings, Posting
 from mailrelay.model import (
     Bounce,
@@ -21,8 +22,6 @@ from mailrelay.model import (
     MailingList,
     Member,
     MemberRecord,
-    PendingAction,
-    PendingConfirmation,
 )
 from mailrelay.registry import _MIGRATIONS, SCHEMA_VERSION, MemoryRegistry, SQLiteRegistry
 from tests.support import temp_dir
@@ -424,7 +423,7 @@ T0 = 1_700_000_000.0
 def _pending(token="a" * 32, list_address="test@example.com", address="anne@example.org", **kw):
     values = dict(action=PendingAction.JOIN, created_at=T0, expires_at=T0 + 3 * 86400)
     values.update(kw)
-    return PendingConfirmation(token, list_address, address, **values)
+    return Pending(token, list_address, address, **values)
 
 
 class ListProcessingContractMixin:
@@ -569,13 +568,13 @@ class ListProcessingContractMixin:
         self.registry.add_pending(_pending("b" * 32, created_at=T0 + 1))
         self.registry.add_pending(_pending("a" * 32, created_at=T0 + 2))
         self.registry.add_pending(
-            _pending("c" * 32, "other@example.com", action=PendingAction.LEAVE, data="x")
+            _pending("c" * 32, "other@example.com", action=PendingAction.LEAVE, reference="x")
         )
         self.assertEqual(
             [p.token for p in self.registry.pending("test@example.com")], ["b" * 32, "a" * 32]
         )
         (other,) = self.registry.pending("other@example.com")
-        self.assertEqual((other.action, other.data), ("leave", "x"))
+        self.assertEqual((other.action, other.reference), (PendingAction.LEAVE, "x"))
         self.assertEqual(self.registry.discard_pending("b" * 32).token, "b" * 32)
         self.assertIsNone(self.registry.discard_pending("b" * 32))
         for bad in (

@@ -32,6 +32,7 @@ from mailrelay.errors import ConfigurationError
 __all__ = [
     "CONFIG_ENVIRONMENT_VARIABLE",
     "DevModeSettings",
+    "ListsSettings",
     "MTASettings",
     "PathSettings",
     "Settings",
@@ -116,6 +117,16 @@ class MTASettings:
 
 
 @dataclass(frozen=True)
+class ListsSettings:
+    """``[lists]``: the site's defaults for list processing.  ``template_dir``
+    is absolute (``<var_dir>/templates`` unless set)."""
+
+    pending_request_life: float = 3 * 86400.0
+    max_autoresponses_per_day: int = 10
+    template_dir: str = ""
+
+
+@dataclass(frozen=True)
 class DevModeSettings:
     """``[devmode]``: when enabled, every delivery goes to ``recipient`` instead."""
 
@@ -131,6 +142,7 @@ class Settings:
     mta: MTASettings
     devmode: DevModeSettings
     source: str | None = None
+    lists: ListsSettings = field(default_factory=ListsSettings)
 
     @classmethod
     def from_defaults(cls) -> Settings:
@@ -291,11 +303,15 @@ def _build(
         raise context.error(
             "devmode", ["enabled", "recipient"], "development mode needs a recipient"
         )
+    lists = values["lists"]
+    if not lists["template_dir"]:
+        lists["template_dir"] = os.path.join(values["paths"]["var_dir"], "templates")
     return Settings(
         paths=PathSettings(**values["paths"]),
         mta=MTASettings(**mta),
         devmode=DevModeSettings(**devmode),
         source=source,
+        lists=ListsSettings(**lists),
     )
 
 
