@@ -534,3 +534,30 @@ class PendingCommandTests(ListProcessingCase):
         out, err = io.StringIO(), io.StringIO()
         self.assertEqual(cli.main(["-C", config, "pending"], stdout=out, stderr=err), 0)
         self.assertIn("no pending confirmations", out.getvalue())
+
+
+class TemplateTests(ListProcessingCase):
+    def test_operator_templates_per_site_and_list(self):
+        """Reply texts come from the operator's files first: the list's own directory under
+        [lists] template_dir, then the site's, then the shipped texts."""
+
+        async def go():
+            site = os.path.join(self.settings.lists.template_dir, "en")
+            own = os.path.join(self.settings.lists.template_dir, "lists", LIST, "en")
+            os.makedirs(site)
+            os.makedirs(own)
+            with open(os.path.join(site, "help.txt"), "w") as f:
+                f.write("Site help for $list_address.\n")
+            with open(os.path.join(own, "confirm-join.txt"), "w") as f:
+                f.write("Our own words: confirm $token for $address.\n")
+            await self.send("test-join@example.com", message())
+            request = self.received()[0]
+            self.assertEqual(
+                request.get_payload(decode=True).decode().strip(),
+                f"Our own words: confirm {self.token_of(request)} for {ANNE}.",
+            )
+            await self.send("other-request@example.com", message("help"))
+            body = self.received()[-1].get_payload(decode=True).decode()
+            self.assertIn("Site help for other@example.com.", body)
+
+        return as_deferred(go())
