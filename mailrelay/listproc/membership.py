@@ -323,33 +323,15 @@ class MembershipRequests:
     def _confirm_join(self, confirmation: Confirmation, registry: Any) -> ActionResult:
         pending = confirmation.pending
         already = registry.add_members(pending.list_address, [Member(pending.address)])
-        _log.info(
-            "{address} joined {list} (confirmed)",
-            address=pending.address,
-            list=pending.list_address,
-        )
-        welcome = replies.build_welcome(
-            confirmation.mail.mlist,
-            pending.address,
-            confirmation.templates,
-            in_reply_to=confirmation.mail.entry.message_id,
-            now=confirmation.mail.now,
-        )
-        return ActionResult((welcome,), "already a member" if already else "subscribed")
+        welcome = _to_address(confirmation, replies.build_welcome)
+        return _changed(pending, "joined", welcome, "already a member" if already else "subscribed")
 
     def _confirm_leave(self, confirmation: Confirmation, registry: Any) -> ActionResult:
         pending = confirmation.pending
         missing = registry.remove_members(pending.list_address, [pending.address])
-        _log.info("{address} left {list}", address=pending.address, list=pending.list_address)
-        goodbye = replies.build_goodbye(
-            confirmation.mail.mlist,
-            pending.address,
-            confirmation.templates,
-            in_reply_to=confirmation.mail.entry.message_id,
-            now=confirmation.mail.now,
-        )
         # The same goodbye for a non-member: confirming reveals nothing either.
-        return ActionResult((goodbye,), "was not a member" if missing else "unsubscribed")
+        goodbye = _to_address(confirmation, replies.build_goodbye)
+        return _changed(pending, "left", goodbye, "was not a member" if missing else "unsubscribed")
 
     # -- helpers -------------------------------------------------------------
 
@@ -400,6 +382,29 @@ class MembershipRequests:
         count = self._registry.purge_pending(now)
         if count:
             _log.info("Purged {count} expired confirmation requests", count=count)
+
+
+def _to_address(confirmation: Confirmation, build: Callable[..., Any]) -> replies.Outgoing:
+    """The text ``build`` makes for the confirmed address, answering the confirming mail."""
+    mail = confirmation.mail
+    return build(
+        mail.mlist,
+        confirmation.pending.address,
+        confirmation.templates,
+        in_reply_to=mail.entry.message_id,
+        now=mail.now,
+    )
+
+
+def _changed(pending: Pending, verb: str, reply: replies.Outgoing, note: str) -> ActionResult:
+    _log.info(
+        "{address} {verb} {list} ({note})",
+        address=pending.address,
+        verb=verb,
+        list=pending.list_address,
+        note=note,
+    )
+    return ActionResult((reply,), note)
 
 
 def _stored(
