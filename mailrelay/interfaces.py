@@ -87,6 +87,93 @@ class IListRegistry(Interface):
         """Release the store."""
 
 
+class IListProcessingStore(Interface):
+    """What list processing keeps beside the lists and members: per-list
+    settings, member flags, pending confirmations and the auto-reply counts.
+
+    Synchronous, like :class:`IListRegistry` (both registries implement both
+    interfaces), and seen by every process sharing the store: a confirmation
+    created by the daemon can be confirmed with ``mailrelay pending``.
+    Errors: :class:`~mailrelay.errors.RegistryError` for an unknown list, an
+    unknown member or a bad value; ``RegistryUnavailable`` when the store
+    cannot be read or written (temporary).
+    """
+
+    def list_settings(list_address):
+        """The list's :class:`~mailrelay.listsettings.ListSettings` (defaults
+        for anything never set)."""
+
+    def update_list_settings(list_address, changes):
+        """Set settings from ``{key: text}`` (the INI value syntax, checked by
+        :func:`mailrelay.listsettings.settings_from_text`); all or nothing.
+        Returns the new ``ListSettings``."""
+
+    def get_member(list_address, address):
+        """The :class:`~mailrelay.model.MemberRecord` of ``address``
+        (case-insensitive), or ``None`` if it is not subscribed."""
+
+    def member_records(list_address):
+        """Every member's :class:`~mailrelay.model.MemberRecord`, sorted by address."""
+
+    def update_member(list_address, address, changes):
+        """Change the fields named in ``changes`` (a mapping; keys from
+        :data:`mailrelay.model.MEMBER_FLAGS`) of one member, checked; returns
+        the new ``MemberRecord``.  ``RegistryError`` if it is not a member, a
+        key is unknown or a value is of the wrong kind (then nothing changes)."""
+
+    def add_pending(pending):
+        """Store a :class:`~mailrelay.listproc.tokens.Pending`; ``RegistryError``
+        if its token is already in use or its list does not exist."""
+
+    def consume_pending(list_address, token, now):
+        """Take the pending confirmation ``token`` of ``list_address``, once.
+
+        Atomically removes and returns it if it exists for that list and has
+        not expired at ``now``; otherwise returns ``None`` and changes nothing
+        (an expired one is removed).  A token of another list is left alone,
+        so it cannot be spent through the wrong list's address.
+        """
+
+    def get_pending(token):
+        """The pending confirmation ``token`` (any list, expired or not), or ``None``."""
+
+    def discard_pending(token):
+        """Remove the pending confirmation ``token``; returns it, or ``None``."""
+
+    def pending(list_address=None):
+        """Pending confirmations (of one list, or all), oldest first, expired ones included."""
+
+    def purge_pending(now):
+        """Remove the confirmations expired at ``now``; returns how many went."""
+
+    def claim_autoreply(list_address, address, day, limit):
+        """Count one automatic reply to ``address`` for ``list_address`` on
+        ``day`` (a ``YYYY-MM-DD`` key), if fewer than ``limit`` (0: no limit)
+        went there that day.  Returns whether the reply may be sent; counts
+        of earlier days are forgotten."""
+
+
+class IListMailHandler(Interface):
+    """Handles the mail to one list-processing sub-address (``-request``,
+    ``-bounces``, ...), for :class:`mailrelay.listproc.processor.ListProcessor`.
+
+    A handler reads the message, changes the registry, and says what to send
+    in reply; it never writes to the spool itself, so the processor can store
+    the replies and finish the request in one transaction.
+    """
+
+    def handle(mail):
+        """Handle a :class:`~mailrelay.listproc.processor.ListMail`.
+
+        Returns a :class:`~mailrelay.listproc.processor.Handled` (or a
+        Deferred or coroutine of one).  Raising
+        :class:`~mailrelay.errors.RegistryUnavailable` means "try again
+        shortly"; any other exception fails the entry (kept, with the reason,
+        for ``mailrelay queue``).  A handler may see the same mail twice
+        after a crash, so what it changes must be safe to repeat.
+        """
+
+
 class IMessageStore(Interface):
     """Where the LMTP policy puts an accepted message: an :class:`ISpool`, or
     the delivery runner in front of one (which routes it and starts delivering
@@ -130,6 +217,21 @@ class ISpool(IMessageStore):
         them at once (a crash makes them QUEUED again, as any claim).  Fires
         with a :class:`~mailrelay.model.Stored` after an fsync.
         """
+
+    def store_outgoing(messages, finish=()):
+        """Store messages mailrelay wrote itself (:class:`~mailrelay.model.Outgoing`
+        values), each with one QUEUED NOTICE entry per recipient, and apply the
+        :class:`~mailrelay.model.EntryUpdate` values of ``finish`` (typically:
+        the request they answer is DONE), all in one durable transaction.
+
+        The runner delivers a NOTICE exactly as stored, from the stored
+        envelope sender.  Fires with the new entries' ids, message by message.
+        """
+
+    def release_held(subaddresses=None, entry_ids=None):
+        """Make HELD INBOUND entries QUEUED again, for the runner to route:
+        those to one of ``subaddresses`` (``None``: any), of ``entry_ids``
+        (``None``: any).  Fires with how many changed."""
 
     def get_message(message_key):
         """The stored bytes of a message (synchronous)."""
@@ -344,3 +446,4 @@ class IRelayObserver(Interface):
 
 
 __all__.append("IRelayObserver")
+__all__ += ["IListProcessingStore", "IListMailHandler"]

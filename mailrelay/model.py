@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # Sub-addresses a list answers to, after Mailman 3 (``-subscribe`` and
 # ``-unsubscribe`` are aliases of ``-join`` and ``-leave``).
@@ -53,6 +53,61 @@ class Member:
 
 
 @dataclass(frozen=True)
+class MemberRecord:
+    """Everything the registry keeps about one member: the :class:`Member`
+    fields and the flags list processing keeps.
+
+    ``moderated`` holds the member's posts for the owners; the bounce fields
+    follow Mailman 3's member record (``bounce_score``,
+    ``last_bounce_received``, ``last_warning_sent``, ``total_warnings_sent``).
+    ``disabled_reason`` says why delivery is off (a :class:`DisabledReason`
+    value, "" while enabled); times are POSIX time or ``None``.  (A separate
+    value from :class:`Member`, which delivery reads by the hundred thousand:
+    every field costs there.)
+    """
+
+    address: str
+    display_name: str = ""
+    delivery_enabled: bool = True
+    moderated: bool = False
+    disabled_reason: str = ""
+    bounce_score: float = 0.0
+    last_bounce_at: float | None = None
+    last_warning_at: float | None = None
+    warnings_sent: int = 0
+
+    @property
+    def member(self) -> Member:
+        """The member as delivery sees it."""
+        return Member(self.address, self.display_name, self.delivery_enabled)
+
+
+class DisabledReason(str, enum.Enum):
+    """Why a member's delivery is disabled (Mailman 3's ``DeliveryStatus`` names)."""
+
+    BY_USER = "by_user"
+    BY_BOUNCES = "by_bounces"
+    BY_MODERATOR = "by_moderator"
+    UNKNOWN = "unknown"
+
+
+# The MemberRecord fields that :meth:`~mailrelay.interfaces.IListProcessingStore.update_member`
+# may change (the address is the key and never changes).
+MEMBER_FLAGS: frozenset[str] = frozenset(
+    {
+        "display_name",
+        "delivery_enabled",
+        "moderated",
+        "disabled_reason",
+        "bounce_score",
+        "last_bounce_at",
+        "last_warning_at",
+        "warnings_sent",
+    }
+)
+
+
+@dataclass(frozen=True)
 class Destination:
     """What an accepted recipient address resolved to.
 
@@ -89,6 +144,10 @@ class EntryKind(str, enum.Enum):
     INBOUND = "inbound"  # as accepted over LMTP
     MEMBER = "member"  # one member's copy of a post; the address is the member
     OWNER = "owner"  # one owner's copy of mail to the list's -owner address
+    # A message mailrelay wrote itself (a command reply, a confirmation
+    # request, a notice; later DSNs): delivered exactly as stored, without
+    # list headers, from the envelope sender stored with it (may be "").
+    NOTICE = "notice"
 
 
 class EntryState(str, enum.Enum):
@@ -233,3 +292,64 @@ class PostSummary:
             self.counts.get(state, 0)
             for state in (EntryState.QUEUED, EntryState.INFLIGHT, EntryState.RETRY)
         )
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A message mailrelay wrote itself, to be stored and delivered exactly as it is
+    (:meth:`~mailrelay.interfaces.ISpool.store_outgoing`): one NOTICE entry per
+    recipient, sent from ``sender`` (the envelope sender, "" for ``<>``) without
+    list headers.  ``list_address`` names the list it is about, for the queue
+    and the logs; ``message_id`` is the message's Message-ID, for the same.
+    """
+
+    sender: str
+    recipients: tuple[str, ...]
+    message: bytes = field(repr=False)
+    list_address: str
+    message_id: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sender, str):
+            raise TypeError(f"sender must be a str, not {self.sender!r}")
+        if isinstance(self.recipients, str) or not isinstance(self.recipients, tuple | list):
+            raise TypeError(f"recipients must be a tuple of addresses, not {self.recipients!r}")
+        object.__setattr__(self, "recipients", tuple(self.recipients))
+        if not self.recipients:
+            raise ValueError("an outgoing message needs at least one recipient")
+        for recipient in self.recipients:
+            if not isinstance(recipient, str) or not recipient:
+                raise TypeError(f"recipient must be a non-empty str, not {recipient!r}")
+        if not isinstance(self.message, bytes | bytearray):
+            raise TypeError(f"message must be bytes, not {type(self.message).__name__}")
+        if not isinstance(self.list_address, str) or not self.list_address:
+            raise TypeError(f"list_address must be a non-empty str, not {self.list_address!r}")
+
+
+class PendingAction(str, enum.Enum):
+    """What confirming a token does."""
+
+    JOIN = "join"  # subscribe the address
+    LEAVE = "leave"  # unsubscribe the address
+    MODERATE = "moderate"  # an owner acts on the held post ``reference``
+    REENABLE = "reenable"  # re-enable delivery disabled by bounces
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A pending confirmation: the value stored under ``token``.
+
+    ``reference`` names what the action applies to beyond the address (the
+    held post's spool id for MODERATE), "" otherwise.  Times are POSIX.
+    """
+
+    token: str
+    list_address: str
+    address: str
+    action: PendingAction
+    created_at: float
+    expires_at: float
+    reference: str = ""
+
+    def expired(self, now: float) -> bool:
+        return now >= self.expires_at

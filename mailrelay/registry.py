@@ -1,6 +1,9 @@
 """Mailing lists and their members: an SQLite store and an in-memory one.
 
-Both implement :class:`mailrelay.interfaces.IListRegistry`.  ``resolve`` runs
+Both implement :class:`mailrelay.interfaces.IListRegistry` and, for list
+processing, :class:`mailrelay.interfaces.IListProcessingStore`: per-list
+settings, member flags (moderation, bounce score), pending confirmations and
+the per-day auto-reply counts.  ``resolve`` runs
 at every RCPT, so it answers from an in-memory set of posting addresses; the
 SQLite registry refreshes that set whenever ``PRAGMA data_version`` says another
 connection (the admin CLI, another process) has committed a change.
@@ -22,8 +25,24 @@ from zope.interface import implementer
 from mailrelay._files import create_private_file
 from mailrelay.addresses import check_list_address, check_mailbox, resolve_recipient
 from mailrelay.errors import InvalidAddress, RegistryError, RegistryUnavailable
-from mailrelay.interfaces import IListRegistry
-from mailrelay.model import Bounce, Destination, MailingList, Member
+from mailrelay.interfaces import IListProcessingStore, IListRegistry
+from mailrelay.listsettings import (
+    ListSettings,
+    settings_from_text,
+    settings_to_text,
+    stored_settings,
+)
+from mailrelay.model import (
+    MEMBER_FLAGS,
+    Bounce,
+    Destination,
+    DisabledReason,
+    MailingList,
+    Member,
+    MemberRecord,
+    Pending,
+    PendingAction,
+)
 
 __all__ = ["MemoryRegistry", "SQLiteRegistry", "SCHEMA_VERSION"]
 
@@ -72,7 +91,60 @@ _MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX bounces_by_list ON bounces (list_address, address);
     """,
+    """
+    -- Version 3: list processing.  Member flags after Mailman 3's member
+    -- record.  Settings as text, one row per key that differs from its
+    -- default (mailrelay.listsettings), so adding a setting needs no migration.
+    -- (No semicolons in comments: the statements are split on them.)
+    ALTER TABLE members ADD COLUMN moderated INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE members ADD COLUMN disabled_reason TEXT NOT NULL DEFAULT '';
+    ALTER TABLE members ADD COLUMN bounce_score REAL NOT NULL DEFAULT 0;
+    ALTER TABLE members ADD COLUMN last_bounce_at REAL;
+    ALTER TABLE members ADD COLUMN last_warning_at REAL;
+    ALTER TABLE members ADD COLUMN warnings_sent INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE list_settings (
+        list_address TEXT NOT NULL
+            REFERENCES lists (posting_address) ON DELETE CASCADE,
+        key TEXT NOT NULL,
+        value TEXT NOT NULL,
+        PRIMARY KEY (list_address, key)
+    ) WITHOUT ROWID;
+    CREATE TABLE pending (
+        token TEXT PRIMARY KEY NOT NULL,
+        list_address TEXT NOT NULL
+            REFERENCES lists (posting_address) ON DELETE CASCADE,
+        address TEXT NOT NULL,
+        action TEXT NOT NULL,
+        data TEXT NOT NULL DEFAULT '',
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX pending_by_list ON pending (list_address, created_at);
+    CREATE INDEX pending_by_expiry ON pending (expires_at);
+    CREATE TABLE autoreplies (
+        list_address TEXT NOT NULL
+            REFERENCES lists (posting_address) ON DELETE CASCADE,
+        address TEXT NOT NULL,
+        day TEXT NOT NULL,
+        count INTEGER NOT NULL,
+        PRIMARY KEY (list_address, address, day)
+    ) WITHOUT ROWID;
+    CREATE INDEX autoreplies_by_day ON autoreplies (day);
+    """,
 )
+
+# The members table's columns, in MemberRecord's field order.
+_MEMBER_COLUMNS = (
+    "address, display_name, delivery_enabled, moderated, disabled_reason,"
+    " bounce_score, last_bounce_at, last_warning_at, warnings_sent"
+)
+_UPDATE_MEMBER = (
+    "UPDATE members SET display_name = ?, delivery_enabled = ?, moderated = ?,"
+    " disabled_reason = ?, bounce_score = ?, last_bounce_at = ?, last_warning_at = ?,"
+    " warnings_sent = ? WHERE list_address = ? AND address = ?"
+)
+# In Pending's field order (the column is "data": what the action needs).
+_PENDING_COLUMNS = "token, list_address, address, action, created_at, expires_at, data"
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 
@@ -132,6 +204,136 @@ def _check_bounce(bounce: object) -> Bounce:
     return Bounce(list_address, address, code, response, float(at))
 
 
+def _record_from_row(row: tuple[Any, ...]) -> MemberRecord:
+    address, name, enabled, moderated, reason, score, last_bounce, last_warning, warnings = row
+    return MemberRecord(
+        address,
+        name,
+        bool(enabled),
+        bool(moderated),
+        reason,
+        score,
+        last_bounce,
+        last_warning,
+        warnings,
+    )
+
+
+def _record_row(record: MemberRecord) -> tuple[Any, ...]:
+    """The members table's changeable columns, in the order of :data:`_UPDATE_MEMBER`."""
+    return (
+        record.display_name,
+        int(record.delivery_enabled),
+        int(record.moderated),
+        record.disabled_reason,
+        float(record.bounce_score),
+        record.last_bounce_at,
+        record.last_warning_at,
+        record.warnings_sent,
+    )
+
+
+def _optional_time(name: str, value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise RegistryError(f"{name} must be a POSIX time or None, not {value!r}")
+    return float(value)
+
+
+_DISABLED_REASONS = tuple(reason.value for reason in DisabledReason)
+
+
+def _check_member_changes(member: MemberRecord, changes: Any) -> MemberRecord:
+    """``member`` with ``changes`` (a mapping of :data:`MEMBER_FLAGS`) applied and checked."""
+    if not hasattr(changes, "items"):
+        raise RegistryError(f"member changes must be a mapping, not {changes!r}")
+    unknown = set(changes) - MEMBER_FLAGS
+    if unknown:
+        raise RegistryError(
+            f"unknown member fields {sorted(unknown)} (known: {', '.join(sorted(MEMBER_FLAGS))})"
+        )
+    checked: dict[str, Any] = {}
+    for name, value in changes.items():
+        if name in ("delivery_enabled", "moderated"):
+            if not isinstance(value, bool):
+                raise RegistryError(f"{name} must be True or False, not {value!r}")
+        elif name == "display_name":
+            if not isinstance(value, str):
+                raise RegistryError(f"display_name must be a str, not {value!r}")
+        elif name == "disabled_reason":
+            value = getattr(value, "value", value)
+            if value != "" and value not in _DISABLED_REASONS:
+                raise RegistryError(
+                    f"disabled_reason must be '' or one of {', '.join(_DISABLED_REASONS)}, "
+                    f"not {value!r}"
+                )
+        elif name == "bounce_score":
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise RegistryError(f"bounce_score must be a number >= 0, not {value!r}")
+            value = float(value)
+        elif name == "warnings_sent":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise RegistryError(f"warnings_sent must be a whole number >= 0, not {value!r}")
+        else:
+            value = _optional_time(name, value)
+        checked[name] = value
+    return replace(member, **checked)
+
+
+def _check_pending(pending: object) -> Pending:
+    """A validated, normalised copy of ``pending``, or ``RegistryError``."""
+    if not isinstance(pending, Pending):
+        raise RegistryError(f"not a Pending: {pending!r}")
+    token = pending.token
+    if not isinstance(token, str) or not token or not token.isascii() or not token.isalnum():
+        raise RegistryError(f"a confirmation token is letters and digits, not {token!r}")
+    list_address = _lookup_key(pending.list_address)
+    address = _check_address(f"address of a confirmation for {list_address}", pending.address)
+    try:
+        action = PendingAction(pending.action)
+    except ValueError:
+        raise RegistryError(f"not a pending action: {pending.action!r}") from None
+    if not isinstance(pending.reference, str):
+        raise RegistryError(f"pending reference must be a str, not {pending.reference!r}")
+    created = _optional_time("created_at", pending.created_at)
+    expires = _optional_time("expires_at", pending.expires_at)
+    if created is None or expires is None:
+        raise RegistryError("a pending confirmation needs created_at and expires_at")
+    return Pending(
+        token.lower(), list_address, address, action, created, expires, pending.reference
+    )
+
+
+def _pending_from_row(row: tuple[Any, ...]) -> Pending:
+    token, list_address, address, action, created, expires, reference = row
+    return Pending(token, list_address, address, PendingAction(action), created, expires, reference)
+
+
+def _check_token(token: object) -> str:
+    if not isinstance(token, str):
+        raise RegistryError(f"a confirmation token must be a str, not {token!r}")
+    return token.lower()
+
+
+def _check_autoreply(address: object, day: object, limit: object) -> tuple[str, str, int]:
+    key = _lookup_key(address, "reply address")
+    if not isinstance(day, str) or not day:
+        raise RegistryError(f"day must be a YYYY-MM-DD str, not {day!r}")
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise RegistryError(f"limit must be a whole number >= 0, not {limit!r}")
+    return key, day, limit
+
+
+def _check_settings(base: ListSettings, changes: Any) -> ListSettings:
+    if not hasattr(changes, "items"):
+        raise RegistryError(f"setting changes must be a mapping of texts, not {changes!r}")
+    try:
+        return settings_from_text(dict(changes), base)
+    except ValueError as e:
+        raise RegistryError(str(e)) from None
+
+
 def _split_duplicates(
     members: list[Member], is_member: Callable[[str], bool]
 ) -> tuple[list[Member], tuple[str, ...]]:
@@ -161,14 +363,21 @@ class _BounceRecorder:
         self.record_bounces([Bounce(list_address, address, code, response, at)])
 
 
-@implementer(IListRegistry)
+@implementer(IListRegistry, IListProcessingStore)
 class MemoryRegistry(_BounceRecorder):
-    """An :class:`IListRegistry` held in memory, for tests and embedders."""
+    """An :class:`IListRegistry` and :class:`IListProcessingStore` held in
+    memory, for tests and embedders."""
 
     def __init__(self) -> None:
         self._lists: dict[str, MailingList] = {}
         self._members: dict[str, dict[str, Member]] = {}
         self._bounces: dict[str, list[Bounce]] = {}
+        self._settings: dict[str, ListSettings] = {}
+        # The records of members whose list-processing flags were changed.
+        self._records: dict[tuple[str, str], MemberRecord] = {}
+        self._pending: dict[str, Pending] = {}
+        # (list, address) -> (day, replies sent that day)
+        self._autoreplies: dict[tuple[str, str], tuple[str, int]] = {}
 
     def resolve(self, address: str) -> Destination | None:
         return resolve_recipient(address, self._lists.__contains__)
@@ -199,6 +408,13 @@ class MemoryRegistry(_BounceRecorder):
         del self._lists[address]
         del self._members[address]
         self._bounces.pop(address, None)
+        self._settings.pop(address, None)
+        for token in [t for t, p in self._pending.items() if p.list_address == address]:
+            del self._pending[token]
+        for key in [key for key in self._autoreplies if key[0] == address]:
+            del self._autoreplies[key]
+        for key in [key for key in self._records if key[0] == address]:
+            del self._records[key]
 
     def add_members(self, list_address: str, members: Iterable[Member | str]) -> tuple[str, ...]:
         list_address = _lookup_key(list_address)
@@ -213,6 +429,8 @@ class MemoryRegistry(_BounceRecorder):
         list_address = _lookup_key(list_address)
         current = self._require(list_address)
         keys = [(address, _lookup_key(address, "member address")) for address in addresses]
+        for _, key in keys:
+            self._records.pop((list_address, key), None)
         return tuple(address for address, key in keys if current.pop(key, None) is None)
 
     def member_count(self, list_address: str) -> int:
@@ -238,6 +456,94 @@ class MemoryRegistry(_BounceRecorder):
         self._require(list_address)
         return tuple(sorted(self._bounces.get(list_address, ()), key=lambda b: b.at))
 
+    # -- IListProcessingStore -----------------------------------------------
+
+    def list_settings(self, list_address: str) -> ListSettings:
+        list_address = _lookup_key(list_address)
+        self._require(list_address)
+        return self._settings.get(list_address, ListSettings())
+
+    def update_list_settings(self, list_address: str, changes: Any) -> ListSettings:
+        list_address = _lookup_key(list_address)
+        self._require(list_address)
+        settings = _check_settings(self.list_settings(list_address), changes)
+        self._settings[list_address] = settings
+        return settings
+
+    def _record(self, list_address: str, member: Member) -> MemberRecord:
+        record = self._records.get((list_address, member.address))
+        if record is None:
+            return MemberRecord(member.address, member.display_name, member.delivery_enabled)
+        return replace(
+            record, display_name=member.display_name, delivery_enabled=member.delivery_enabled
+        )
+
+    def get_member(self, list_address: str, address: str) -> MemberRecord | None:
+        list_address = _lookup_key(list_address)
+        member = self._require(list_address).get(_lookup_key(address, "member address"))
+        return None if member is None else self._record(list_address, member)
+
+    def member_records(self, list_address: str) -> tuple[MemberRecord, ...]:
+        list_address = _lookup_key(list_address)
+        return tuple(self._record(list_address, m) for m in self.members(list_address))
+
+    def update_member(self, list_address: str, address: str, changes: Any) -> MemberRecord:
+        list_address = _lookup_key(list_address)
+        current = self._require(list_address)
+        key = _lookup_key(address, "member address")
+        if key not in current:
+            raise RegistryError(f"{address} is not a member of {list_address}")
+        record = _check_member_changes(self._record(list_address, current[key]), changes)
+        self._records[(list_address, key)] = record
+        current[key] = record.member
+        return record
+
+    def add_pending(self, pending: Pending) -> None:
+        pending = _check_pending(pending)
+        self._require(pending.list_address)
+        if pending.token in self._pending:
+            raise RegistryError("that confirmation token is already in use")
+        self._pending[pending.token] = pending
+
+    def consume_pending(self, list_address: str, token: str, now: float) -> Pending | None:
+        list_address, token = _lookup_key(list_address), _check_token(token)
+        pending = self._pending.get(token)
+        if pending is None or pending.list_address != list_address:
+            return None
+        del self._pending[token]
+        return pending if pending.expires_at > now else None
+
+    def get_pending(self, token: str) -> Pending | None:
+        return self._pending.get(_check_token(token))
+
+    def discard_pending(self, token: str) -> Pending | None:
+        return self._pending.pop(_check_token(token), None)
+
+    def pending(self, list_address: str | None = None) -> tuple[Pending, ...]:
+        if list_address is not None:
+            list_address = _lookup_key(list_address)
+            self._require(list_address)
+        chosen = [p for p in self._pending.values() if list_address in (None, p.list_address)]
+        return tuple(sorted(chosen, key=lambda p: (p.created_at, p.token)))
+
+    def purge_pending(self, now: float) -> int:
+        expired = [t for t, p in self._pending.items() if p.expires_at <= now]
+        for token in expired:
+            del self._pending[token]
+        return len(expired)
+
+    def claim_autoreply(self, list_address: str, address: str, day: str, limit: int) -> bool:
+        list_address = _lookup_key(list_address)
+        address, day, limit = _check_autoreply(address, day, limit)
+        self._require(list_address)
+        counted_day, count = self._autoreplies.get((list_address, address), (day, 0))
+        if counted_day != day:
+            count = 0
+        if limit and count >= limit:
+            return False
+        self._autoreplies[(list_address, address)] = (day, count + 1)
+        return True
+
     def close(self) -> None:
         pass
 
@@ -248,9 +554,10 @@ class MemoryRegistry(_BounceRecorder):
             raise RegistryError(f"no such list: {list_address}") from None
 
 
-@implementer(IListRegistry)
+@implementer(IListRegistry, IListProcessingStore)
 class SQLiteRegistry(_BounceRecorder):
-    """An :class:`IListRegistry` stored in an SQLite file shared with the admin CLI.
+    """An :class:`IListRegistry` and :class:`IListProcessingStore` stored in an
+    SQLite file shared with the admin CLI.
 
     The file, its directory and the schema are created on first use.  Every
     method is synchronous and runs in the caller's thread.  SQLite errors are
@@ -301,7 +608,10 @@ class SQLiteRegistry(_BounceRecorder):
                 self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
 
     @contextmanager
-    def _transaction(self) -> Iterator[None]:
+    def _transaction(self, *, cached: bool = True) -> Iterator[None]:
+        """A write transaction.  ``cached=False`` for one that writes only
+        tables the read cache does not hold (pending confirmations, reply
+        counts), so that it does not empty the cache of member lists."""
         # IMMEDIATE takes the write lock up front, so a check-then-write (such
         # as "not yet a member, so insert") cannot race another writer.
         self._db.execute("BEGIN IMMEDIATE")
@@ -312,8 +622,9 @@ class SQLiteRegistry(_BounceRecorder):
                 self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
-        # Our own commits do not change our connection's data_version.
-        self._data_version = None
+        if cached:
+            # Our own commits do not change our connection's data_version.
+            self._data_version = None
 
     @contextmanager
     def _errors(self, doing: str) -> Iterator[None]:
@@ -500,6 +811,173 @@ class SQLiteRegistry(_BounceRecorder):
             finally:
                 self._db.execute("COMMIT")
         return tuple(Bounce(list_address, *row) for row in rows)
+
+    # -- IListProcessingStore -----------------------------------------------
+
+    @contextmanager
+    def _reading(self, doing: str, list_address: str | None = None) -> Iterator[None]:
+        """One read transaction (so an existence check and the rows agree),
+        requiring ``list_address`` to exist when given."""
+        with self._errors(doing):
+            self._db.execute("BEGIN")
+            try:
+                if list_address is not None:
+                    self._require(list_address)
+                yield
+            finally:
+                self._db.execute("COMMIT")
+
+    def _settings_rows(self, list_address: str) -> dict[str, str]:
+        return dict(
+            self._db.execute(
+                "SELECT key, value FROM list_settings WHERE list_address = ?", (list_address,)
+            ).fetchall()
+        )
+
+    def list_settings(self, list_address: str) -> ListSettings:
+        list_address = _lookup_key(list_address)
+        with self._errors(f"reading the settings of {list_address}"):
+            self._refresh()
+            key = ("settings", list_address)
+            if key in self._cache:
+                return self._cache[key]
+        with self._reading(f"reading the settings of {list_address}", list_address):
+            settings = stored_settings(self._settings_rows(list_address))
+        self._cache[key] = settings
+        return settings
+
+    def update_list_settings(self, list_address: str, changes: Any) -> ListSettings:
+        list_address = _lookup_key(list_address)
+        with self._errors(f"changing the settings of {list_address}"), self._transaction():
+            self._require(list_address)
+            settings = _check_settings(stored_settings(self._settings_rows(list_address)), changes)
+            self._db.execute("DELETE FROM list_settings WHERE list_address = ?", (list_address,))
+            self._db.executemany(
+                "INSERT INTO list_settings (list_address, key, value) VALUES (?, ?, ?)",
+                [(list_address, k, v) for k, v in settings_to_text(settings).items()],
+            )
+        _log.info("Changed settings of {list}: {changes}", list=list_address, changes=dict(changes))
+        return settings
+
+    def _member(self, list_address: str, key: str) -> MemberRecord | None:
+        row = self._db.execute(
+            f"SELECT {_MEMBER_COLUMNS} FROM members WHERE list_address = ? AND address = ?",
+            (list_address, key),
+        ).fetchone()
+        return None if row is None else _record_from_row(row)
+
+    def get_member(self, list_address: str, address: str) -> MemberRecord | None:
+        list_address = _lookup_key(list_address)
+        key = _lookup_key(address, "member address")
+        with self._reading(f"reading a member of {list_address}", list_address):
+            return self._member(list_address, key)
+
+    def member_records(self, list_address: str) -> tuple[MemberRecord, ...]:
+        list_address = _lookup_key(list_address)
+        with self._reading(f"reading the members of {list_address}", list_address):
+            rows = self._db.execute(
+                f"SELECT {_MEMBER_COLUMNS} FROM members WHERE list_address = ? ORDER BY address",
+                (list_address,),
+            ).fetchall()
+        return tuple(_record_from_row(row) for row in rows)
+
+    def update_member(self, list_address: str, address: str, changes: Any) -> MemberRecord:
+        list_address = _lookup_key(list_address)
+        key = _lookup_key(address, "member address")
+        with self._errors(f"changing a member of {list_address}"), self._transaction():
+            self._require(list_address)
+            record = self._member(list_address, key)
+            if record is None:
+                raise RegistryError(f"{address} is not a member of {list_address}")
+            record = _check_member_changes(record, changes)
+            self._db.execute(_UPDATE_MEMBER, (*_record_row(record), list_address, key))
+        return record
+
+    def add_pending(self, pending: Pending) -> None:
+        pending = _check_pending(pending)
+        with self._errors("storing a pending confirmation"), self._transaction(cached=False):
+            self._require(pending.list_address)
+            try:
+                self._db.execute(
+                    f"INSERT INTO pending ({_PENDING_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        pending.token,
+                        pending.list_address,
+                        pending.address,
+                        pending.action.value,
+                        pending.created_at,
+                        pending.expires_at,
+                        pending.reference,
+                    ),
+                )
+            except sqlite3.IntegrityError:
+                raise RegistryError("that confirmation token is already in use") from None
+
+    def _pending_row(self, token: str) -> Pending | None:
+        row = self._db.execute(
+            f"SELECT {_PENDING_COLUMNS} FROM pending WHERE token = ?", (token,)
+        ).fetchone()
+        return None if row is None else _pending_from_row(row)
+
+    def consume_pending(self, list_address: str, token: str, now: float) -> Pending | None:
+        list_address, token = _lookup_key(list_address), _check_token(token)
+        # One write transaction: of two processes spending the same token,
+        # exactly one gets it.
+        with self._errors("spending a confirmation token"), self._transaction(cached=False):
+            pending = self._pending_row(token)
+            if pending is None or pending.list_address != list_address:
+                return None
+            self._db.execute("DELETE FROM pending WHERE token = ?", (token,))
+        return pending if pending.expires_at > now else None
+
+    def get_pending(self, token: str) -> Pending | None:
+        token = _check_token(token)
+        with self._errors("reading a pending confirmation"):
+            return self._pending_row(token)
+
+    def discard_pending(self, token: str) -> Pending | None:
+        token = _check_token(token)
+        with self._errors("discarding a pending confirmation"), self._transaction(cached=False):
+            pending = self._pending_row(token)
+            if pending is not None:
+                self._db.execute("DELETE FROM pending WHERE token = ?", (token,))
+        return pending
+
+    def pending(self, list_address: str | None = None) -> tuple[Pending, ...]:
+        query = f"SELECT {_PENDING_COLUMNS} FROM pending"
+        params: tuple[str, ...] = ()
+        if list_address is not None:
+            list_address = _lookup_key(list_address)
+            query += " WHERE list_address = ?"
+            params = (list_address,)
+        with self._reading("reading the pending confirmations", list_address):
+            rows = self._db.execute(query + " ORDER BY created_at, token", params).fetchall()
+        return tuple(_pending_from_row(row) for row in rows)
+
+    def purge_pending(self, now: float) -> int:
+        with self._errors("purging expired confirmations"), self._transaction(cached=False):
+            return self._db.execute("DELETE FROM pending WHERE expires_at <= ?", (now,)).rowcount
+
+    def claim_autoreply(self, list_address: str, address: str, day: str, limit: int) -> bool:
+        list_address = _lookup_key(list_address)
+        address, day, limit = _check_autoreply(address, day, limit)
+        with self._errors("counting automatic replies"), self._transaction(cached=False):
+            self._require(list_address)
+            # Only today's counts matter; older ones go as soon as a day turns.
+            self._db.execute("DELETE FROM autoreplies WHERE day <> ?", (day,))
+            row = self._db.execute(
+                "SELECT count FROM autoreplies WHERE list_address = ? AND address = ? AND day = ?",
+                (list_address, address, day),
+            ).fetchone()
+            count = 0 if row is None else row[0]
+            if limit and count >= limit:
+                return False
+            self._db.execute(
+                "INSERT OR REPLACE INTO autoreplies (list_address, address, day, count)"
+                " VALUES (?, ?, ?, ?)",
+                (list_address, address, day, count + 1),
+            )
+        return True
 
     def close(self) -> None:
         self._db.close()

@@ -201,6 +201,37 @@ def make_sender(settings: Settings, reactor: Any, observer: Any = None):
     return ConnectionPool(connection, max_connections=settings.mta.max_connections)
 
 
+def make_list_processor(settings: Settings, spool: Any, registry: Any, clock: Any):
+    """The list processor: commands and confirmations by mail (``-request``,
+    ``-join``, ``-leave``, ``-confirm``), with the ``[lists]`` defaults.
+
+    A registry without the list-processing store (an embedder's own
+    ``IListRegistry``) gets none: its command mail stays held, as before.
+    """
+    from mailrelay.interfaces import IListProcessingStore
+    from mailrelay.listproc.membership import MembershipRequests, SiteDefaults
+    from mailrelay.listproc.processor import ListProcessor
+
+    if not IListProcessingStore.providedBy(registry):
+        _log.warn(
+            "The list registry {registry!r} has no list-processing store: mail to the "
+            "command addresses is held, not processed",
+            registry=registry,
+        )
+        return None
+    lists = settings.lists
+    requests = MembershipRequests(
+        registry,
+        site=SiteDefaults(
+            pending_request_life=lists.pending_request_life,
+            max_autoresponses_per_day=lists.max_autoresponses_per_day,
+            template_dir=lists.template_dir,
+        ),
+    )
+    handlers = dict.fromkeys(MembershipRequests.SUBADDRESSES, requests)
+    return ListProcessor(spool, registry, clock=clock, handlers=handlers)
+
+
 def makeService(  # noqa: N802 - Twisted's naming for service factories
     settings: Settings,
     reactor: Any = None,
@@ -259,6 +290,8 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
             lock.release()
         raise
 
+    processor = make_list_processor(settings, spool, registry, reactor)
+
     top = _OrderedStop()
     top.metrics = metrics
     top.web_root = None
@@ -280,6 +313,7 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
         verp=mta.verp_delivery,
         keep_done=mta.keep_delivered,
         observer=observer,
+        processor=processor,
     )
     runner.setName("mailrelay-delivery")
     runner.setServiceParent(top)

@@ -487,6 +487,9 @@ class ErrorMessageTests(_FileMixin, SynchronousTestCase):
         ("mta", "retry_max_backoff", "x", "not a duration"),
         ("mta", "verp_delivery", "perhaps", "not a boolean"),
         ("mta", "keep_delivered", "-1d", "not a duration"),
+        ("lists", "pending_request_life", "0", "greater than zero"),
+        ("lists", "max_autoresponses_per_day", "-1", "at least 0"),
+        ("lists", "template_dir", "mailrelay.ini", "exists and is not a directory"),
         ("devmode", "enabled", "y", "not a boolean"),
         ("devmode", "recipient", "not-a-mailbox", "not a valid mailbox"),
         ("http", "endpoint", "tcp:abc", "not a port number"),
@@ -519,7 +522,7 @@ class ErrorMessageTests(_FileMixin, SynchronousTestCase):
         """An unknown section is named, with the known ones and a suggestion."""
         message = self.load_error("[mtaa]\nsmtp_host = x\n")
         self.assertIn("mailrelay.ini: [mtaa]: unknown section (did you mean mta?)", message)
-        self.assertIn("known: paths, mta, devmode", message)
+        self.assertIn("known: paths, mta, lists, devmode", message)
 
     def test_section_names_are_case_sensitive(self) -> None:
         """[MTA] is not [mta], but the suggestion points at it."""

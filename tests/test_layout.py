@@ -26,6 +26,8 @@ _PURE = _FOUNDATION | {
     "mailrelay._files",
     "mailrelay.addresses",
     "mailrelay.observer",  # the no-op IRelayObserver every layer may default to
+    "mailrelay.config.values",  # INI value parsers, shared by per-list settings
+    "mailrelay.listsettings",  # per-list settings: values the registry stores
 }
 # The modules that compose the others, and the command line on top.
 _TOP = ("mailrelay.service", "mailrelay.tap", "mailrelay.cli")

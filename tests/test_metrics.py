@@ -171,7 +171,7 @@ class ScrapeTests(RelayCase):
             await client.lhlo("mx.example.com")
             replies = await client.sendmail(
                 "anne@example.com",
-                ["test@example.com", "nolist@example.com", "test-join@example.com"],
+                ["test@example.com", "nolist@example.com", "test-bounces@example.com"],
                 POST,
             )
             self.assertEqual([r.code for r in replies], [250, 550, 250])

@@ -12,8 +12,17 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from mailrelay.errors import RegistryError, RegistryUnavailable
-from mailrelay.interfaces import IListRegistry
-from mailrelay.model import Bounce, Destination, MailingList, Member
+from mailrelay.interfaces import IListProcessingStore, IListRegistry
+from mailrelay.listproc.tokens import Pending, PendingAction
+from mailrelay.listsettings import ListSettings, Posting
+from mailrelay.model import (
+    Bounce,
+    Destination,
+    DisabledReason,
+    MailingList,
+    Member,
+    MemberRecord,
+)
 from mailrelay.registry import _MIGRATIONS, SCHEMA_VERSION, MemoryRegistry, SQLiteRegistry
 from tests.support import temp_dir
 
@@ -274,7 +283,10 @@ class SQLiteRegistryStorageTests(SynchronousTestCase):
                 name
                 for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
             }
-        self.assertEqual(tables, {"lists", "owners", "members", "bounces"})
+        self.assertEqual(
+            tables,
+            {"lists", "owners", "members", "bounces", "list_settings", "pending", "autoreplies"},
+        )
 
     def test_persists(self):
         """Lists, owners and members survive closing and reopening the file."""
@@ -401,3 +413,247 @@ class SQLiteRegistryStorageTests(SynchronousTestCase):
         self.assertEqual([m.address for m in members], addresses)
         # The second time every one of them is a duplicate and nothing changes.
         self.assertEqual(len(registry.add_members("big@example.com", addresses[:10])), 10)
+
+
+# -- list processing storage (IListProcessingStore) ---------------------------------
+
+T0 = 1_700_000_000.0
+
+
+def _pending(token="a" * 32, list_address="test@example.com", address="anne@example.org", **kw):
+    values = dict(action=PendingAction.JOIN, created_at=T0, expires_at=T0 + 3 * 86400)
+    values.update(kw)
+    return Pending(token, list_address, address, **values)
+
+
+class ListProcessingContractMixin:
+    """Behaviour every IListProcessingStore must have; mixed into one TestCase per store."""
+
+    def setUp(self):
+        self.registry = self.make_registry()
+        self.addCleanup(self.registry.close)
+        self.registry.create_list("test@example.com")
+        self.registry.create_list("other@example.com")
+
+    def test_provides_interface(self):
+        """The store fully implements IListProcessingStore."""
+        self.assertTrue(verifyObject(IListProcessingStore, self.registry))
+
+    def test_settings_default_and_update(self):
+        """A list starts with the defaults; updates are parsed like the INI file, stored
+        and read back; a bad key or value changes nothing and names the key."""
+        self.assertEqual(self.registry.list_settings("TEST@example.com"), ListSettings())
+        new = self.registry.update_list_settings(
+            "test@example.com",
+            {"posting": "Open", "pending_request_life": "1d", "max_autoresponses_per_day": "3"},
+        )
+        self.assertEqual(
+            (new.posting, new.pending_request_life, new.max_autoresponses_per_day),
+            (Posting.OPEN, 86400.0, 3),
+        )
+        self.assertEqual(self.registry.list_settings("test@example.com"), new)
+        self.assertEqual(self.registry.list_settings("other@example.com"), ListSettings())
+        e = self.assertRaises(
+            RegistryError,
+            self.registry.update_list_settings,
+            "test@example.com",
+            {"language": "de", "nonmember_action": "explode"},
+        )
+        self.assertIn("nonmember_action", str(e))
+        e = self.assertRaises(
+            RegistryError, self.registry.update_list_settings, "test@example.com", {"colour": "x"}
+        )
+        self.assertIn("unknown list setting 'colour'", str(e))
+        self.assertEqual(self.registry.list_settings("test@example.com"), new)
+        reset = self.registry.update_list_settings("test@example.com", {"posting": "members"})
+        self.assertEqual(reset.posting, Posting.MEMBERS)
+        self.assertRaises(RegistryError, self.registry.list_settings, "nolist@example.com")
+
+    def test_member_flags(self):
+        """New members have the default flags; update_member changes the named ones,
+        checked, and members() and get_member() return them."""
+        self.registry.add_members("test@example.com", ["Anne@example.org"])
+        self.assertEqual(
+            self.registry.get_member("test@example.com", "ANNE@example.org"),
+            MemberRecord("anne@example.org"),
+        )
+        self.assertIsNone(self.registry.get_member("test@example.com", "bart@example.org"))
+        changed = self.registry.update_member(
+            "test@example.com",
+            "anne@example.org",
+            {
+                "delivery_enabled": False,
+                "disabled_reason": DisabledReason.BY_BOUNCES,
+                "bounce_score": 5,
+                "last_bounce_at": T0,
+                "warnings_sent": 1,
+                "last_warning_at": T0 + 1,
+                "moderated": True,
+            },
+        )
+        expected = MemberRecord(
+            "anne@example.org", "", False, True, "by_bounces", 5.0, T0, T0 + 1, 1
+        )
+        self.assertEqual(changed, expected)
+        self.assertEqual(self.registry.member_records("test@example.com"), (expected,))
+        self.assertEqual(
+            self.registry.members("test@example.com"), (Member("anne@example.org", "", False),)
+        )
+        self.assertEqual(self.registry.members("test@example.com", enabled_only=True), ())
+        self.assertEqual(self.registry.get_member("test@example.com", "anne@example.org"), expected)
+        for changes in (
+            {"address": "x@example.org"},
+            {"moderated": 1},
+            {"bounce_score": -1},
+            {"disabled_reason": "tired"},
+            {"last_bounce_at": "yesterday"},
+            {"warnings_sent": 1.5},
+        ):
+            with self.subTest(changes=changes):
+                self.assertRaises(
+                    RegistryError,
+                    self.registry.update_member,
+                    "test@example.com",
+                    "anne@example.org",
+                    changes,
+                )
+        self.assertEqual(self.registry.get_member("test@example.com", "anne@example.org"), expected)
+        self.assertRaises(
+            RegistryError,
+            self.registry.update_member,
+            "test@example.com",
+            "bart@example.org",
+            {"moderated": True},
+        )
+
+    def test_flags_go_with_the_membership(self):
+        """A member removed and added again starts with the default flags."""
+        self.registry.add_members("test@example.com", ["a@example.org"])
+        self.registry.update_member("test@example.com", "a@example.org", {"moderated": True})
+        self.registry.remove_members("test@example.com", ["a@example.org"])
+        self.registry.add_members("test@example.com", ["a@example.org"])
+        self.assertFalse(self.registry.get_member("test@example.com", "a@example.org").moderated)
+
+    def test_pending_consumed_once(self):
+        """A pending confirmation is returned once by consume_pending, then gone."""
+        pending = _pending()
+        self.registry.add_pending(pending)
+        self.assertEqual(self.registry.get_pending("A" * 32), pending)
+        self.assertEqual(self.registry.pending(), (pending,))
+        self.assertEqual(self.registry.consume_pending("test@example.com", "a" * 32, T0), pending)
+        self.assertIsNone(self.registry.consume_pending("test@example.com", "a" * 32, T0))
+        self.assertEqual(self.registry.pending(), ())
+
+    def test_pending_bound_to_its_list(self):
+        """A token spent through another list's address is not consumed there, and stays
+        usable through its own list."""
+        self.registry.add_pending(_pending())
+        self.assertIsNone(self.registry.consume_pending("other@example.com", "a" * 32, T0))
+        self.assertIsNotNone(self.registry.consume_pending("test@example.com", "a" * 32, T0))
+
+    def test_pending_expired(self):
+        """An expired token confirms nothing and is removed; purge_pending removes the
+        others that expired."""
+        self.registry.add_pending(_pending("a" * 32, expires_at=T0 + 10))
+        self.registry.add_pending(_pending("b" * 32, expires_at=T0 + 10))
+        self.registry.add_pending(_pending("c" * 32, expires_at=T0 + 100))
+        self.assertIsNone(self.registry.consume_pending("test@example.com", "a" * 32, T0 + 10))
+        self.assertIsNone(self.registry.get_pending("a" * 32))
+        self.assertEqual(self.registry.purge_pending(T0 + 50), 1)
+        self.assertEqual([p.token for p in self.registry.pending()], ["c" * 32])
+
+    def test_pending_listing_discard_and_checks(self):
+        """pending(list) lists one list's, oldest first; discard_pending removes one; a
+        duplicate token, an unknown list and a bad token or address are refused."""
+        self.registry.add_pending(_pending("b" * 32, created_at=T0 + 1))
+        self.registry.add_pending(_pending("a" * 32, created_at=T0 + 2))
+        self.registry.add_pending(
+            _pending("c" * 32, "other@example.com", action=PendingAction.LEAVE, reference="x")
+        )
+        self.assertEqual(
+            [p.token for p in self.registry.pending("test@example.com")], ["b" * 32, "a" * 32]
+        )
+        (other,) = self.registry.pending("other@example.com")
+        self.assertEqual((other.action, other.reference), (PendingAction.LEAVE, "x"))
+        self.assertEqual(self.registry.discard_pending("b" * 32).token, "b" * 32)
+        self.assertIsNone(self.registry.discard_pending("b" * 32))
+        for bad in (
+            _pending("a" * 32),
+            _pending("d" * 32, "nolist@example.com"),
+            _pending("bad token"),
+            _pending("e" * 32, address="not an address"),
+        ):
+            with self.subTest(pending=bad):
+                self.assertRaises(RegistryError, self.registry.add_pending, bad)
+        self.assertRaises(RegistryError, self.registry.pending, "nolist@example.com")
+
+    def test_pending_go_with_their_list(self):
+        """Deleting a list deletes its pending confirmations."""
+        self.registry.add_pending(_pending())
+        self.registry.delete_list("test@example.com")
+        self.assertIsNone(self.registry.get_pending("a" * 32))
+
+    def test_claim_autoreply_limit_per_address_list_and_day(self):
+        """At most ``limit`` replies per address, list and day; a new day starts again;
+        0 means no limit."""
+        claim = self.registry.claim_autoreply
+        self.assertEqual(
+            [claim("test@example.com", "Anne@example.org", "2024-01-01", 2) for _ in range(3)],
+            [True, True, False],
+        )
+        self.assertTrue(claim("test@example.com", "bart@example.org", "2024-01-01", 2))
+        self.assertTrue(claim("other@example.com", "anne@example.org", "2024-01-01", 2))
+        self.assertTrue(claim("test@example.com", "anne@example.org", "2024-01-02", 2))
+        self.assertTrue(
+            all(claim("test@example.com", "c@example.org", "2024-01-02", 0) for _ in range(20))
+        )
+        self.assertRaises(RegistryError, claim, "test@example.com", "a@example.org", "d", -1)
+        self.assertRaises(RegistryError, claim, "nolist@example.com", "a@example.org", "d", 1)
+
+
+class MemoryListProcessingTests(ListProcessingContractMixin, SynchronousTestCase):
+    """The list processing contract, against MemoryRegistry."""
+
+    def make_registry(self):
+        return MemoryRegistry()
+
+
+class SQLiteListProcessingTests(ListProcessingContractMixin, SynchronousTestCase):
+    """The list processing contract, against SQLiteRegistry, plus sharing and upgrade."""
+
+    def make_registry(self):
+        self.path = os.path.join(temp_dir(self), "registry.sqlite")
+        return SQLiteRegistry(self.path)
+
+    def test_pending_seen_by_another_connection(self):
+        """A confirmation stored by the daemon is listed and spent by the CLI's connection,
+        and settings changed by the CLI are seen by the daemon's."""
+        self.registry.add_pending(_pending())
+        cli = SQLiteRegistry(self.path)
+        self.addCleanup(cli.close)
+        self.assertEqual(len(cli.pending()), 1)
+        self.assertIsNotNone(cli.consume_pending("test@example.com", "a" * 32, T0))
+        self.assertIsNone(self.registry.consume_pending("test@example.com", "a" * 32, T0))
+        self.assertEqual(self.registry.list_settings("test@example.com").language, "en")
+        cli.update_list_settings("test@example.com", {"language": "de"})
+        self.assertEqual(self.registry.list_settings("test@example.com").language, "de")
+
+    def test_upgrade_from_version_2_keeps_members(self):
+        """A version 2 registry is upgraded in place: members keep their delivery flag
+        and get the default list-processing flags."""
+        self.registry.close()
+        os.remove(self.path)
+        with sqlite3.connect(self.path) as db:
+            db.executescript(_MIGRATIONS[0])
+            db.executescript(_MIGRATIONS[1])
+            db.execute("PRAGMA user_version = 2")
+            db.execute("INSERT INTO lists VALUES ('old@example.com', 'Old', 0)")
+            db.execute(
+                "INSERT INTO members (list_address, address, display_name, delivery_enabled)"
+                " VALUES ('old@example.com', 'a@example.org', 'A', 0)"
+            )
+        self.registry = SQLiteRegistry(self.path)
+        self.assertEqual(
+            self.registry.members("old@example.com"), (Member("a@example.org", "A", False),)
+        )
+        self.assertEqual(self.registry.list_settings("old@example.com"), ListSettings())

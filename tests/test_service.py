@@ -369,20 +369,26 @@ class LoopTests(RelayCase):
 
         return as_deferred(go())
 
-    def test_commands_held_not_delivered(self):
-        """Mail to a command address is kept in the spool (HELD), never sent to members."""
+    def test_commands_processed_not_delivered(self):
+        """Mail to a command address is processed (a -join is answered with a confirmation
+        request to the sender), never sent to members; -bounces mail is kept HELD."""
 
         async def go():
             await self.start_relay()
             self.admin("lists", "create", "test@example.com")
             self.admin("members", "add", "test@example.com", "bart@example.com")
             client = await self.lmtp()
-            replies = await client.sendmail("anne@example.com", ["test-join@example.com"], POST)
-            self.assertEqual([r.code for r in replies], [250])
-            await self.service.getServiceNamed("mailrelay-delivery").when_idle()
+            replies = await client.sendmail(
+                "anne@example.com", ["test-join@example.com", "test-bounces@example.com"], POST
+            )
+            self.assertEqual([r.code for r in replies], [250, 250])
+            await self.delivered(1)
             spool = self.service.getServiceNamed("mailrelay-stores")._spool
-            self.assertEqual([e.state.value for e in spool.entries()], ["held"])
-            self.assertEqual(self.smarthost.messages, [])
+            states = {e.destination.subaddress: e.state.value for e in spool.entries()}
+            self.assertEqual((states["join"], states["bounces"]), ("done", "held"))
+            self.assertEqual(
+                [tuple(t.rcpts) for t in self.smarthost.transactions], [("anne@example.com",)]
+            )
 
         return as_deferred(go())
 

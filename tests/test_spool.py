@@ -20,7 +20,7 @@ from zope.interface.verify import verifyObject
 import mailrelay
 from mailrelay.errors import SpoolError
 from mailrelay.interfaces import ISpool
-from mailrelay.model import Destination, EntryKind, EntryState, Envelope, Route
+from mailrelay.model import Destination, EntryKind, EntryState, Envelope, Outgoing, Route
 from mailrelay.spool import (
     SCHEMA_VERSION,
     EntryUpdate,
@@ -816,3 +816,163 @@ class SQLiteSpoolCrashTests(TestCase):
             self.assertEqual(spool.get_message(stored[entry_id].message_key), message)
         # The child was killed mid-stream, not after it had stopped writing.
         self.assertGreaterEqual(len(stored), len(acks))
+
+
+# -- messages mailrelay writes, and held mail released (list processing) -------------
+
+
+def _notice(*recipients: str, sender: str = "test-bounces@example.com", body=b"reply"):
+    return Outgoing(
+        sender,
+        recipients or ("anne@example.org",),
+        b"Auto-Submitted: auto-replied\r\n\r\n" + body,
+        LIST,
+        message_id="<n@example.com>",
+    )
+
+
+class OutgoingContractMixin:
+    """store_outgoing and release_held, which every ISpool must have."""
+
+    async def test_store_outgoing(self):
+        """Each message is stored as written with one QUEUED NOTICE entry per recipient
+        (duplicates once), its envelope sender and list; the finishing updates apply."""
+        (request,) = await self.spool.enqueue(_envelope(JOIN), b"join me")
+        first, second = (
+            _notice("a@example.org", "b@example.org", "a@example.org"),
+            _notice("c@example.org", sender="", body=b"dsn"),
+        )
+        ids = await self.spool.store_outgoing(
+            [first, second], [EntryUpdate(request, EntryState.DONE, error="answered")]
+        )
+        self.assertEqual(len(ids), 3)
+        notices = [e for e in self.spool.entries() if e.kind is EntryKind.NOTICE]
+        self.assertEqual([e.entry_id for e in notices], ids)
+        self.assertEqual(
+            [(e.destination, e.sender, e.state, e.message_id) for e in notices],
+            [
+                (
+                    Destination(LIST, None, "a@example.org"),
+                    first.sender,
+                    EntryState.QUEUED,
+                    "<n@example.com>",
+                ),
+                (
+                    Destination(LIST, None, "b@example.org"),
+                    first.sender,
+                    EntryState.QUEUED,
+                    "<n@example.com>",
+                ),
+                (
+                    Destination(LIST, None, "c@example.org"),
+                    "",
+                    EntryState.QUEUED,
+                    "<n@example.com>",
+                ),
+            ],
+        )
+        self.assertEqual(self.spool.get_message(notices[0].message_key), first.message)
+        self.assertEqual(self.spool.get_message(notices[2].message_key), second.message)
+        (original,) = [e for e in self.spool.entries() if e.entry_id == request]
+        self.assertEqual((original.state, original.last_error), (EntryState.DONE, "answered"))
+        claimed = await self.spool.claim_due(now=1e12, limit=10)
+        self.assertEqual({e.entry_id for e in claimed}, set(ids))
+
+    async def test_store_outgoing_bad_input(self):
+        """A value that is not an Outgoing fails the Deferred with TypeError; nothing is stored."""
+        with self.assertRaises(TypeError):
+            await self.spool.store_outgoing([b"not a message"])
+        with self.assertRaises(TypeError):
+            await self.spool.store_outgoing([_notice()], ["not an update"])
+        self.assertEqual(self.spool.entries(), [])
+
+    def test_outgoing_values_checked(self):
+        """An Outgoing needs recipients, bytes and a list address."""
+        self.assertRaises(ValueError, Outgoing, "", (), b"x", LIST)
+        self.assertRaises(TypeError, Outgoing, "", "a@example.org", b"x", LIST)
+        self.assertRaises(TypeError, Outgoing, "", ("a@example.org",), "text", LIST)
+        self.assertRaises(TypeError, Outgoing, "", ("a@example.org",), b"x", "")
+
+    async def test_release_held(self):
+        """HELD inbound entries to the named sub-addresses (or of the named ids) become
+        QUEUED; others stay as they are."""
+        bounces = Destination(LIST, "bounces", "test-bounces@example.com")
+        ids = await self.spool.enqueue(_envelope(JOIN, bounces, POST, JOIN), b"x")
+        await self.spool.update(
+            [EntryUpdate(i, EntryState.HELD) for i in ids[:3]]
+            + [EntryUpdate(ids[3], EntryState.DONE)]
+        )
+        self.assertEqual(await self.spool.release_held(["join", "request"]), 1)
+        states = {e.entry_id: e.state for e in self.spool.entries()}
+        self.assertEqual(
+            [states[i] for i in ids],
+            [EntryState.QUEUED, EntryState.HELD, EntryState.HELD, EntryState.DONE],
+        )
+        self.assertEqual(await self.spool.release_held(entry_ids=[ids[2]]), 1)
+        self.assertEqual(await self.spool.release_held(), 1)  # the -bounces entry
+        self.assertEqual(self.spool.counts()[EntryState.HELD], 0)
+
+    async def test_release_held_bad_input(self):
+        """A bare string of sub-addresses is refused (it would match letters)."""
+        with self.assertRaises(TypeError):
+            await self.spool.release_held("join")
+
+
+class MemorySpoolOutgoingTests(OutgoingContractMixin, TestCase):
+    """Outgoing messages, against MemorySpool."""
+
+    def setUp(self):
+        self.spool = MemorySpool(task.Clock())
+
+
+class SQLiteSpoolOutgoingTests(OutgoingContractMixin, TestCase):
+    """Outgoing messages, against SQLiteSpool, plus the upgrade of an older file."""
+
+    def setUp(self):
+        self.path = os.path.join(temp_dir(self), "spool.sqlite")
+        self.spool = SQLiteSpool(self.path, reactor)
+        self.addCleanup(lambda: self.spool.close())
+
+    async def test_store_outgoing_is_durable_and_seen_by_another_connection(self):
+        """Stored notices are committed: another connection (the CLI's) reads them."""
+        await self.spool.store_outgoing([_notice("a@example.org")])
+        other = SQLiteSpool(self.path, reactor)
+        self.addCleanup(other.close)
+        self.assertEqual([e.kind for e in other.entries()], [EntryKind.NOTICE])
+
+    async def test_upgrade_from_version_3_keeps_entries_and_allows_notices(self):
+        """A version 3 spool (before NOTICE entries) is upgraded in place: its HELD
+        command mail is kept, other columns untouched, and NOTICE entries can be stored."""
+        await self.spool.close()
+        os.remove(self.path)
+        with sqlite3.connect(self.path) as db:
+            for migration in MIGRATIONS[:3]:
+                for statement in migration:
+                    db.execute(statement)
+            db.execute("PRAGMA user_version = 3")
+            db.execute("INSERT INTO messages (sender, received_at, data) VALUES ('a@b.c', 1, 'x')")
+            db.execute(
+                "INSERT INTO entries (message_key, list_address, subaddress, recipient, state,"
+                " updated_at) VALUES (1, 'test@example.com', 'join', 'test-join@example.com',"
+                " 'held', 1)"
+            )
+        self.spool = SQLiteSpool(self.path, reactor)
+        (held,) = self.spool.entries()
+        self.assertEqual(
+            (held.kind, held.state, held.destination),
+            (
+                EntryKind.INBOUND,
+                EntryState.HELD,
+                Destination(LIST, "join", "test-join@example.com"),
+            ),
+        )
+        await self.spool.store_outgoing([_notice()])
+        self.assertEqual(len(self.spool.entries()), 2)
+        with sqlite3.connect(self.path) as db:
+            self.assertEqual(db.execute("PRAGMA user_version").fetchone(), (SCHEMA_VERSION,))
+            self.assertEqual(db.execute("PRAGMA integrity_check").fetchone(), ("ok",))
+            with self.assertRaises(sqlite3.IntegrityError):
+                db.execute(
+                    "INSERT INTO entries (message_key, list_address, recipient, state, kind,"
+                    " updated_at) VALUES (1, 'l@x.y', 'r@x.y', 'queued', 'bogus', 1)"
+                )

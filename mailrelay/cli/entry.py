@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import IO, Any
 
-from mailrelay.cli import check_config, lists, members, postfix_maps, queue
+from mailrelay.cli import check_config, lists, members, pending, postfix_maps, queue
 from mailrelay.cli.context import (
     CONFIG_ENVIRONMENT_VARIABLE,
     EXIT_CONFIG,
@@ -41,7 +41,7 @@ from mailrelay.postfix import PostfixMapError
 _EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 # The command groups in the order `mailrelay --help` lists them.
-_GROUPS = (lists, members, queue, check_config, postfix_maps)
+_GROUPS = (lists, members, pending, queue, check_config, postfix_maps)
 
 _MAIN_DESCRIPTION = f"""\
 Administer mailrelay: mailing lists and their members, the delivery queue, the

@@ -75,6 +75,13 @@ def _var_dir(text: str, base_dir: str) -> str:
     return path
 
 
+def _directory(text: str, base_dir: str) -> str:
+    path = _path(text, base_dir)
+    if path and os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError("exists and is not a directory")
+    return path
+
+
 def _endpoint(text: str, base_dir: str) -> str:
     return parse_endpoint(text, base_dir) if text.strip() else ""
 
@@ -374,6 +381,32 @@ SCHEMA: tuple[Key, ...] = (
         "How long delivered entries stay in the spool (shown by mailrelay queue) "
         "before they are purged; 0 purges them at the next hourly clean-up.",
         _plain(parse_duration),
+    ),
+    Key(
+        "lists",
+        "pending_request_life",
+        "3d",
+        "How long a confirmation token (join, leave) stays valid; a list's own "
+        "pending_request_life setting wins.  Mailman 3's [mailman] pending_request_life.",
+        _plain(_duration),
+    ),
+    Key(
+        "lists",
+        "max_autoresponses_per_day",
+        "10",
+        "Most automatic replies (command results, confirmation requests) to one address "
+        "for one list per day; beyond that mail is processed but not answered.  0 means no "
+        "limit.  Mailman 3's [mta] max_autoresponses_per_day.",
+        _whole,
+    ),
+    Key(
+        "lists",
+        "template_dir",
+        "",
+        "Directory of the operator's reply texts: LANG/NAME.txt for the whole site and "
+        "lists/LIST@DOMAIN/LANG/NAME.txt for one list, found before the shipped texts.  "
+        "Empty means <var_dir>/templates.",
+        _directory,
     ),
     Key(
         "devmode",

@@ -34,6 +34,7 @@ __all__ = [
     "DevModeSettings",
     "HTTPSettings",
     "LogSettings",
+    "ListsSettings",
     "MTASettings",
     "PathSettings",
     "PostfixSettings",
@@ -121,6 +122,16 @@ class MTASettings:
 
 
 @dataclass(frozen=True)
+class ListsSettings:
+    """``[lists]``: the site's defaults for list processing.  ``template_dir``
+    is absolute (``<var_dir>/templates`` unless set)."""
+
+    pending_request_life: float = 3 * 86400.0
+    max_autoresponses_per_day: int = 10
+    template_dir: str = ""
+
+
+@dataclass(frozen=True)
 class DevModeSettings:
     """``[devmode]``: when enabled, every delivery goes to ``recipient`` instead."""
 
@@ -168,6 +179,7 @@ class Settings:
     http: HTTPSettings = field(default_factory=HTTPSettings)
     log: LogSettings = field(default_factory=LogSettings)
     postfix: PostfixSettings = field(default_factory=PostfixSettings)
+    lists: ListsSettings = field(default_factory=ListsSettings)
 
     @classmethod
     def from_defaults(cls) -> Settings:
@@ -332,6 +344,9 @@ def _build(
         raise context.error(
             "devmode", ["enabled", "recipient"], "development mode needs a recipient"
         )
+    lists = values["lists"]
+    if not lists["template_dir"]:
+        lists["template_dir"] = os.path.join(values["paths"]["var_dir"], "templates")
     return Settings(
         paths=PathSettings(**values["paths"]),
         mta=MTASettings(**mta),
@@ -340,6 +355,7 @@ def _build(
         http=HTTPSettings(**values["http"]),
         log=LogSettings(**values["log"]),
         postfix=PostfixSettings(**values["postfix"]),
+        lists=ListsSettings(**lists),
     )
 
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import email
 import re
+from collections.abc import Iterator
 from email.header import decode_header, make_header
 from email.message import Message
 from email.utils import getaddresses
 
-__all__ = ["decoded_header", "header_addresses", "parse_prefix", "part_text"]
+__all__ = ["decoded_header", "header_addresses", "parse_prefix", "part_text", "walk_parts"]
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _FOLDING = re.compile(r"\s*[\r\n]+\s*")
@@ -81,3 +82,19 @@ def part_text(part: Message, max_chars: int) -> str:
         # An unknown charset name: UTF-8 is the likeliest truth for modern mail.
         text = payload.decode("utf-8", errors="replace")
     return text[:max_chars]
+
+
+def walk_parts(msg: Message, max_parts: int) -> Iterator[Message]:
+    """The message and its parts in order, at most ``max_parts``, descending
+    into multiparts but not into attached messages (a returned or forwarded
+    message is not the sender's own text or report)."""
+    stack = [msg]
+    count = 0
+    while stack and count < max_parts:
+        part = stack.pop(0)
+        count += 1
+        yield part
+        if part.get_content_maintype() == "multipart" and part.is_multipart():
+            payload = part.get_payload()
+            if isinstance(payload, list):
+                stack[0:0] = payload

@@ -34,7 +34,7 @@ import flufl.bounce
 from twisted.logger import Logger
 
 from mailrelay.addresses import is_valid_mailbox
-from mailrelay.listproc._mail import parse_prefix
+from mailrelay.listproc._mail import parse_prefix, walk_parts
 
 __all__ = ["BounceReport", "Recognition", "parse_bounce", "verp_member"]
 
@@ -144,7 +144,7 @@ def _read_dsn(msg: Message) -> tuple[set[str], set[str]] | None:
     found = False
     permanent: set[str] = set()
     temporary: set[str] = set()
-    for part in _parts(msg):
+    for part in walk_parts(msg, MAX_PARTS):
         if part.get_content_type() != "message/delivery-status":
             continue
         found = True
@@ -163,20 +163,6 @@ def _read_dsn(msg: Message) -> tuple[set[str], set[str]] | None:
                 continue
             (permanent if kind == "permanent" else temporary).add(address)
     return (permanent, temporary) if found else None
-
-
-def _parts(msg: Message):
-    """Parts in order, at most MAX_PARTS, not descending into a returned message."""
-    stack = [msg]
-    count = 0
-    while stack and count < MAX_PARTS:
-        part = stack.pop(0)
-        count += 1
-        yield part
-        if part.get_content_maintype() == "multipart" and part.is_multipart():
-            payload = part.get_payload()
-            if isinstance(payload, list):
-                stack[0:0] = payload
 
 
 def _field(block: Message, name: str) -> str:

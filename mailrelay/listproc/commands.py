@@ -38,7 +38,7 @@ from html.parser import HTMLParser
 
 from mailrelay.addresses import check_mailbox
 from mailrelay.errors import InvalidAddress
-from mailrelay.listproc._mail import decoded_header, parse_prefix, part_text
+from mailrelay.listproc._mail import decoded_header, parse_prefix, part_text, walk_parts
 
 __all__ = [
     "MAX_COMMAND_LINES",
@@ -337,24 +337,16 @@ def _body_lines(msg: Message) -> tuple[list[str], bool, bool]:
 
 
 def _leaf_parts(msg: Message) -> list[Message]:
-    """Non-attachment leaf parts in order, without descending into attached
-    messages (a forwarded message is not the sender's commands)."""
+    """Non-attachment text leaf parts in order (attached messages are not read)."""
     leaves: list[Message] = []
-    stack = [msg]
-    seen = 0
-    while stack and seen < MAX_PARTS:
-        part = stack.pop(0)
-        seen += 1
-        if part.is_multipart():
-            payload = part.get_payload()
-            if part.get_content_maintype() == "multipart" and isinstance(payload, list):
-                stack[0:0] = payload
+    for part in walk_parts(msg, MAX_PARTS):
+        if part.is_multipart() or part.get_content_maintype() != "text":
             continue
         try:
             disposition = part.get_content_disposition()
         except Exception:
             disposition = None
-        if disposition != "attachment" and part.get_content_maintype() == "text":
+        if disposition != "attachment":
             leaves.append(part)
     return leaves
 

@@ -97,22 +97,18 @@ def build_command_results(
     if parsed.unprocessed:
         lines = "\n".join(f"    {line}" for line in parsed.unprocessed)
         unprocessed = templates.render("unprocessed", {**values, "lines": lines}).body
-    help_text = templates.render("help", values).body
-    rendered = templates.render(
+    return _from_template(
+        mlist,
+        templates,
         "results",
         {
-            **values,
             "results": "\n".join(blocks) if blocks else "(no commands found)\n",
             "unprocessed": unprocessed,
-            "help": help_text,
+            "help": templates.render("help", values).body,
         },
-    )
-    return _outgoing(
-        mlist,
         to=requester,
         from_=mlist.subaddress("request"),
-        subject=rendered.subject or "The results of your email commands",
-        body=rendered.body,
+        fallback_subject="The results of your email commands",
         in_reply_to=in_reply_to,
         now=now,
     )
@@ -134,15 +130,15 @@ def build_confirmation(
     action = PendingAction(action)
     if action not in (PendingAction.JOIN, PendingAction.LEAVE):
         raise ValueError(f"a confirmation request is for join or leave, not {action.value}")
-    name = "confirm-join" if action is PendingAction.JOIN else "confirm-leave"
-    rendered = templates.render(name, {**_list_values(mlist), "address": address, "token": token})
-    return _outgoing(
+    return _from_template(
         mlist,
+        templates,
+        "confirm-join" if action is PendingAction.JOIN else "confirm-leave",
+        {"address": address, "token": token},
         to=address,
         from_=confirm_address(mlist, token),
-        subject=f"confirm {token}",  # what a reply to -request must carry
-        body=rendered.body,
         reply_to=confirm_address(mlist, token),
+        subject=f"confirm {token}",  # what a reply to -request must carry
         in_reply_to=in_reply_to,
         now=now,
     )
@@ -158,13 +154,14 @@ def build_token_rejected(
 ) -> Outgoing:
     """The short neutral reply to mail for ``-confirm+TOKEN`` with a token that
     is forged, expired, used or another list's (one text for all)."""
-    rendered = templates.render("token-rejected", _list_values(mlist))
-    return _outgoing(
+    return _from_template(
         mlist,
+        templates,
+        "token-rejected",
+        {},
         to=address,
         from_=mlist.subaddress("request"),
-        subject=rendered.subject or "Your confirmation",
-        body=rendered.body,
+        fallback_subject="Your confirmation",
         in_reply_to=in_reply_to,
         now=now,
     )
@@ -179,7 +176,7 @@ def build_welcome(
     now: float | None = None,
 ) -> Outgoing:
     """The welcome sent to a new member."""
-    return _simple(mlist, "welcome", address, templates, in_reply_to, now, {"address": address})
+    return _to_member(mlist, templates, "welcome", address, in_reply_to, now)
 
 
 def build_goodbye(
@@ -191,7 +188,7 @@ def build_goodbye(
     now: float | None = None,
 ) -> Outgoing:
     """The notice sent to an address that has left the list."""
-    return _simple(mlist, "goodbye", address, templates, in_reply_to, now, {"address": address})
+    return _to_member(mlist, templates, "goodbye", address, in_reply_to, now)
 
 
 def build_held_notice(
@@ -210,20 +207,20 @@ def build_held_notice(
     reply saying ``approve``, ``reject REASON`` or ``discard`` acts on it.
     The post itself is not attached (held mail is often spam)."""
     values = {
-        **_list_values(mlist),
         "poster": _one_line(poster),
         "subject": _one_line(subject) or "(no subject)",
         "size": size,
         "reason": _one_line(reason),
     }
-    rendered = templates.render("held-notice", values)
-    return _outgoing(
+    return _from_template(
         mlist,
+        templates,
+        "held-notice",
+        values,
         to=mlist.owners,
         from_=confirm_address(mlist, token),
-        subject=rendered.subject or f"A post to {mlist.posting_address} needs approval",
-        body=rendered.body,
         reply_to=confirm_address(mlist, token),
+        fallback_subject=f"A post to {mlist.posting_address} needs approval",
         in_reply_to=None,
         now=now,
     )
@@ -244,13 +241,14 @@ def build_reject_notice(
         "subject": _one_line(subject) or "(no subject)",
         "reason": _one_line(reason) or "(none given)",
     }
-    rendered = templates.render("reject", {**_list_values(mlist), **values})
-    return _outgoing(
+    return _from_template(
         mlist,
+        templates,
+        "reject",
+        values,
         to=poster,
         from_=mlist.subaddress("owner"),
-        subject=rendered.subject or "Your post was not accepted",
-        body=rendered.body,
+        fallback_subject="Your post was not accepted",
         in_reply_to=in_reply_to,
         now=now,
     )
@@ -267,15 +265,15 @@ def build_disabled_warning(
 ) -> Outgoing:
     """The warning to a member whose delivery bounces disabled, with a
     re-enable token: From and Reply-To ``-confirm+TOKEN``."""
-    values = {"address": address, "token": token, "warnings_left": warnings_left}
-    rendered = templates.render("disabled-warning", {**_list_values(mlist), **values})
-    return _outgoing(
+    return _from_template(
         mlist,
+        templates,
+        "disabled-warning",
+        {"address": address, "token": token, "warnings_left": warnings_left},
         to=address,
         from_=confirm_address(mlist, token),
-        subject=rendered.subject or f"Your membership in {mlist.posting_address} is disabled",
-        body=rendered.body,
         reply_to=confirm_address(mlist, token),
+        fallback_subject=f"Your membership in {mlist.posting_address} is disabled",
         in_reply_to=None,
         now=now,
     )
@@ -291,14 +289,14 @@ def build_removal_notice(
 ) -> Outgoing:
     """The notice to the owners that ``address`` was removed (e.g. after the
     last bounce warning)."""
-    values = {"address": address, "reason": _one_line(reason)}
-    rendered = templates.render("removed-owner", {**_list_values(mlist), **values})
-    return _outgoing(
+    return _from_template(
         mlist,
+        templates,
+        "removed-owner",
+        {"address": address, "reason": _one_line(reason)},
         to=mlist.owners,
         from_=mlist.subaddress("owner"),
-        subject=rendered.subject or f"{address} removed from {mlist.posting_address}",
-        body=rendered.body,
+        fallback_subject=f"{address} removed from {mlist.posting_address}",
         in_reply_to=None,
         now=now,
     )
@@ -356,17 +354,35 @@ def _one_line(text: str) -> str:
     return _CONTROL.sub(" ", str(text)).strip()[:300]
 
 
-def _simple(mlist, name, address, templates, in_reply_to, now, extra) -> Outgoing:
-    rendered = templates.render(name, {**_list_values(mlist), **extra})
-    return _outgoing(
+def _to_member(mlist, templates, name, address, in_reply_to, now) -> Outgoing:
+    return _from_template(
         mlist,
+        templates,
+        name,
+        {"address": address},
         to=address,
         from_=mlist.subaddress("request"),
-        subject=rendered.subject or mlist.posting_address,
-        body=rendered.body,
+        fallback_subject=mlist.posting_address,
         in_reply_to=in_reply_to,
         now=now,
     )
+
+
+def _from_template(
+    mlist: MailingList,
+    templates: Templates,
+    name: str,
+    values: dict[str, object],
+    *,
+    subject: str | None = None,
+    fallback_subject: str = "",
+    **headers,
+) -> Outgoing:
+    """Render template ``name`` with the list's values and ``values``; the
+    Subject is ``subject`` if given, else the template's, else the fallback."""
+    rendered = templates.render(name, {**_list_values(mlist), **values})
+    subject = subject or rendered.subject or fallback_subject
+    return _outgoing(mlist, subject=subject, body=rendered.body, **headers)
 
 
 def _is_own_address(mlist: MailingList, address: str) -> bool:

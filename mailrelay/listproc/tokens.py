@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import enum
 import hmac
 import os
 import re
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 from hashlib import sha256
 
 from mailrelay.errors import ConfigurationError
+from mailrelay.model import Pending, PendingAction
 
 __all__ = [
     "DEFAULT_TOKEN_LIFETIME",
@@ -52,35 +52,6 @@ SECRET_FILE = "unsubscribe.key"
 _UNSUBSCRIBE_LABEL = b"mailrelay one-click unsubscribe v1\0"
 _MAC_BYTES = 16  # HMAC-SHA256 cut to 128 bits (RFC 2104 section 5 allows it)
 _MAX_UNSUBSCRIBE_TOKEN = 1024
-
-
-class PendingAction(str, enum.Enum):
-    """What confirming a token does."""
-
-    JOIN = "join"  # subscribe the address
-    LEAVE = "leave"  # unsubscribe the address
-    MODERATE = "moderate"  # an owner acts on the held post ``reference``
-    REENABLE = "reenable"  # re-enable delivery disabled by bounces
-
-
-@dataclass(frozen=True)
-class Pending:
-    """A pending confirmation: the value stored under ``token``.
-
-    ``reference`` names what the action applies to beyond the address (the
-    held post's spool id for MODERATE), "" otherwise.  Times are POSIX.
-    """
-
-    token: str
-    list_address: str
-    address: str
-    action: PendingAction
-    created_at: float
-    expires_at: float
-    reference: str = ""
-
-    def expired(self, now: float) -> bool:
-        return now >= self.expires_at
 
 
 def new_token() -> str:

@@ -9,9 +9,14 @@ it; entries left QUEUED are routed later by :meth:`Router.route` when the
 * a post (an INBOUND entry for the posting address) is replaced, in one
   transaction, by one MEMBER entry per member with delivery enabled; mail to
   ``-owner`` likewise by one OWNER entry per owner;
-* mail to the command addresses (``-join``, ``-leave``, ``-request``,
-  ``-confirm``) and to ``-bounces`` is HELD: kept, with its sub-address, for
-  the processing that comes later, and never delivered to members;
+* mail to a sub-address that the list processor handles
+  (:mod:`mailrelay.listproc.processor`: the command addresses ``-join``,
+  ``-leave``, ``-request``, ``-confirm``, and whatever else is plugged in) is
+  stored QUEUED and, once claimed, handed to the processor instead of being
+  expanded; it is never delivered to members;
+* mail to the other command addresses and to ``-bounces`` (when no handler
+  is plugged in) is HELD: kept, with its sub-address, for processing that
+  comes later, and never delivered to members;
 * a second RCPT of a post or ``-owner`` address in one transaction is DONE at
   once: one copy is enough.
 
@@ -64,6 +69,10 @@ _STORED_FOR_BATCH = _RouteLogLine(
     "info", "{message_id} from {sender} to {list}: stored, to be expanded by a delivery batch"
 )
 _DUPLICATE_LINE = _RouteLogLine("info", _DUPLICATE)
+# Mail to a sub-address the list processor handles.
+_STORED_FOR_PROCESSING = _RouteLogLine(
+    "info", "{message_id} from {sender} to {list} -{subaddress}: stored for list processing"
+)
 
 
 def _one_copy_per_address(destination: Destination) -> bool:
@@ -89,7 +98,9 @@ class Router:
     flight (with the message and lists routing has in hand), and
     ``wake()`` says new entries are waiting.  ``observer`` (an
     :class:`~mailrelay.interfaces.IRelayObserver`) is told how many copies of
-    each message were queued for each list, and what was held.
+    each message were queued for each list, and what was held.  ``processor`` (a
+    :class:`~mailrelay.listproc.processor.ListProcessor`, or ``None``) takes
+    the mail to the sub-addresses it handles.
     """
 
     def __init__(
@@ -103,6 +114,7 @@ class Router:
         start_batch: Callable[[list[SpoolEntry], JustStored], None],
         wake: Callable[[], None],
         observer: Any = NO_OBSERVER,
+        processor: Any = None,
     ):
         self._spool = spool
         self._registry = registry
@@ -112,6 +124,7 @@ class Router:
         self._start_batch = start_batch
         self._wake = wake
         self._observer = observer
+        self._processor = processor
         # Member counts seen when routing: posts to lists known to be larger
         # than inline_limit are not expanded while being stored.
         self._list_sizes: dict[str, int] = {}
@@ -127,6 +140,8 @@ class Router:
         with more than ``inline_limit`` members is left QUEUED for a batch.
         """
         subaddress = destination.subaddress
+        if self._processes(subaddress):
+            return Route(), _STORED_FOR_PROCESSING, None
         if subaddress in _HELD_SUBADDRESSES:
             line = _RouteLogLine(
                 "info",
@@ -174,6 +189,9 @@ class Router:
         )
         return Route(EntryState.DONE, kind, recipients), line, mlist
 
+    def _processes(self, subaddress: str | None) -> bool:
+        return self._processor is not None and self._processor.handles(subaddress)
+
     # -- routing claimed inbound entries ----------------------------------------
 
     async def route(
@@ -198,6 +216,8 @@ class Router:
             _log.info(_DUPLICATE, original=posts_seen[key], **fields)
             return EntryUpdate(entry.entry_id, EntryState.DONE)
         posts_seen[key] = entry.entry_id
+        if self._processes(destination.subaddress):
+            return await self._processor.process(entry)
         try:
             route, line, _ = self._decide(destination, inline=False)
         except (RegistryError, RegistryUnavailable) as e:

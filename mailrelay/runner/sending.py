@@ -1,12 +1,13 @@
 """Sending the copies of one message: one SMTP transaction per chunk of recipients.
 
 Place in the flow: the :mod:`~mailrelay.runner.scheduler` hands each claimed
-group of MEMBER or OWNER entries (one message, one list) to
+group of MEMBER, OWNER or NOTICE entries (one message, one list) to
 :meth:`CopySender.deliver_group`, which reads the list, builds the DATA bytes
 once per message (with the list headers, for posts), sends them through the
 ``IMessageSender`` (normally :class:`~mailrelay.mta.pool.ConnectionPool`, the
 ``mta`` package) in transactions of at most ``max_recipients`` (one per
-recipient with VERP) from the list's ``-bounces`` address, and returns the
+recipient with VERP) from the list's ``-bounces`` address (a NOTICE, which mailrelay wrote itself,
+as stored and from the envelope sender stored with it), and returns the
 spool updates and bounces that :mod:`~mailrelay.runner.outcomes` derives from
 the replies.
 
@@ -91,7 +92,7 @@ def _verp_sender(mlist: MailingList, recipient: str) -> str:
 
 
 class CopySender:
-    """Delivers groups of MEMBER and OWNER copies through ``sender``.
+    """Delivers groups of MEMBER, OWNER and NOTICE entries through ``sender``.
 
     ``spool`` (an ``ISpool``) supplies the stored message, ``registry`` the
     list.  ``is_running`` says whether the runner still delivers (a chunk
@@ -172,6 +173,10 @@ class CopySender:
         if just_stored is not None and just_stored.message_key == message_key:
             raw = just_stored.message
             mlist = just_stored.lists.get(list_address)
+        if kind is EntryKind.NOTICE:
+            # Written by mailrelay and sent as stored, from its stored sender:
+            # the list is only named (it may be gone, and a notice still goes).
+            mlist = MailingList(list_address)
         try:
             if mlist is None:
                 mlist = self._registry.get_list(list_address)
@@ -226,8 +231,10 @@ class CopySender:
             chunks = chunkify(valid, self._max_recipients)
         # At most max_parallel transactions in the sender's hands: the others
         # wait their turn here, and look at the breaker when they get it.
+        # A NOTICE goes out from the envelope sender stored with it ("" for a DSN).
+        stored_sender = first.sender if kind is EntryKind.NOTICE else None
         transactions = [
-            self._slots.run(self._send, mlist, kind, first.message_id, chunk, wire)
+            self._slots.run(self._send, mlist, kind, first.message_id, chunk, wire, stored_sender)
             for chunk in chunks
         ]
         for chunk_results in await defer.gatherResults(transactions):
@@ -273,8 +280,12 @@ class CopySender:
         message_id: str,
         chunk: list[str],
         wire: WireMessage,
+        stored_sender: str | None = None,
     ) -> dict[str, RecipientResult]:
-        """Send one SMTP transaction; a result for each recipient of ``chunk``."""
+        """Send one SMTP transaction; a result for each recipient of ``chunk``.
+
+        The envelope sender is ``stored_sender`` when given (a NOTICE), else
+        the list's -bounces address (VERP-encoded for a member with VERP)."""
         if not self._is_running():
             return dict.fromkeys(chunk, RecipientResult(NotAttempted.STOPPING))
         if self._breaker.state() == CircuitBreaker.OPEN:
@@ -289,7 +300,9 @@ class CopySender:
                     RecipientResult(classify_error(error), error.code, one_line(error.response)),
                 )
             self._unreachable = None
-        if self._verp and kind is EntryKind.MEMBER:
+        if stored_sender is not None:
+            envelope_sender = stored_sender
+        elif self._verp and kind is EntryKind.MEMBER:
             envelope_sender = _verp_sender(mlist, chunk[0])
         else:
             envelope_sender = mlist.bounces_address

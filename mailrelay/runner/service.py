@@ -89,6 +89,10 @@ class DeliveryRunner(service.Service):
     none) is told, once per group or batch, what was queued, held, delivered,
     deferred, dead-lettered and bounced, each SMTP transaction's duration, and
     how long after receipt each post's first and last waiting copies went out.
+
+    ``processor`` (a :class:`~mailrelay.listproc.processor.ListProcessor`)
+    takes mail to the sub-addresses it handles; at start the runner releases
+    such mail that an earlier release held.
     """
 
     name = "delivery"
@@ -115,6 +119,7 @@ class DeliveryRunner(service.Service):
         poll_interval: float | None = 30.0,
         inline_limit: int = 1000,
         observer: Any = None,
+        processor: Any = None,
     ):
         if not callable(getattr(sender, "sendmail", None)):
             raise TypeError(f"sender must provide sendmail(), not {sender!r}")
@@ -183,7 +188,9 @@ class DeliveryRunner(service.Service):
             start_batch=self._scheduler.start_batch,
             wake=self._scheduler.wake,
             observer=self._observer,
+            processor=processor,
         )
+        self._processor = processor
 
     # -- public API -----------------------------------------------------------
 
@@ -212,6 +219,17 @@ class DeliveryRunner(service.Service):
         """Return entries left in flight by a crash to the queue, then start delivering."""
         super().startService()
         self._scheduler.start()
+        if self._processor is not None:
+            # Mail that an earlier release HELD for what is now processed.
+            d = self._processor.release_held()
+            d.addCallbacks(
+                lambda count: self._scheduler.wake() if count else None,
+                lambda f: _log.warn(
+                    "Could not release held mail for list processing: {error}",
+                    error=f.getErrorMessage(),
+                ),
+            )
+            self._scheduler.track(d)
 
     def stopService(self) -> defer.Deferred[None]:  # noqa: N802
         """Stop claiming; fires when the transactions in flight are done and

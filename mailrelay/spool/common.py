@@ -25,6 +25,7 @@ from mailrelay.model import (
     EntryState,
     EntryUpdate,
     Envelope,
+    Outgoing,
     PostSummary,
     Route,
     SpoolEntry,
@@ -117,6 +118,42 @@ def check_updates(updates: Iterable[EntryUpdate]) -> list[EntryUpdate]:
         if not isinstance(update, EntryUpdate):
             raise TypeError(f"not an EntryUpdate: {update!r}")
     return updates
+
+
+def check_outgoing(
+    messages: Iterable[Outgoing], finish: Iterable[EntryUpdate]
+) -> tuple[list[Outgoing], list[EntryUpdate]]:
+    if isinstance(messages, Outgoing):
+        messages = [messages]
+    checked = list(messages)
+    for message in checked:
+        if not isinstance(message, Outgoing):
+            raise TypeError(f"not an Outgoing message: {message!r}")
+    return checked, check_updates(finish)
+
+
+def outgoing_envelope(message: Outgoing, now: float) -> Envelope:
+    """The stored envelope of a message mailrelay wrote: its NOTICE entries name
+    the list it is about and each recipient, without a sub-address."""
+    return Envelope(
+        sender=message.sender,
+        destinations=tuple(
+            Destination(message.list_address, None, recipient)
+            for recipient in dict.fromkeys(message.recipients)
+        ),
+        received_at=now,
+        message_id=message.message_id,
+    )
+
+
+def check_release(
+    subaddresses: Iterable[str | None] | None, entry_ids: Iterable[int] | None
+) -> tuple[set[str | None] | None, set[int] | None]:
+    if isinstance(subaddresses, str):
+        raise TypeError(f"subaddresses must be a collection of names, not {subaddresses!r}")
+    names = None if subaddresses is None else set(subaddresses)
+    ids = None if entry_ids is None else set(check_ids(entry_ids))
+    return names, ids
 
 
 def check_ids(entry_ids: Iterable[int]) -> list[int]:

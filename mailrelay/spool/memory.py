@@ -24,6 +24,7 @@ from mailrelay.model import (
     EntryState,
     EntryUpdate,
     Envelope,
+    Outgoing,
     PostSummary,
     Route,
     SpoolEntry,
@@ -106,6 +107,52 @@ class MemorySpool:
                     )
         return succeed(Stored(tuple(ids), tuple(claimed)))
 
+    @common.deferred_errors
+    def store_outgoing(
+        self, messages: Iterable[Outgoing], finish: Iterable[EntryUpdate] = ()
+    ) -> Deferred[list[int]]:
+        """Store messages mailrelay wrote, one QUEUED NOTICE entry per recipient,
+        and apply ``finish`` (see :meth:`~mailrelay.interfaces.ISpool.store_outgoing`)."""
+        self._check_open("store outgoing messages")
+        checked, updates = common.check_outgoing(messages, finish)
+        now = self._clock.seconds()
+        ids = []
+        for message in checked:
+            envelope = common.outgoing_envelope(message, now)
+            key, self._next_key = self._next_key, self._next_key + 1
+            self._messages[key] = (envelope, bytes(message.message))
+            for destination in envelope.destinations:
+                entry = common.new_entry(
+                    envelope, key, self._new_id(), destination, EntryState.QUEUED, EntryKind.NOTICE
+                )
+                self._put(entry, now)
+                ids.append(entry.entry_id)
+        self._apply(updates, now)
+        return succeed(ids)
+
+    @common.deferred_errors
+    def release_held(
+        self,
+        subaddresses: Iterable[str | None] | None = None,
+        entry_ids: Iterable[int] | None = None,
+    ) -> Deferred[int]:
+        """Make HELD INBOUND entries QUEUED (those to ``subaddresses`` and of
+        ``entry_ids``, each ``None`` for any); fires with how many changed."""
+        self._check_open("release held entries")
+        names, ids = common.check_release(subaddresses, entry_ids)
+        now = self._clock.seconds()
+        chosen = [
+            entry
+            for entry in self._entries.values()
+            if entry.state is EntryState.HELD
+            and entry.kind is EntryKind.INBOUND
+            and (names is None or entry.destination.subaddress in names)
+            and (ids is None or entry.entry_id in ids)
+        ]
+        for entry in chosen:
+            self._put(replace(entry, state=EntryState.QUEUED, next_attempt_at=None), now)
+        return succeed(len(chosen))
+
     def get_message(self, message_key: int) -> bytes:
         """The stored bytes of a message; ``KeyError`` if it is not (or no longer) spooled."""
         self._check_open(f"read message {message_key}")
@@ -137,9 +184,12 @@ class MemorySpool:
     def update(self, updates: Iterable[EntryUpdate]) -> Deferred[int]:
         """Apply ``updates``; fires with how many entries changed (unknown ids are skipped)."""
         self._check_open("update entries")
-        now = self._clock.seconds()
+        changed = self._apply(common.check_updates(updates), self._clock.seconds())
+        return succeed(changed)
+
+    def _apply(self, updates: list[EntryUpdate], now: float) -> int:
         changed = 0
-        for update in common.check_updates(updates):
+        for update in updates:
             entry = self._entries.get(update.entry_id)
             if entry is None:
                 continue
@@ -158,7 +208,7 @@ class MemorySpool:
             )
             self._put(entry, now)
             changed += 1
-        return succeed(changed)
+        return changed
 
     @common.deferred_errors
     def expand(

@@ -9,15 +9,41 @@ command reads the same file through :class:`~mailrelay.spool.SQLiteSpool`.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from mailrelay._files import create_private_file
 from mailrelay.errors import SpoolError
 from mailrelay.model import Destination, EntryKind, EntryState, SpoolEntry
 
-# Each entry upgrades the schema from version N to N+1 (``PRAGMA user_version``).
-MIGRATIONS: tuple[tuple[str, ...], ...] = (
+_KIND_CHECK = "CHECK (kind IN ('inbound', 'member', 'owner'))"
+_KIND_CHECK_WITH_NOTICE = "CHECK (kind IN ('inbound', 'member', 'owner', 'notice'))"
+
+
+def _widen_kind_check(db: sqlite3.Connection) -> None:
+    """Allow ``kind = 'notice'`` in the entries table, in the migration's transaction."""
+    (sql,) = db.execute(
+        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'entries'"
+    ).fetchone()
+    if _KIND_CHECK not in sql:
+        raise sqlite3.DatabaseError(f"unexpected entries table definition: {sql}")
+    (schema_version,) = db.execute("PRAGMA schema_version").fetchone()
+    db.execute("PRAGMA writable_schema = ON")
+    try:
+        db.execute(
+            "UPDATE sqlite_master SET sql = ? WHERE type = 'table' AND name = 'entries'",
+            (sql.replace(_KIND_CHECK, _KIND_CHECK_WITH_NOTICE),),
+        )
+        # A new schema version makes every connection read the new definition.
+        db.execute(f"PRAGMA schema_version = {schema_version + 1:d}")
+    finally:
+        db.execute("PRAGMA writable_schema = OFF")
+
+
+# Each entry upgrades the schema from version N to N+1 (``PRAGMA user_version``):
+# SQL statements, or a function of the connection for what SQL cannot say.
+Migration = str | Callable[[sqlite3.Connection], None]
+MIGRATIONS: tuple[tuple[Migration, ...], ...] = (
     (
         # AUTOINCREMENT: ids are never reused, so an id the runner still holds
         # cannot land on a newer entry after an operator deleted the old one.
@@ -65,6 +91,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # rowid is the index's last column), so claiming the oldest N costs
         # O(N) however many are queued, rather than a sort of all of them.
         "CREATE INDEX entries_by_state ON entries (state)",
+    ),
+    (
+        # Version 4: NOTICE entries (messages mailrelay writes itself).
+        # Widening a CHECK constraint changes nothing on disk, so the table's
+        # definition is edited in place (SQLite's documented procedure for
+        # such changes, "Making Other Kinds Of Table Schema Changes") rather
+        # than rebuilt: columns added by other migrations stay as they are.
+        _widen_kind_check,
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -160,8 +194,11 @@ def _migrate(db: sqlite3.Connection, path: str) -> None:
                 f"understands up to {SCHEMA_VERSION} (was it written by a newer release?)"
             )
         for number in range(version, SCHEMA_VERSION):
-            for statement in MIGRATIONS[number]:
-                db.execute(statement)
+            for step in MIGRATIONS[number]:
+                if callable(step):
+                    step(db)
+                else:
+                    db.execute(step)
         if version != SCHEMA_VERSION:
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
     except BaseException:

@@ -30,6 +30,7 @@ from mailrelay.model import (
     EntryState,
     EntryUpdate,
     Envelope,
+    Outgoing,
     PostSummary,
     Route,
     SpoolEntry,
@@ -59,6 +60,46 @@ def _chunks(ids: list[int], size: int = 500) -> Iterator[list[int]]:
 
 def _placeholders(ids: list[int]) -> str:
     return ",".join("?" * len(ids))
+
+
+_UpdatePlan = list[tuple[tuple[str, float | None, str, int], list[int]]]
+
+
+def _update_plan(checked: list[EntryUpdate]) -> _UpdatePlan:
+    """The statements of a batch of updates: entries that change the same way
+    (typically a whole batch delivered) share one ``UPDATE ... IN (...)``,
+    which costs half as much as a row at a time, index upkeep included."""
+    groups: dict[tuple[str, float | None, str, int], list[int]] = {}
+    for u in checked:
+        key = (u.state.value, u.next_attempt_at, u.error, int(u.count_attempt))
+        groups.setdefault(key, []).append(u.entry_id)
+    if len({u.entry_id for u in checked}) != len(checked):
+        # An entry updated twice: apply them in order, so the last one wins.
+        return [
+            ((u.state.value, u.next_attempt_at, u.error, int(u.count_attempt)), [u.entry_id])
+            for u in checked
+        ]
+    return list(groups.items())
+
+
+def _apply_updates(db: sqlite3.Connection, plan: _UpdatePlan, now: float) -> int:
+    """Run an update plan; how many entries changed."""
+    changed = 0
+    for (state, next_attempt_at, error, count), entry_ids in plan:
+        for ids in _chunks(entry_ids):
+            changed += db.execute(
+                f"""UPDATE entries SET
+                       state = ?,
+                       next_attempt_at = ?,
+                       last_error = coalesce(nullif(?, ''), last_error),
+                       attempts = attempts + ?,
+                       first_attempt_at = CASE WHEN ? THEN coalesce(first_attempt_at, ?)
+                                          ELSE first_attempt_at END,
+                       updated_at = ?
+                   WHERE id IN ({_placeholders(ids)})""",
+                (state, next_attempt_at, error, count, count, now, now, *ids),
+            ).rowcount
+    return changed
 
 
 def _insert_copies(
@@ -208,6 +249,70 @@ class SQLiteSpool:
 
         return self._submit("store a message", store)
 
+    @common.deferred_errors
+    def store_outgoing(
+        self, messages: Iterable[Outgoing], finish: Iterable[EntryUpdate] = ()
+    ) -> Deferred[list[int]]:
+        """Store messages mailrelay wrote, one QUEUED NOTICE entry per recipient,
+        and apply ``finish``, in one durable transaction (see
+        :meth:`~mailrelay.interfaces.ISpool.store_outgoing`)."""
+        checked, updates = common.check_outgoing(messages, finish)
+        now = self._reactor.seconds()
+        envelopes = [(common.outgoing_envelope(m, now), bytes(m.message)) for m in checked]
+
+        def store(db: sqlite3.Connection) -> list[int]:
+            ids = []
+            for envelope, data in envelopes:
+                key = db.execute(
+                    "INSERT INTO messages (sender, message_id, received_at, peer, data)"
+                    " VALUES (?, ?, ?, '', ?)",
+                    (envelope.sender, envelope.message_id, envelope.received_at, data),
+                ).lastrowid
+                for destination in envelope.destinations:
+                    ids.append(
+                        db.execute(
+                            "INSERT INTO entries (message_key, list_address, subaddress,"
+                            " recipient, state, kind, updated_at)"
+                            " VALUES (?, ?, NULL, ?, 'queued', 'notice', ?)",
+                            (key, destination.list_address, destination.address, now),
+                        ).lastrowid
+                    )
+            if updates:
+                _apply_updates(db, _update_plan(updates), now)
+            return ids
+
+        return self._submit("store outgoing messages", store)
+
+    @common.deferred_errors
+    def release_held(
+        self,
+        subaddresses: Iterable[str | None] | None = None,
+        entry_ids: Iterable[int] | None = None,
+    ) -> Deferred[int]:
+        """Make HELD INBOUND entries QUEUED (those to ``subaddresses`` and of
+        ``entry_ids``, each ``None`` for any); fires with how many changed."""
+        names, ids = common.check_release(subaddresses, entry_ids)
+        now = self._reactor.seconds()
+
+        def release(db: sqlite3.Connection) -> int:
+            rows = db.execute(
+                "SELECT id, subaddress FROM entries WHERE state = 'held' AND kind = 'inbound'"
+            ).fetchall()
+            chosen = [
+                entry_id
+                for entry_id, subaddress in rows
+                if (names is None or subaddress in names) and (ids is None or entry_id in ids)
+            ]
+            for chunk in _chunks(chosen):
+                db.execute(
+                    "UPDATE entries SET state = 'queued', next_attempt_at = NULL, updated_at = ?"
+                    f" WHERE id IN ({_placeholders(chunk)})",
+                    (now, *chunk),
+                )
+            return len(chosen)
+
+        return self._submit("release held entries", release)
+
     def get_message(self, message_key: int) -> bytes:
         """The stored bytes of a message; ``KeyError`` if it is not (or no longer) spooled."""
         rows = self._read(
@@ -246,38 +351,10 @@ class SQLiteSpool:
         changed (ids of entries deleted meanwhile are skipped)."""
         checked = common.check_updates(updates)
         now = self._reactor.seconds()
-        # Entries that change the same way (typically a whole batch delivered)
-        # share one statement: one UPDATE ... IN (...) costs half as much as
-        # a row at a time, index upkeep included.
-        groups: dict[tuple[str, float | None, str, int], list[int]] = {}
-        for u in checked:
-            key = (u.state.value, u.next_attempt_at, u.error, int(u.count_attempt))
-            groups.setdefault(key, []).append(u.entry_id)
-        plan = list(groups.items())
-        if len({u.entry_id for u in checked}) != len(checked):
-            # An entry updated twice: apply them in order, so the last one wins.
-            plan = [
-                ((u.state.value, u.next_attempt_at, u.error, int(u.count_attempt)), [u.entry_id])
-                for u in checked
-            ]
+        plan = _update_plan(checked)
 
         def apply(db: sqlite3.Connection) -> int:
-            changed = 0
-            for (state, next_attempt_at, error, count), entry_ids in plan:
-                for ids in _chunks(entry_ids):
-                    changed += db.execute(
-                        f"""UPDATE entries SET
-                               state = ?,
-                               next_attempt_at = ?,
-                               last_error = coalesce(nullif(?, ''), last_error),
-                               attempts = attempts + ?,
-                               first_attempt_at = CASE WHEN ? THEN coalesce(first_attempt_at, ?)
-                                                  ELSE first_attempt_at END,
-                               updated_at = ?
-                           WHERE id IN ({_placeholders(ids)})""",
-                        (state, next_attempt_at, error, count, count, now, now, *ids),
-                    ).rowcount
-            return changed
+            return _apply_updates(db, plan, now)
 
         return self._submit("update entries", apply, durable=False)
 

@@ -1,0 +1,256 @@
+"""The list-processing core: mail to a list's service addresses, handed to handlers.
+
+Place in the flow: LMTP → routing → spool → scheduler → **processor** →
+handler → (registry changes, replies) → spool → sending → mta.  Routing
+(:mod:`mailrelay.runner.routing`) stores mail to a sub-address that has a
+handler QUEUED, like a post, and the runner hands each claimed entry to
+:meth:`ListProcessor.process` instead of expanding it.  The processor reads
+the list, calls the sub-address's :class:`~mailrelay.interfaces.IListMailHandler`
+with a :class:`ListMail`, and records what the handler's :class:`Handled`
+says: the replies it wrote are stored as NOTICE entries (delivered exactly as
+written) in the same transaction that marks the request DONE, FAILED or HELD.
+
+A sub-address without a handler keeps the behaviour of earlier releases: its
+mail is HELD.  Mail that earlier releases HELD for a sub-address that now has
+a handler is released for processing when the runner starts
+(:meth:`ListProcessor.release_held`).
+
+Processing is at-least-once, like delivery: a crash after a handler changed
+the registry but before its replies and the DONE were stored processes the
+mail again after the restart.  Handlers are written for that (a confirmation
+token is spent once, so a repeated confirmation gets the neutral "unknown
+token" reply; a repeated join request sends a second confirmation request).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from mailrelay.addresses import VERP_DELIMITER
+from mailrelay.errors import RegistryError, RegistryUnavailable, SpoolError
+from mailrelay.interfaces import IListMailHandler
+from mailrelay.model import EntryState, EntryUpdate, MailingList, Outgoing, SpoolEntry
+from mailrelay.runner.outcomes import retry_after_local_trouble
+
+__all__ = ["Handled", "ListMail", "ListProcessor"]
+
+_log = Logger()
+
+_FINAL_STATES = (EntryState.DONE, EntryState.FAILED, EntryState.HELD)
+
+
+@dataclass(frozen=True)
+class ListMail:
+    """One message to a list-processing sub-address, as a handler gets it.
+
+    ``message`` is the stored bytes (with mailrelay's ``X-MailFrom`` and any
+    Message-ID it added); ``now`` is the processor's clock.
+    """
+
+    entry: SpoolEntry
+    message: bytes = field(repr=False)
+    mlist: MailingList
+    now: float
+
+    @property
+    def sender(self) -> str:
+        """The envelope sender ("" for ``<>``)."""
+        return self.entry.sender
+
+    @property
+    def subaddress(self) -> str:
+        """The canonical sub-address (``join`` for ``-subscribe``)."""
+        return self.entry.destination.subaddress or ""
+
+    @property
+    def recipient(self) -> str:
+        """The recipient as given in RCPT, lower-cased, ``+suffix`` kept."""
+        return self.entry.destination.address
+
+    @property
+    def suffix(self) -> str:
+        """What follows the first ``+`` of the recipient's local part ("" if
+        none): the token of ``-confirm+TOKEN``, the member of a VERP bounce."""
+        local = self.recipient.rpartition("@")[0]
+        return local.partition(VERP_DELIMITER)[2]
+
+
+@dataclass(frozen=True)
+class Handled:
+    """What a handler did with one message.
+
+    ``outgoing`` are the messages to send (stored with the entry's new state
+    in one transaction).  ``state`` is what becomes of the request: DONE, or
+    FAILED (nothing could be done; an operator may retry it), or HELD (kept
+    for later, such as an unrecognised bounce).  ``note`` is recorded on the
+    entry and shown by ``mailrelay queue``: what was done, or why not.
+    """
+
+    outgoing: tuple[Outgoing, ...] = ()
+    state: EntryState = EntryState.DONE
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "outgoing", tuple(self.outgoing))
+        if self.state not in _FINAL_STATES:
+            raise ValueError(f"a handled request is DONE, FAILED or HELD, not {self.state!r}")
+
+
+class ListProcessor:
+    """Dispatches mail to list-processing sub-addresses to their handlers.
+
+    ``handlers`` maps a canonical sub-address (``request``, ``join``,
+    ``leave``, ``confirm``, ``bounces``) to an ``IListMailHandler``.
+    ``registry`` supplies the list; ``spool`` (an ``ISpool``) stores the
+    replies; ``clock`` gives the time handlers see.  ``wake`` (optional) is
+    called after replies were stored, so the runner claims them at once.
+    """
+
+    def __init__(
+        self,
+        spool: Any,
+        registry: Any,
+        *,
+        clock: Any,
+        handlers: Mapping[str, Any],
+    ) -> None:
+        for subaddress, handler in handlers.items():
+            if not IListMailHandler.providedBy(handler) and not callable(
+                getattr(handler, "handle", None)
+            ):
+                raise TypeError(f"handler for -{subaddress} must provide handle(): {handler!r}")
+        self._spool = spool
+        self._registry = registry
+        self._clock = clock
+        self._handlers = dict(handlers)
+
+    @property
+    def subaddresses(self) -> frozenset[str]:
+        """The sub-addresses this processor handles."""
+        return frozenset(self._handlers)
+
+    def handles(self, subaddress: str | None) -> bool:
+        """Whether mail to ``subaddress`` is processed here (else routing holds it)."""
+        return subaddress in self._handlers
+
+    def release_held(self) -> defer.Deferred[int]:
+        """Queue for processing the mail that earlier releases HELD for the
+        sub-addresses handled here; fires with how many entries."""
+        d = self._spool.release_held(sorted(self._handlers))
+
+        def released(count: int) -> int:
+            if count:
+                _log.info(
+                    "Releasing {count} held messages to {subaddresses} for list processing",
+                    count=count,
+                    subaddresses=", ".join(f"-{s}" for s in sorted(self._handlers)),
+                )
+            return count
+
+        return d.addCallback(released)
+
+    async def process(self, entry: SpoolEntry, message: bytes | None = None) -> EntryUpdate | None:
+        """Process a claimed INBOUND entry with its sub-address's handler.
+
+        Returns the entry's update for the caller to write, or ``None`` when
+        the update was stored here together with the replies.  ``message`` is
+        the stored bytes when the caller has them.
+        """
+        destination = entry.destination
+        fields = dict(
+            message_id=entry.message_id,
+            list=destination.list_address,
+            sender=entry.sender,
+            subaddress=destination.subaddress,
+            entry_id=entry.entry_id,
+        )
+        now = self._clock.seconds()
+        handler = self._handlers[destination.subaddress or ""]
+        try:
+            mlist = self._registry.get_list(destination.list_address)
+            if mlist is None:
+                _log.warn(
+                    "{message_id} to {list}-{subaddress}: the list no longer exists", **fields
+                )
+                return EntryUpdate(
+                    entry.entry_id,
+                    EntryState.FAILED,
+                    error="the list no longer exists",
+                    count_attempt=True,
+                )
+            if message is None:
+                message = self._spool.get_message(entry.message_key)
+            handled = await _call(handler, ListMail(entry, message, mlist, now))
+        except KeyError:
+            return None  # deleted by an operator meanwhile
+        except (RegistryUnavailable, SpoolError) as e:
+            _log.warn(
+                "{message_id} to {list}-{subaddress}: cannot process it now ({error}); "
+                "trying again shortly",
+                error=str(e),
+                **fields,
+            )
+            return retry_after_local_trouble(entry, f"cannot process it now: {e}", now)
+        except RegistryError as e:
+            _log.warn("{message_id} to {list}-{subaddress}: {error}", error=str(e), **fields)
+            return EntryUpdate(entry.entry_id, EntryState.FAILED, error=str(e), count_attempt=True)
+        except Exception as e:
+            _log.failure("{message_id} to {list}-{subaddress}: the handler failed", **fields)
+            return EntryUpdate(
+                entry.entry_id,
+                EntryState.FAILED,
+                error=f"internal error while processing: {type(e).__name__}: {e}",
+                count_attempt=True,
+            )
+        if not isinstance(handled, Handled):
+            _log.error(
+                "{message_id} to {list}-{subaddress}: the handler returned {result!r}",
+                result=handled,
+                **fields,
+            )
+            return EntryUpdate(
+                entry.entry_id,
+                EntryState.FAILED,
+                error="internal error while processing: the handler returned no result",
+                count_attempt=True,
+            )
+        update = EntryUpdate(
+            entry.entry_id,
+            handled.state,
+            error=handled.note,
+            count_attempt=handled.state is EntryState.FAILED,
+        )
+        _log.info(
+            "{message_id} from {sender} to {list}-{subaddress}: {state}, {count} replies: {note}",
+            state=handled.state.value,
+            count=len(handled.outgoing),
+            note=handled.note,
+            **fields,
+        )
+        if not handled.outgoing:
+            return update
+        try:
+            await self._spool.store_outgoing(handled.outgoing, [update])
+        except SpoolError as e:
+            # Nothing was stored: the whole request is processed again.
+            _log.error(
+                "{message_id} to {list}-{subaddress}: cannot store the replies ({error})",
+                error=str(e),
+                **fields,
+            )
+            return retry_after_local_trouble(entry, f"cannot store the replies: {e}", now)
+        return None
+
+
+async def _call(handler: Any, mail: ListMail) -> Any:
+    """``handler.handle(mail)``, which may return a value, a Deferred or a coroutine."""
+    result = handler.handle(mail)
+    if isinstance(result, defer.Deferred) or inspect.isawaitable(result):
+        result = await result
+    return result
