@@ -85,7 +85,9 @@ class DeliveryRunner(service.Service):
 
     ``processor`` (a :class:`~mailrelay.listproc.processor.ListProcessor`)
     takes mail to the sub-addresses it handles; at start the runner releases
-    such mail that an earlier release held.
+    such mail that an earlier release held.  ``posting`` (a
+    :class:`~mailrelay.listproc.moderation.Moderation`) decides each post
+    before it is expanded (see :mod:`~mailrelay.runner.routing`).
     """
 
     name = "delivery"
@@ -112,6 +114,7 @@ class DeliveryRunner(service.Service):
         poll_interval: float | None = 30.0,
         inline_limit: int = 1000,
         processor: Any = None,
+        posting: Any = None,
     ):
         if not callable(getattr(sender, "sendmail", None)):
             raise TypeError(f"sender must provide sendmail(), not {sender!r}")
@@ -178,6 +181,7 @@ class DeliveryRunner(service.Service):
             start_batch=self._scheduler.start_batch,
             wake=self._scheduler.wake,
             processor=processor,
+            posting=posting,
         )
         self._processor = processor
 
