@@ -439,6 +439,26 @@ class ListProcessingContractMixin:
         """The store fully implements IListProcessingStore."""
         self.assertTrue(verifyObject(IListProcessingStore, self.registry))
 
+    def test_update_list_owners_and_display_name(self):
+        """update_list replaces the owners (checked, each once, in order) and/or the display
+        name; a field left None stays; a bad owner or an unknown list changes nothing."""
+        mlist = self.registry.update_list(
+            "test@example.com", owners=["Anne@Example.org", "bart@example.org", "anne@example.org"]
+        )
+        self.assertEqual(mlist.owners, ("anne@example.org", "bart@example.org"))
+        self.assertEqual(self.registry.get_list("test@example.com"), mlist)
+        renamed = self.registry.update_list("test@example.com", display_name="Test")
+        self.assertEqual((renamed.display_name, renamed.owners), ("Test", mlist.owners))
+        self.assertRaises(
+            RegistryError, self.registry.update_list, "test@example.com", owners=["not an address"]
+        )
+        self.assertRaises(
+            RegistryError, self.registry.update_list, "test@example.com", owners="a@b.c"
+        )
+        self.assertRaises(RegistryError, self.registry.update_list, "nolist@example.com", owners=[])
+        self.assertEqual(self.registry.get_list("test@example.com"), renamed)
+        self.assertEqual(self.registry.update_list("test@example.com", owners=[]).owners, ())
+
     def test_settings_default_and_update(self):
         """A list starts with the defaults; updates are parsed like the INI file, stored
         and read back; a bad key or value changes nothing and names the key."""
@@ -637,6 +657,8 @@ class SQLiteListProcessingTests(ListProcessingContractMixin, SynchronousTestCase
         self.assertEqual(self.registry.list_settings("test@example.com").language, "en")
         cli.update_list_settings("test@example.com", {"language": "de"})
         self.assertEqual(self.registry.list_settings("test@example.com").language, "de")
+        cli.update_list("test@example.com", owners=["owner@example.org"])
+        self.assertEqual(self.registry.get_list("test@example.com").owners, ("owner@example.org",))
 
     def test_upgrade_from_version_2_keeps_members(self):
         """A version 2 registry is upgraded in place: members keep their delivery flag
