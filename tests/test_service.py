@@ -217,6 +217,8 @@ class LoopTests(RelayCase):
             await self.start_relay()
             self.assertEqual(stat.S_IMODE(os.stat(self.socket).st_mode), 0o660)
             self.assertEqual(self.admin("lists", "create", "test@example.com"), 0)
+            # anne is not a member: these posts test delivery, not the posting policy.
+            self.assertEqual(self.admin("lists", "set", "test@example.com", "posting=open"), 0)
             self.assertEqual(
                 self.admin(
                     "members", "add", "test@example.com", "bart@example.com", "cate@example.org"
@@ -322,6 +324,7 @@ class ShutdownTests(RelayCase):
             held = HeldSender()
             await self.start_relay(free_port(), sender=held)
             self.admin("lists", "create", "test@example.com")
+            self.admin("lists", "set", "test@example.com", "posting=open")
             self.admin("members", "add", "test@example.com", "bart@example.com")
             client = await self.lmtp()
             await client.sendmail("anne@example.com", ["test@example.com"], POST)
@@ -385,6 +388,7 @@ class IndependentSmarthostTests(RelayCase):
         async def go():
             await self.start_relay()
             self.admin("lists", "create", "test@example.com")
+            self.admin("lists", "set", "test@example.com", "posting=open")
             self.admin("members", "add", "test@example.com", "bart@example.com", "gone@example.com")
             client = await self.lmtp()
             replies = await client.sendmail("anne@example.com", ["test@example.com"], POST)
