@@ -11,6 +11,7 @@ working either way.
 
 from __future__ import annotations
 
+import argparse
 import time
 from typing import Any
 
@@ -42,18 +43,40 @@ def add_parser(commands: Any) -> None:
         description=_DESCRIPTION,
     )
     parser.add_argument(
-        "words",
-        nargs="*",
-        metavar="LIST | approve ID | reject ID | discard ID",
-        help="a list's posting address, or a decision and a held post's id",
-    )
-    parser.add_argument(
         "--reason", default="", metavar="TEXT", help="for reject: the reason the poster is told"
     )
+    # REMAINDER: "reject --reason TEXT ID" has the option between the words,
+    # which a plain nargs="*" positional cannot take; _words reads it.
+    parser.add_argument(
+        "words",
+        nargs=argparse.REMAINDER,
+        metavar="LIST | approve ID | reject [--reason TEXT] ID | discard ID",
+        help="a list's posting address, or a decision and a held post's id",
+    )
+
+
+def _words(ctx: Context) -> list[str]:
+    """The command's words, with a ``--reason TEXT`` among them taken out."""
+    words: list[str] = []
+    rest = list(ctx.args.words)
+    while rest:
+        word = rest.pop(0)
+        if word == "--reason" or word.startswith("--reason="):
+            if "=" in word:
+                ctx.args.reason = word.partition("=")[2]
+            elif rest:
+                ctx.args.reason = rest.pop(0)
+            else:
+                raise CommandError("--reason needs a TEXT", EXIT_USAGE)
+        elif word.startswith("-") and not word.lstrip("-").isdigit():
+            raise CommandError(f"unknown option {word}", EXIT_USAGE)
+        else:
+            words.append(word)
+    return words
 
 
 def _held(ctx: Context) -> int:
-    words = ctx.args.words
+    words = _words(ctx)
     if words and words[0] in _VERBS:
         if len(words) != 2:
             raise CommandError(f"usage: mailrelay held {words[0]} ID", EXIT_USAGE)
