@@ -332,10 +332,15 @@ def _check_owners(list_address: str, owners: Iterable[str] | None) -> tuple[str,
     return tuple(dict.fromkeys(_check_address(f"owner of {list_address}", o) for o in owners))
 
 
-def _check_display_name(display_name: object) -> str | None:
+def _check_list_update(
+    list_address: object, display_name: object, owners: Iterable[str] | None
+) -> tuple[str, str | None, tuple[str, ...] | None]:
+    """The arguments of ``update_list``, checked: the list's key, the new
+    display name and owners (``None``: unchanged)."""
+    key = _lookup_key(list_address)
     if display_name is not None and not isinstance(display_name, str):
         raise RegistryError(f"a display name must be text, not {display_name!r}")
-    return display_name
+    return key, display_name, _check_owners(key, owners)
 
 
 def _check_settings(base: ListSettings, changes: Any) -> ListSettings:
@@ -489,10 +494,10 @@ class MemoryRegistry(_BounceRecorder):
         display_name: str | None = None,
         owners: Iterable[str] | None = None,
     ) -> MailingList:
-        list_address = _lookup_key(list_address)
+        list_address, display_name, owner_addresses = _check_list_update(
+            list_address, display_name, owners
+        )
         self._require(list_address)
-        owner_addresses = _check_owners(list_address, owners)
-        display_name = _check_display_name(display_name)
         mlist = self._lists[list_address]
         mlist = MailingList(
             list_address,
@@ -897,9 +902,9 @@ class SQLiteRegistry(_BounceRecorder):
         display_name: str | None = None,
         owners: Iterable[str] | None = None,
     ) -> MailingList:
-        list_address = _lookup_key(list_address)
-        owner_addresses = _check_owners(list_address, owners)
-        display_name = _check_display_name(display_name)
+        list_address, display_name, owner_addresses = _check_list_update(
+            list_address, display_name, owners
+        )
         with self._errors(f"changing list {list_address}"), self._transaction():
             self._require(list_address)
             if display_name is not None:
