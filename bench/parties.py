@@ -86,6 +86,8 @@ class Relay:
         try:
             for address, members in lists.items():
                 registry.create_list(address)
+                # The benchmark's posters are not members: measure delivery, not moderation.
+                registry.update_list_settings(address, {"posting": "open"})
                 registry.add_members(
                     address, [Member(f"m{i}@members.example") for i in range(members)]
                 )

@@ -108,6 +108,13 @@ class IListProcessingStore(Interface):
         :func:`mailrelay.listsettings.settings_from_text`); all or nothing.
         Returns the new ``ListSettings``."""
 
+    def update_list(list_address, display_name=None, owners=None):
+        """Change a list's display name and/or its owners (a collection of
+        addresses, replacing the old ones; empty for none); ``None`` leaves a
+        field as it is.  Returns the new :class:`~mailrelay.model.MailingList`;
+        ``RegistryError`` for an unknown list or an invalid owner address
+        (then nothing changes)."""
+
     def get_member(list_address, address):
         """The :class:`~mailrelay.model.MemberRecord` of ``address``
         (case-insensitive), or ``None`` if it is not subscribed."""

@@ -325,6 +325,25 @@ def _check_autoreply(address: object, day: object, limit: object) -> tuple[str, 
     return key, day, limit
 
 
+def _check_owners(list_address: str, owners: Iterable[str] | None) -> tuple[str, ...] | None:
+    if owners is None:
+        return None
+    if isinstance(owners, str):
+        raise RegistryError(f"owners must be a collection of addresses, not {owners!r}")
+    return tuple(dict.fromkeys(_check_address(f"owner of {list_address}", o) for o in owners))
+
+
+def _check_list_update(
+    list_address: object, display_name: object, owners: Iterable[str] | None
+) -> tuple[str, str | None, tuple[str, ...] | None]:
+    """The arguments of ``update_list``, checked: the list's key, the new
+    display name and owners (``None``: unchanged)."""
+    key = _lookup_key(list_address)
+    if display_name is not None and not isinstance(display_name, str):
+        raise RegistryError(f"a display name must be text, not {display_name!r}")
+    return key, display_name, _check_owners(key, owners)
+
+
 def _check_settings(base: ListSettings, changes: Any) -> ListSettings:
     if not hasattr(changes, "items"):
         raise RegistryError(f"setting changes must be a mapping of texts, not {changes!r}")
@@ -469,6 +488,25 @@ class MemoryRegistry(_BounceRecorder):
         settings = _check_settings(self.list_settings(list_address), changes)
         self._settings[list_address] = settings
         return settings
+
+    def update_list(
+        self,
+        list_address: str,
+        display_name: str | None = None,
+        owners: Iterable[str] | None = None,
+    ) -> MailingList:
+        list_address, display_name, owner_addresses = _check_list_update(
+            list_address, display_name, owners
+        )
+        self._require(list_address)
+        mlist = self._lists[list_address]
+        mlist = MailingList(
+            list_address,
+            mlist.display_name if display_name is None else display_name,
+            mlist.owners if owner_addresses is None else owner_addresses,
+        )
+        self._lists[list_address] = mlist
+        return mlist
 
     def _record(self, list_address: str, member: Member) -> MemberRecord:
         record = self._records.get((list_address, member.address))
@@ -858,6 +896,33 @@ class SQLiteRegistry(_BounceRecorder):
             )
         _log.info("Changed settings of {list}: {changes}", list=list_address, changes=dict(changes))
         return settings
+
+    def update_list(
+        self,
+        list_address: str,
+        display_name: str | None = None,
+        owners: Iterable[str] | None = None,
+    ) -> MailingList:
+        list_address, display_name, owner_addresses = _check_list_update(
+            list_address, display_name, owners
+        )
+        with self._errors(f"changing list {list_address}"), self._transaction():
+            self._require(list_address)
+            if display_name is not None:
+                self._db.execute(
+                    "UPDATE lists SET display_name = ? WHERE posting_address = ?",
+                    (display_name, list_address),
+                )
+            if owner_addresses is not None:
+                self._db.execute("DELETE FROM owners WHERE list_address = ?", (list_address,))
+                self._db.executemany(
+                    "INSERT INTO owners (list_address, address, position) VALUES (?, ?, ?)",
+                    [(list_address, owner, n) for n, owner in enumerate(owner_addresses)],
+                )
+        _log.info("Changed list {list}", list=list_address)
+        mlist = self.get_list(list_address)
+        assert mlist is not None
+        return mlist
 
     def _member(self, list_address: str, key: str) -> MemberRecord | None:
         row = self._db.execute(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.application import service, strports
@@ -201,35 +202,63 @@ def make_sender(settings: Settings, reactor: Any, observer: Any = None):
     return ConnectionPool(connection, max_connections=settings.mta.max_connections)
 
 
-def make_list_processor(settings: Settings, spool: Any, registry: Any, clock: Any):
-    """The list processor: commands and confirmations by mail (``-request``,
-    ``-join``, ``-leave``, ``-confirm``), with the ``[lists]`` defaults.
+@dataclass(frozen=True)
+class ListProcessing:
+    """What :func:`make_list_processing` builds: the processor of the
+    service addresses, and the posting policy and moderation of posts."""
+
+    processor: Any
+    moderation: Any
+
+
+def make_list_processing(
+    settings: Settings, spool: Any, registry: Any, clock: Any
+) -> ListProcessing | None:
+    """List processing with the ``[lists]`` defaults: commands and
+    confirmations by mail (``-request``, ``-join``, ``-leave``, ``-confirm``),
+    and the posting policy with moderation (held posts decided by a reply to
+    ``-confirm+TOKEN`` or with ``mailrelay held``).
 
     A registry without the list-processing store (an embedder's own
-    ``IListRegistry``) gets none: its command mail stays held, as before.
+    ``IListRegistry``) gets none: its command mail stays held and every post
+    is accepted, as before.
     """
     from mailrelay.interfaces import IListProcessingStore
-    from mailrelay.listproc.membership import MembershipRequests, SiteDefaults
+    from mailrelay.listproc.membership import MembershipRequests
+    from mailrelay.listproc.moderation import Moderation
     from mailrelay.listproc.processor import ListProcessor
+    from mailrelay.listproc.tokens import PendingAction
 
     if not IListProcessingStore.providedBy(registry):
         _log.warn(
             "The list registry {registry!r} has no list-processing store: mail to the "
-            "command addresses is held, not processed",
+            "command addresses is held, not processed, and every post is accepted",
             registry=registry,
         )
         return None
-    lists = settings.lists
-    requests = MembershipRequests(
-        registry,
-        site=SiteDefaults(
-            pending_request_life=lists.pending_request_life,
-            max_autoresponses_per_day=lists.max_autoresponses_per_day,
-            template_dir=lists.template_dir,
-        ),
+    site = site_defaults(settings)
+    requests = MembershipRequests(registry, site=site)
+    moderation = Moderation(
+        spool, registry, clock=clock, site=site, held_post_life=settings.lists.held_post_life
     )
+    requests.add_action(PendingAction.MODERATE, moderation.confirm)
     handlers = dict.fromkeys(MembershipRequests.SUBADDRESSES, requests)
-    return ListProcessor(spool, registry, clock=clock, handlers=handlers)
+    return ListProcessing(
+        ListProcessor(spool, registry, clock=clock, handlers=handlers), moderation
+    )
+
+
+def site_defaults(settings: Settings) -> Any:
+    """The ``[lists]`` values list processing works with
+    (:class:`~mailrelay.listproc.membership.SiteDefaults`)."""
+    from mailrelay.listproc.membership import SiteDefaults
+
+    lists = settings.lists
+    return SiteDefaults(
+        pending_request_life=lists.pending_request_life,
+        max_autoresponses_per_day=lists.max_autoresponses_per_day,
+        template_dir=lists.template_dir,
+    )
 
 
 def makeService(  # noqa: N802 - Twisted's naming for service factories
@@ -290,7 +319,7 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
             lock.release()
         raise
 
-    processor = make_list_processor(settings, spool, registry, reactor)
+    processing = make_list_processing(settings, spool, registry, reactor)
 
     top = _OrderedStop()
     top.metrics = metrics
@@ -313,10 +342,18 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
         verp=mta.verp_delivery,
         keep_done=mta.keep_delivered,
         observer=observer,
-        processor=processor,
+        processor=processing.processor if processing else None,
+        posting=processing.moderation if processing else None,
     )
     runner.setName("mailrelay-delivery")
     runner.setServiceParent(top)
+    if processing is not None:
+        from mailrelay.listproc.moderation import HeldPostExpiry
+
+        # Copies of an approved post go out at once, not at the next poll.
+        processing.moderation.wake = runner.wake
+        # Stops before the runner (children stop last added first).
+        HeldPostExpiry(processing.moderation, clock=reactor).setServiceParent(top)
     hostname = mta.effective_lmtp_hostname()
     # The runner stores what LMTP accepts: it routes each message in the
     # transaction that stores it and starts delivering without a claim.

@@ -488,6 +488,7 @@ class ErrorMessageTests(_FileMixin, SynchronousTestCase):
         ("mta", "verp_delivery", "perhaps", "not a boolean"),
         ("mta", "keep_delivered", "-1d", "not a duration"),
         ("lists", "pending_request_life", "0", "greater than zero"),
+        ("lists", "held_post_life", "soon", "duration"),
         ("lists", "max_autoresponses_per_day", "-1", "at least 0"),
         ("lists", "template_dir", "mailrelay.ini", "exists and is not a directory"),
         ("devmode", "enabled", "y", "not a boolean"),

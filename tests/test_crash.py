@@ -63,6 +63,16 @@ class CrashTests(TestCase):
             0,
             out.getvalue(),
         )
+        # The posts come from a non-member: open the list (the posting policy is not tested here).
+        self.assertEqual(
+            cli.main(
+                ["-C", self.config, "lists", "set", "test@example.com", "posting=open"],
+                stdout=out,
+                stderr=out,
+            ),
+            0,
+            out.getvalue(),
+        )
         self.assertEqual(
             cli.main(
                 ["-C", self.config, "members", "add", "test@example.com", *MEMBERS],

@@ -156,6 +156,7 @@ class ScrapeTests(RelayCase):
         async def go():
             await self.start_relay()
             self.admin("lists", "create", "test@example.com")
+            self.admin("lists", "set", "test@example.com", "posting=open")
             self.admin(
                 "members",
                 "add",
@@ -247,6 +248,7 @@ class ScrapeTests(RelayCase):
         async def go():
             await self.start_relay()
             self.admin("lists", "create", "test@example.com")
+            self.admin("lists", "set", "test@example.com", "posting=open")
             self.admin("members", "add", "test@example.com", "bart@example.com")
             client = await self.lmtp()
             await client.sendmail("anne@example.com", ["test@example.com"], POST)

@@ -137,6 +137,7 @@ class PostfixChainTests(TestCase):
             out = io.StringIO()
             for argv in (
                 ["lists", "create", "test@lists.test", "--owner", "owner@members.test"],
+                ["lists", "set", "test@lists.test", "posting=open"],  # the poster is no member
                 ["members", "add", "test@lists.test", "bart@members.test", "cate@members.test"],
                 ["postfix-maps", "-o", os.path.join(postfix.conf, "transport")],
                 ["postfix-maps", "--domains", "-o", os.path.join(postfix.conf, "domains")],

@@ -288,6 +288,8 @@ class LoopTests(RelayCase):
             await self.start_relay()
             self.assertEqual(stat.S_IMODE(os.stat(self.socket).st_mode), 0o660)
             self.assertEqual(self.admin("lists", "create", "test@example.com"), 0)
+            # anne is not a member: these posts test delivery, not the posting policy.
+            self.assertEqual(self.admin("lists", "set", "test@example.com", "posting=open"), 0)
             self.assertEqual(
                 self.admin(
                     "members", "add", "test@example.com", "bart@example.com", "cate@example.org"
@@ -326,6 +328,7 @@ class LoopTests(RelayCase):
             await self.start_relay(spool=spool)
             for address in ("test@example.com", "other@example.com"):
                 self.assertEqual(self.admin("lists", "create", address), 0)
+                self.assertEqual(self.admin("lists", "set", address, "posting=open"), 0)
                 self.assertEqual(self.admin("members", "add", address, "bart@example.com"), 0)
             client = await self.lmtp()
             big = POST + (b"x" * 76 + b"\r\n") * (2**20 // 78)
@@ -420,6 +423,7 @@ class ShutdownTests(RelayCase):
             held = HeldSender()
             await self.start_relay(free_port(), sender=held)
             self.admin("lists", "create", "test@example.com")
+            self.admin("lists", "set", "test@example.com", "posting=open")
             self.admin("members", "add", "test@example.com", "bart@example.com")
             client = await self.lmtp()
             await client.sendmail("anne@example.com", ["test@example.com"], POST)
@@ -483,6 +487,7 @@ class IndependentSmarthostTests(RelayCase):
         async def go():
             await self.start_relay()
             self.admin("lists", "create", "test@example.com")
+            self.admin("lists", "set", "test@example.com", "posting=open")
             self.admin("members", "add", "test@example.com", "bart@example.com", "gone@example.com")
             client = await self.lmtp()
             replies = await client.sendmail("anne@example.com", ["test@example.com"], POST)

@@ -401,6 +401,14 @@ SCHEMA: tuple[Key, ...] = (
     ),
     Key(
         "lists",
+        "held_post_life",
+        "14d",
+        "How long a post held for moderation waits for an owner's decision; then it is "
+        "discarded (and logged), and the token in its notice stops working.",
+        _plain(_duration),
+    ),
+    Key(
+        "lists",
         "template_dir",
         "",
         "Directory of the operator's reply texts: LANG/NAME.txt for the whole site and "

@@ -128,6 +128,7 @@ class ListsSettings:
 
     pending_request_life: float = 3 * 86400.0
     max_autoresponses_per_day: int = 10
+    held_post_life: float = 14 * 86400.0
     template_dir: str = ""
 
 

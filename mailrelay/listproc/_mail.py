@@ -15,12 +15,21 @@ import re
 from collections.abc import Iterator
 from email.header import decode_header, make_header
 from email.message import Message
+from email.parser import BytesHeaderParser
 from email.utils import getaddresses
 
-__all__ = ["decoded_header", "header_addresses", "parse_prefix", "part_text", "walk_parts"]
+__all__ = [
+    "decoded_header",
+    "header_addresses",
+    "parse_header_block",
+    "parse_prefix",
+    "part_text",
+    "walk_parts",
+]
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _FOLDING = re.compile(r"\s*[\r\n]+\s*")
+_BLANK_LINE = re.compile(rb"\r?\n\r?\n")
 
 
 def parse_prefix(data: bytes, max_bytes: int) -> Message:
@@ -31,6 +40,18 @@ def parse_prefix(data: bytes, max_bytes: int) -> Message:
     commands and delivery reports are) survive.
     """
     return email.message_from_bytes(bytes(data[:max_bytes]))
+
+
+def parse_header_block(data: bytes, max_bytes: int) -> Message | None:
+    """The header fields of ``data`` (only its header block, within the first
+    ``max_bytes``, is read: cheap for a large message), or ``None`` if even
+    that cannot be parsed."""
+    try:
+        head = bytes(data[:max_bytes])
+        blank = _BLANK_LINE.search(head)
+        return BytesHeaderParser().parsebytes(head if blank is None else head[: blank.start()])
+    except Exception:
+        return None
 
 
 def decoded_header(message: Message, name: str) -> str:

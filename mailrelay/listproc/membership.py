@@ -248,7 +248,7 @@ class MembershipRequests:
             in_reply_to=session.in_reply_to,
             now=mail.now,
         )
-        session.outgoing.append(_stored(outgoing, session.list_address))
+        session.outgoing.append(outgoing.to_spool(session.list_address))
         session.notes.append(f"{action.value} {address}: confirmation requested")
         return True
 
@@ -344,7 +344,7 @@ class MembershipRequests:
                 + ", ".join(r for r in outgoing.recipients if r not in allowed)
             )
         if allowed:
-            session.outgoing.append(_stored(outgoing, session.list_address, allowed))
+            session.outgoing.append(outgoing.to_spool(session.list_address, allowed))
 
     def _claim(self, session: _Session, address: str) -> bool:
         allowed = self._registry.claim_autoreply(
@@ -405,16 +405,3 @@ def _changed(pending: Pending, verb: str, reply: replies.Outgoing, note: str) ->
         note=note,
     )
     return ActionResult((reply,), note)
-
-
-def _stored(
-    outgoing: replies.Outgoing, list_address: str, recipients: tuple[str, ...] | None = None
-) -> Outgoing:
-    """A built reply as the spool stores it: bytes, sent exactly as written."""
-    return Outgoing(
-        outgoing.sender,
-        outgoing.recipients if recipients is None else recipients,
-        outgoing.as_bytes(),
-        list_address,
-        message_id=str(outgoing.message.get("Message-ID", "")),
-    )

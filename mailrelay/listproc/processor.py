@@ -155,8 +155,11 @@ class ListProcessor:
 
         return d.addCallback(released)
 
-    async def process(self, entry: SpoolEntry, message: bytes | None = None) -> EntryUpdate | None:
-        """Process a claimed INBOUND entry with its sub-address's handler.
+    async def process(
+        self, entry: SpoolEntry, message: bytes | None = None, *, handler: Any = None
+    ) -> EntryUpdate | None:
+        """Process a claimed INBOUND entry with its sub-address's handler, or
+        with ``handler`` (such as moderation's, for a post being held).
 
         Returns the entry's update for the caller to write, or ``None`` when
         the update was stored here together with the replies.  ``message`` is
@@ -171,7 +174,8 @@ class ListProcessor:
             entry_id=entry.entry_id,
         )
         now = self._clock.seconds()
-        handler = self._handlers[destination.subaddress or ""]
+        if handler is None:
+            handler = self._handlers[destination.subaddress or ""]
         try:
             mlist = self._registry.get_list(destination.list_address)
             if mlist is None:

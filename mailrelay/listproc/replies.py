@@ -33,6 +33,7 @@ from mailrelay.listproc.commands import CommandKind, CommandResult, Outcome, Par
 from mailrelay.listproc.templating import Templates
 from mailrelay.listproc.tokens import PendingAction
 from mailrelay.model import MailingList
+from mailrelay.model import Outgoing as StoredOutgoing
 
 __all__ = [
     "Outgoing",
@@ -41,6 +42,7 @@ __all__ = [
     "build_disabled_warning",
     "build_goodbye",
     "build_held_notice",
+    "build_moderation_result",
     "build_reject_notice",
     "build_removal_notice",
     "build_token_rejected",
@@ -65,6 +67,19 @@ class Outgoing:
     def as_bytes(self) -> bytes:
         """The message as bytes with CRLF line ends, for the spool or DATA."""
         return self.message.as_bytes(policy=policy.SMTP)
+
+    def to_spool(
+        self, list_address: str, recipients: Sequence[str] | None = None
+    ) -> StoredOutgoing:
+        """The message as the spool stores it (bytes, sent exactly as written),
+        to ``recipients`` (default: all of them)."""
+        return StoredOutgoing(
+            self.sender,
+            tuple(self.recipients if recipients is None else recipients),
+            self.as_bytes(),
+            list_address,
+            message_id=str(self.message.get("Message-ID", "")),
+        )
 
 
 def confirm_address(mlist: MailingList, token: str) -> str:
@@ -249,6 +264,30 @@ def build_reject_notice(
         to=poster,
         from_=mlist.subaddress("owner"),
         fallback_subject="Your post was not accepted",
+        in_reply_to=in_reply_to,
+        now=now,
+    )
+
+
+def build_moderation_result(
+    mlist: MailingList,
+    address: str,
+    templates: Templates,
+    *,
+    result: str,
+    in_reply_to: str | None = None,
+    now: float | None = None,
+) -> Outgoing:
+    """The answer to an owner's reply to a held-post notice: what was done
+    (``result``, one line), or why nothing was."""
+    return _from_template(
+        mlist,
+        templates,
+        "moderation-result",
+        {"result": _one_line(result)},
+        to=address,
+        from_=mlist.subaddress("owner"),
+        fallback_subject=f"Your moderation decision for {mlist.posting_address}",
         in_reply_to=in_reply_to,
         now=now,
     )

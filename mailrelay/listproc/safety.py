@@ -14,13 +14,11 @@ Pure functions: no storage, no clock (the caller passes times).
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable
 from email.message import Message
-from email.parser import BytesHeaderParser
 
-from mailrelay.listproc._mail import header_addresses
+from mailrelay.listproc._mail import header_addresses, parse_header_block
 
 __all__ = [
     "DEFAULT_MAX_AUTORESPONSES_PER_DAY",
@@ -59,7 +57,6 @@ _DAEMON_SUFFIXES = ("-request", "-owner", "-bounces", "-bounce", "-admin")
 _DAEMON_PREFIXES = ("owner-", "bounce-", "bounces-")
 
 _BULK_PRECEDENCE = frozenset({"bulk", "junk", "list"})
-_BLANK_LINE = re.compile(rb"\r?\n\r?\n")
 _MAX_HEADER_BYTES = 256 * 1024
 
 
@@ -146,12 +143,7 @@ def autoreply_day(now: float) -> str:
 def _headers(message: bytes | Message) -> Message | None:
     if isinstance(message, Message):
         return message
-    try:
-        head = bytes(message[:_MAX_HEADER_BYTES])
-        blank = _BLANK_LINE.search(head)
-        return BytesHeaderParser().parsebytes(head if blank is None else head[: blank.start()])
-    except Exception:
-        return None
+    return parse_header_block(message, _MAX_HEADER_BYTES)
 
 
 def _first(headers: Message, name: str) -> str | None:

@@ -64,6 +64,7 @@ PLACEHOLDERS: dict[str, frozenset[str]] = {
         "goodbye": {"address"},
         "held-notice": {"poster", "subject", "size", "reason"},
         "reject": {"subject", "reason"},
+        "moderation-result": {"result"},
         "disabled-warning": {"address", "token", "warnings_left"},
         "removed-owner": {"address", "reason"},
     }.items()

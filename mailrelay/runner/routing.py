@@ -18,7 +18,14 @@ it; entries left QUEUED are routed later by :meth:`Router.route` when the
   is plugged in) is HELD: kept, with its sub-address, for processing that
   comes later, and never delivered to members;
 * a second RCPT of a post or ``-owner`` address in one transaction is DONE at
-  once: one copy is enough.
+  once: one copy is enough;
+* with a posting policy (``posting``, a
+  :class:`~mailrelay.listproc.moderation.Moderation`), each post is decided
+  before it is expanded: accepted posts are expanded as above, discarded ones
+  (loops, ``nonmember_action = discard``) are DONE at once with the reason,
+  and posts to hold or reject are stored QUEUED and, once claimed, handed to
+  the list processor with moderation's handler, which holds them (HELD, the
+  owners told) or rejects them (the poster told) in one transaction.
 
 The MEMBER and OWNER entries go on to :mod:`~mailrelay.runner.sending`.
 """
@@ -33,6 +40,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from mailrelay.errors import RegistryError, RegistryUnavailable, SpoolError
+from mailrelay.listproc.posting import PostAction, PostDecision
 from mailrelay.model import (
     Destination,
     EntryKind,
@@ -58,10 +66,24 @@ _DUPLICATE = "{message_id} to {list}: duplicate of entry {original}, not sent tw
 
 @dataclass(frozen=True)
 class _RouteLogLine:
-    """How a routing decision is logged: the Logger method and the format."""
+    """How a routing decision is logged: the Logger method, the format and
+    any fields of its own (such as the reason of a posting decision)."""
 
     level: str
     format: str
+    fields: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What :meth:`Router._decide` made of one destination: the route, how it
+    is logged, the list if it was read, and the posting policy's decision on
+    a post that moderation handles (held or rejected)."""
+
+    route: Route
+    line: _RouteLogLine
+    mlist: MailingList | None = None
+    moderate: PostDecision | None = None
 
 
 # A post stored QUEUED, for a delivery batch to route.
@@ -69,6 +91,7 @@ _STORED_FOR_BATCH = _RouteLogLine(
     "info", "{message_id} from {sender} to {list}: stored, to be expanded by a delivery batch"
 )
 _DUPLICATE_LINE = _RouteLogLine("info", _DUPLICATE)
+_GONE = _RouteLogLine("warn", "{message_id} to {list}: the list no longer exists")
 # Mail to a sub-address the list processor handles.
 _STORED_FOR_PROCESSING = _RouteLogLine(
     "info", "{message_id} from {sender} to {list} -{subaddress}: stored for list processing"
@@ -84,6 +107,8 @@ def _one_copy_per_address(destination: Destination) -> bool:
 def _log_route(line: _RouteLogLine, route: Route, fields: dict[str, Any]) -> None:
     if route.kind is not None:
         fields = dict(fields, count=len(route.recipients), kind=route.kind.value)
+    if line.fields:
+        fields = dict(fields, **dict(line.fields))
     getattr(_log, line.level)(line.format, **fields)
 
 
@@ -100,7 +125,9 @@ class Router:
     :class:`~mailrelay.interfaces.IRelayObserver`) is told how many copies of
     each message were queued for each list, and what was held.  ``processor`` (a
     :class:`~mailrelay.listproc.processor.ListProcessor`, or ``None``) takes
-    the mail to the sub-addresses it handles.
+    the mail to the sub-addresses it handles.  ``posting`` (a
+    :class:`~mailrelay.listproc.moderation.Moderation`, or ``None``: every
+    post is accepted) decides each post; it needs ``processor``.
     """
 
     def __init__(
@@ -115,7 +142,10 @@ class Router:
         wake: Callable[[], None],
         observer: Any = NO_OBSERVER,
         processor: Any = None,
+        posting: Any = None,
     ):
+        if posting is not None and processor is None:
+            raise TypeError("a posting policy needs the list processor to hold posts")
         self._spool = spool
         self._registry = registry
         self._clock = clock
@@ -125,35 +155,46 @@ class Router:
         self._wake = wake
         self._observer = observer
         self._processor = processor
+        self._posting = posting
         # Member counts seen when routing: posts to lists known to be larger
         # than inline_limit are not expanded while being stored.
         self._list_sizes: dict[str, int] = {}
 
     def _decide(
-        self, destination: Destination, *, inline: bool
-    ) -> tuple[Route, _RouteLogLine, MailingList | None]:
-        """What becomes of a post (or -owner mail) to ``destination``, why, and
-        the list if it was read.
+        self,
+        destination: Destination,
+        *,
+        inline: bool,
+        sender: str = "",
+        message: Callable[[], bytes] | None = None,
+    ) -> _Plan:
+        """What becomes of mail to ``destination``, why, and the list if it was read.
 
         Raises RegistryError or RegistryUnavailable when the registry cannot
         answer.  With ``inline`` (routing while the message is stored), a list
         with more than ``inline_limit`` members is left QUEUED for a batch.
+        ``sender`` and ``message`` (which returns the bytes) are for the
+        posting policy.
         """
         subaddress = destination.subaddress
         if self._processes(subaddress):
-            return Route(), _STORED_FOR_PROCESSING, None
+            return _Plan(Route(), _STORED_FOR_PROCESSING)
         if subaddress in _HELD_SUBADDRESSES:
             line = _RouteLogLine(
                 "info",
                 "Holding {message_id} from {sender} to {list} -{subaddress} for later processing",
             )
-            return Route(EntryState.HELD), line, None
+            return _Plan(Route(EntryState.HELD), line)
         if subaddress not in (None, "owner"):
             line = _RouteLogLine(
                 "warn", "Holding {message_id} to {list}: unknown sub-address {subaddress}"
             )
-            return Route(EntryState.HELD, error=f"unknown sub-address {subaddress!r}"), line, None
+            return _Plan(Route(EntryState.HELD, error=f"unknown sub-address {subaddress!r}"), line)
         list_address = destination.list_address
+        if subaddress is None and self._posting is not None and message is not None:
+            plan = self._decide_post(list_address, sender, message)
+            if plan is not None:
+                return plan
         if inline and subaddress is None:
             known = self._list_sizes.get(list_address)
             if known is None:
@@ -163,11 +204,10 @@ class Router:
                 with contextlib.suppress(RegistryError):
                     known = count(list_address) if count is not None else None
             if known is not None and known > self._inline_limit:
-                return Route(), _STORED_FOR_BATCH, None
+                return _Plan(Route(), _STORED_FOR_BATCH)
         mlist = self._registry.get_list(list_address)
         if mlist is None:
-            line = _RouteLogLine("warn", "{message_id} to {list}: the list no longer exists")
-            return Route(EntryState.FAILED, error="the list no longer exists"), line, None
+            return _Plan(Route(EntryState.FAILED, error="the list no longer exists"), _GONE)
         if subaddress is None:
             kind = EntryKind.MEMBER
             recipients = tuple(
@@ -175,7 +215,7 @@ class Router:
             )
             self._list_sizes[list_address] = len(recipients)
             if inline and len(recipients) > self._inline_limit:
-                return Route(), _STORED_FOR_BATCH, None
+                return _Plan(Route(), _STORED_FOR_BATCH)
         else:
             kind = EntryKind.OWNER
             recipients = tuple(mlist.owners)
@@ -183,11 +223,36 @@ class Router:
                 line = _RouteLogLine(
                     "error", "{message_id} to {list}-owner: the list has no owners; dead-lettered"
                 )
-                return Route(EntryState.FAILED, error="the list has no owners"), line, mlist
+                return _Plan(Route(EntryState.FAILED, error="the list has no owners"), line, mlist)
         line = _RouteLogLine(
             "info", "{message_id} from {sender} to {list}: {count} {kind} copies queued"
         )
-        return Route(EntryState.DONE, kind, recipients), line, mlist
+        return _Plan(Route(EntryState.DONE, kind, recipients), line, mlist)
+
+    def _decide_post(
+        self, list_address: str, sender: str, message: Callable[[], bytes]
+    ) -> _Plan | None:
+        """The posting policy's plan for a post, or ``None`` to expand it."""
+        mlist = self._registry.get_list(list_address)
+        if mlist is None:
+            return _Plan(Route(EntryState.FAILED, error="the list no longer exists"), _GONE)
+        decision = self._posting.decide(mlist, sender, message())
+        if decision.action is PostAction.ACCEPT:
+            return None
+        reason = (("reason", decision.reason),)
+        if decision.action is PostAction.DISCARD:
+            line = _RouteLogLine(
+                "info", "{message_id} from {sender} to {list}: discarded ({reason})", reason
+            )
+            return _Plan(Route(EntryState.DONE, error=f"discarded: {decision.reason}"), line)
+        line = _RouteLogLine(
+            "info",
+            "{message_id} from {sender} to {list}: stored, to be "
+            + ("held for the owners" if decision.action is PostAction.HOLD else "rejected")
+            + " ({reason})",
+            reason,
+        )
+        return _Plan(Route(), line, mlist, decision)
 
     def _processes(self, subaddress: str | None) -> bool:
         return self._processor is not None and self._processor.handles(subaddress)
@@ -218,8 +283,17 @@ class Router:
         posts_seen[key] = entry.entry_id
         if self._processes(destination.subaddress):
             return await self._processor.process(entry)
+        stored: list[bytes] = []
+
+        def message() -> bytes:
+            if not stored:
+                stored.append(self._spool.get_message(entry.message_key))
+            return stored[0]
+
         try:
-            route, line, _ = self._decide(destination, inline=False)
+            plan = self._decide(destination, inline=False, sender=entry.sender, message=message)
+        except KeyError:
+            return None  # deleted by an operator meanwhile
         except (RegistryError, RegistryUnavailable) as e:
             _log.warn(
                 "{message_id} to {list}: cannot read the list ({error}); trying again in {delay}s",
@@ -230,6 +304,11 @@ class Router:
             return retry_after_local_trouble(
                 entry, f"cannot read the list: {e}", self._clock.seconds()
             )
+        route, line = plan.route, plan.line
+        if plan.moderate is not None:
+            _log_route(line, route, fields)
+            handler = self._posting.handler(plan.moderate)
+            return await self._processor.process(entry, message(), handler=handler)
         if route.kind is None:
             _log_route(line, route, fields)
             self._note(route, destination.list_address)
@@ -282,12 +361,14 @@ class Router:
                 continue
             seen[key] = index
             try:
-                route, line, mlist = self._decide(destination, inline=True)
+                plan = self._decide(
+                    destination, inline=True, sender=envelope.sender, message=lambda: message
+                )
             except (RegistryError, RegistryUnavailable):
-                route, line, mlist = Route(), _STORED_FOR_BATCH, None  # a batch routes it, retrying
-            plans.append((route, line))
-            if mlist is not None:
-                lists[destination.list_address] = mlist
+                plan = _Plan(Route(), _STORED_FOR_BATCH)  # a batch routes it, retrying
+            plans.append((plan.route, plan.line))
+            if plan.mlist is not None:
+                lists[destination.list_address] = plan.mlist
         routes = [route for route, _ in plans]
         # The entries left to deliver or route: copies, and entries left QUEUED.
         waiting = sum(

@@ -92,7 +92,9 @@ class DeliveryRunner(service.Service):
 
     ``processor`` (a :class:`~mailrelay.listproc.processor.ListProcessor`)
     takes mail to the sub-addresses it handles; at start the runner releases
-    such mail that an earlier release held.
+    such mail that an earlier release held.  ``posting`` (a
+    :class:`~mailrelay.listproc.moderation.Moderation`) decides each post
+    before it is expanded (see :mod:`~mailrelay.runner.routing`).
     """
 
     name = "delivery"
@@ -120,6 +122,7 @@ class DeliveryRunner(service.Service):
         inline_limit: int = 1000,
         observer: Any = None,
         processor: Any = None,
+        posting: Any = None,
     ):
         if not callable(getattr(sender, "sendmail", None)):
             raise TypeError(f"sender must provide sendmail(), not {sender!r}")
@@ -189,6 +192,7 @@ class DeliveryRunner(service.Service):
             wake=self._scheduler.wake,
             observer=self._observer,
             processor=processor,
+            posting=posting,
         )
         self._processor = processor
 
