@@ -118,24 +118,39 @@ def make_sender(settings: Settings, reactor: Any):
     return ConnectionPool(connection, max_connections=settings.mta.max_connections)
 
 
-def make_list_processor(settings: Settings, spool: Any, registry: Any, clock: Any):
+def make_list_processor(
+    settings: Settings, spool: Any, registry: Any, clock: Any, *, wake: Any = None
+):
     """The list processor: commands and confirmations by mail (``-request``,
-    ``-join``, ``-leave``, ``-confirm``), with the ``[lists]`` defaults.
+    ``-join``, ``-leave``, ``-confirm``) and bounce processing (``-bounces``),
+    with the ``[lists]`` defaults.
 
-    A registry without the list-processing store (an embedder's own
-    ``IListRegistry``) gets none: its command mail stays held, as before.
+    Returns ``(processor, bounce_scorer, bounce_warnings)``: the scorer takes
+    the runner's permanent refusals, the warnings service (time-driven, on
+    ``clock``) warns and removes members disabled by bounces; ``wake`` is
+    called after it stored messages.  A registry without the list-processing
+    store (an embedder's own ``IListRegistry``) gets ``(None, None, None)``:
+    its command and bounce mail stays held, as before.
     """
     from mailrelay.interfaces import IListProcessingStore
+    from mailrelay.listproc.bouncing import (
+        BounceHandler,
+        BounceRules,
+        BounceScorer,
+        BounceWarnings,
+        ReenableAction,
+    )
     from mailrelay.listproc.membership import MembershipRequests, SiteDefaults
     from mailrelay.listproc.processor import ListProcessor
+    from mailrelay.listproc.tokens import PendingAction
 
     if not IListProcessingStore.providedBy(registry):
         _log.warn(
             "The list registry {registry!r} has no list-processing store: mail to the "
-            "command addresses is held, not processed",
+            "command and bounce addresses is held, not processed",
             registry=registry,
         )
-        return None
+        return None, None, None
     lists = settings.lists
     requests = MembershipRequests(
         registry,
@@ -145,8 +160,15 @@ def make_list_processor(settings: Settings, spool: Any, registry: Any, clock: An
             template_dir=lists.template_dir,
         ),
     )
-    handlers = dict.fromkeys(MembershipRequests.SUBADDRESSES, requests)
-    return ListProcessor(spool, registry, clock=clock, handlers=handlers)
+    requests.add_action(PendingAction.REENABLE, ReenableAction())
+    scorer = BounceScorer(registry, BounceRules.from_site(lists))
+    bounces = BounceHandler(registry, scorer, template_dir=lists.template_dir)
+    handlers: dict[str, Any] = dict.fromkeys(MembershipRequests.SUBADDRESSES, requests)
+    handlers.update(dict.fromkeys(BounceHandler.SUBADDRESSES, bounces))
+    warnings = BounceWarnings(
+        registry, spool, scorer, clock=clock, template_dir=lists.template_dir, wake=wake
+    )
+    return ListProcessor(spool, registry, clock=clock, handlers=handlers), scorer, warnings
 
 
 def makeService(  # noqa: N802 - Twisted's naming for service factories
@@ -178,7 +200,11 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
     spool = spool if spool is not None else SQLiteSpool(settings.paths.spool_path, reactor)
     sender = sender if sender is not None else make_sender(settings, reactor)
 
-    processor = make_list_processor(settings, spool, registry, reactor)
+    # The runner does not exist yet when the warnings service is built.
+    runners: list[Any] = []
+    processor, scorer, warnings = make_list_processor(
+        settings, spool, registry, reactor, wake=lambda: [r.wake() for r in runners]
+    )
 
     top = _OrderedStop()
     # Children stop in reverse order, each after the previous one has finished:
@@ -196,9 +222,14 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
         verp=mta.verp_delivery,
         keep_done=mta.keep_delivered,
         processor=processor,
+        on_bounces=None if scorer is None else scorer.register_failures,
     )
+    runners.append(runner)
     runner.setName("mailrelay-delivery")
     runner.setServiceParent(top)
+    if warnings is not None:
+        # Stops before the runner, so its last messages are stored while it runs.
+        warnings.setServiceParent(top)
     hostname = mta.effective_lmtp_hostname()
     # The runner stores what LMTP accepts: it routes each message in the
     # transaction that stores it and starts delivering without a claim.

@@ -479,6 +479,12 @@ class ErrorMessageTests(_FileMixin, SynchronousTestCase):
         ("lists", "pending_request_life", "0", "greater than zero"),
         ("lists", "max_autoresponses_per_day", "-1", "at least 0"),
         ("lists", "template_dir", "mailrelay.ini", "exists and is not a directory"),
+        ("lists", "bounce_score_threshold", "0", "at least 1"),
+        ("lists", "bounce_info_stale_after", "0", "greater than zero"),
+        ("lists", "bounce_you_are_disabled_warnings", "-1", "at least 0"),
+        ("lists", "bounce_you_are_disabled_warnings_interval", "week", "not a duration"),
+        ("lists", "bounce_notify_owner_on_removal", "sometimes", "not a boolean"),
+        ("lists", "forward_unrecognized_bounces_to", "administrators", "must be owners or none"),
         ("devmode", "enabled", "y", "not a boolean"),
         ("devmode", "recipient", "not-a-mailbox", "not a valid mailbox"),
     ]

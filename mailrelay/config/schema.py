@@ -94,6 +94,7 @@ def _forward_choice(text: str) -> str:
         raise ValueError("must be owners or none")
     return choice
 
+
 _whole = _plain(parse_int)
 
 SCHEMA: tuple[Key, ...] = (

@@ -66,6 +66,8 @@ PLACEHOLDERS: dict[str, frozenset[str]] = {
         "reject": {"subject", "reason"},
         "disabled-warning": {"address", "token", "warnings_left"},
         "removed-owner": {"address", "reason"},
+        "reenabled": {"address"},
+        "unrecognised-bounce": {"reason", "recipient"},
     }.items()
 }
 

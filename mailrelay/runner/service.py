@@ -85,7 +85,9 @@ class DeliveryRunner(service.Service):
 
     ``processor`` (a :class:`~mailrelay.listproc.processor.ListProcessor`)
     takes mail to the sub-addresses it handles; at start the runner releases
-    such mail that an earlier release held.
+    such mail that an earlier release held.  ``on_bounces`` (optional) is
+    called with the permanent refusals after they were recorded in the
+    registry (bounce processing scores them).
     """
 
     name = "delivery"
@@ -112,6 +114,7 @@ class DeliveryRunner(service.Service):
         poll_interval: float | None = 30.0,
         inline_limit: int = 1000,
         processor: Any = None,
+        on_bounces: Any = None,
     ):
         if not callable(getattr(sender, "sendmail", None)):
             raise TypeError(f"sender must provide sendmail(), not {sender!r}")
@@ -180,6 +183,7 @@ class DeliveryRunner(service.Service):
             processor=processor,
         )
         self._processor = processor
+        self._on_bounces = on_bounces
 
     # -- public API -----------------------------------------------------------
 
@@ -301,6 +305,11 @@ class DeliveryRunner(service.Service):
             self._registry.record_bounces(bounces)
         except (RegistryError, RegistryUnavailable) as e:
             _log.warn("Could not record {count} bounces: {error}", count=len(bounces), error=str(e))
+        if self._on_bounces is not None:
+            try:
+                self._on_bounces(bounces)
+            except Exception:
+                _log.failure("Scoring {count} bounces failed", count=len(bounces))
 
     def _publish_circuit(self, text: str | None) -> None:
         """Record the breaker's state (``None``: closed) for ``mailrelay queue``."""
