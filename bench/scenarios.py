@@ -8,6 +8,7 @@ an id (``bench/run --list`` prints them) that ``bench/run --only`` selects:
 ``outbound_<rcpts>``             queued messages with 1 or 10 recipients
 ``e2e_<posts>x<members>``        posts over LMTP until smtp-sink has every recipient
 ``memory_<sessions>``            peak RSS with 10, 100 or 1,000 concurrent sessions
+``bounces_<count>``              VERP bounces over LMTP until every member is scored
 
 A scenario name alone (``--only e2e``) stands for all its configurations.  In
 every run each peer is measured right after the others (their order rotating
@@ -18,7 +19,10 @@ from __future__ import annotations
 
 import json
 import os
+import smtplib
+import sqlite3
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -68,6 +72,7 @@ def configurations(smoke: bool) -> dict[str, list[str]]:
         "outbound": [f"outbound_{rcpts}" for rcpts in (1, 10)],
         "e2e": [_e2e_id(size) for size in e2e],
         "memory": [f"memory_{sessions}" for sessions in _memory_levels(smoke)],
+        "bounces": [f"bounces_{_bounce_count(smoke)}"],
     }
 
 
@@ -305,9 +310,83 @@ def scenario_memory(ctx: Context) -> None:
             log(f"memory {row.config} run {run + 1}: " + _last(row))
 
 
+def _bounce_count(smoke: bool) -> int:
+    return 50 if smoke else 10_000
+
+
+BOUNCE_SESSIONS = 10
+BOUNCE_LIST = f"bouncing@{LIST_DOMAIN}"
+
+
+def scenario_bounces(ctx: Context) -> None:
+    """A burst of VERP bounces (one per member) sent over LMTP in 10 sessions: bounces
+    per second from the first LMTP connection until the registry shows every member
+    scored (ingest, -bounces processing and the score write, all durable)."""
+    count = _bounce_count(ctx.smoke)
+    if not ctx.wanted(f"bounces_{count}"):
+        return
+    row = ctx.row(
+        "bounces", f"{count:,} VERP bounces, {BOUNCE_SESSIONS} LMTP sessions", "bounces/s"
+    )
+    sink = Sink(ctx.workdir, count=False)
+    try:
+        for run in range(ctx.runs):
+            relay = Relay(ctx.workdir, sink.port, {BOUNCE_LIST: count})
+            with started(relay):
+                seconds = _bounce_burst(relay, count)
+            row.add("mailrelay", count / seconds, seconds=seconds)
+            log(f"bounces run {run + 1}: {count / seconds:,.0f} bounces/s")
+    finally:
+        sink.stop()
+
+
+def _bounce_burst(relay: Relay, count: int) -> float:
+    local, _, domain = BOUNCE_LIST.partition("@")
+    errors: list[BaseException] = []
+
+    def send(first: int) -> None:
+        try:
+            client = smtplib.LMTP("127.0.0.1", relay.port)
+            for i in range(first, count, BOUNCE_SESSIONS):
+                rcpt = f"{local}-bounces+m{i}=members.example@{domain}"
+                client.sendmail(
+                    "",
+                    [rcpt],
+                    f"From: MAILER-DAEMON@mx.members.example\r\nTo: {rcpt}\r\n"
+                    f"Subject: Undeliverable\r\nMessage-ID: <b{i}@mx.members.example>\r\n"
+                    "\r\nThe mailbox does not exist.\r\n",
+                )
+            client.quit()
+        except BaseException as e:
+            errors.append(e)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=send, args=(n,)) for n in range(BOUNCE_SESSIONS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise RuntimeError(f"sending bounces over LMTP failed: {errors[0]!r}")
+    registry = sqlite3.connect(os.path.join(relay.dir, "var", "registry.sqlite3"), timeout=30)
+    try:
+
+        def scored() -> bool:
+            (done,) = registry.execute(
+                "SELECT count(*) FROM members WHERE bounce_score >= 1"
+            ).fetchone()
+            return done >= count
+
+        wait_until(scored, "every member to be scored", 600, step=0.05)
+    finally:
+        registry.close()
+    return time.perf_counter() - start
+
+
 SCENARIOS: dict[str, Callable[[Context], None]] = {
     "ingest": scenario_ingest,
     "outbound": scenario_outbound,
     "e2e": scenario_e2e,
     "memory": scenario_memory,
+    "bounces": scenario_bounces,
 }

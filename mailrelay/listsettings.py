@@ -21,9 +21,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from mailrelay.config.values import parse_duration, parse_int
+from mailrelay.config.values import parse_bool, parse_duration, parse_int
 
 __all__ = [
+    "ForwardBounces",
     "LIST_SETTING_KEYS",
     "ListSettings",
     "NonmemberAction",
@@ -54,6 +55,14 @@ class NonmemberAction(str, enum.Enum):
     ACCEPT = "accept"
 
 
+class ForwardBounces(str, enum.Enum):
+    """Who gets a copy of a bounce that names no member (Mailman 3's
+    ``forward_unrecognized_bounces_to``; ``owners`` is its "administrators")."""
+
+    OWNERS = "owners"
+    NONE = "none"
+
+
 @dataclass(frozen=True)
 class ListSettings:
     """One list's settings.  ``None`` for a limit means "the site's value" (the
@@ -67,6 +76,13 @@ class ListSettings:
     pending_request_life: float | None = None
     # Automatic replies per address per day; 0 = no limit.
     max_autoresponses_per_day: int | None = None
+    # Bounce processing, with Mailman 3's names (mailrelay.listproc.bouncing).
+    bounce_score_threshold: int | None = None
+    bounce_info_stale_after: float | None = None
+    bounce_you_are_disabled_warnings: int | None = None
+    bounce_you_are_disabled_warnings_interval: float | None = None
+    bounce_notify_owner_on_removal: bool | None = None
+    forward_unrecognized_bounces_to: ForwardBounces | None = None
 
 
 @dataclass(frozen=True)
@@ -120,7 +136,16 @@ def _positive_duration(text: str) -> float:
 
 
 def _format_optional(value: Any) -> str:
-    return "" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, enum.Enum):
+        return str(value.value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+_SITE = "; empty for the site's [lists] value."
 
 
 LIST_SETTING_KEYS: dict[str, SettingKey] = {
@@ -151,6 +176,44 @@ LIST_SETTING_KEYS: dict[str, SettingKey] = {
             "Most automatic replies to one address per day (0: no limit); empty for "
             "the site's [lists] value.",
             _optional(lambda text: parse_int(text, 0)),
+            _format_optional,
+        ),
+        SettingKey(
+            "bounce_score_threshold",
+            "Bounce score at which delivery to a member is disabled" + _SITE,
+            _optional(lambda text: parse_int(text, 1)),
+            _format_optional,
+        ),
+        SettingKey(
+            "bounce_info_stale_after",
+            "A member's bounce score starts again from zero when the last bounce is older "
+            "than this (a duration such as 7d)" + _SITE,
+            _optional(_positive_duration),
+            _format_optional,
+        ),
+        SettingKey(
+            "bounce_you_are_disabled_warnings",
+            "How many warnings a member disabled by bounces gets before removal (0: removed "
+            "at once)" + _SITE,
+            _optional(lambda text: parse_int(text, 0)),
+            _format_optional,
+        ),
+        SettingKey(
+            "bounce_you_are_disabled_warnings_interval",
+            "Time between those warnings (a duration such as 7d)" + _SITE,
+            _optional(_positive_duration),
+            _format_optional,
+        ),
+        SettingKey(
+            "bounce_notify_owner_on_removal",
+            "Tell the owners when bounces remove a member (yes or no)" + _SITE,
+            _optional(parse_bool),
+            _format_optional,
+        ),
+        SettingKey(
+            "forward_unrecognized_bounces_to",
+            "Who gets a copy of a bounce naming no member: owners or none" + _SITE,
+            _optional(_enum(ForwardBounces)),
             _format_optional,
         ),
     )

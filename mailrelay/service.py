@@ -21,7 +21,7 @@ from mailrelay._files import DirectoryLock
 from mailrelay.config import Settings
 from mailrelay.config.endpoints import with_backlog
 from mailrelay.errors import MailrelayError
-from mailrelay.observer import ObserverFanout
+from mailrelay.observer import NO_OBSERVER, ObserverFanout
 
 _log = Logger()
 
@@ -204,26 +204,46 @@ def make_sender(settings: Settings, reactor: Any, observer: Any = None):
 
 @dataclass(frozen=True)
 class ListProcessing:
-    """What :func:`make_list_processing` builds: the processor of the
-    service addresses, and the posting policy and moderation of posts."""
+    """What :func:`make_list_processing` builds: the processor of the service
+    addresses, the posting policy and moderation of posts, the scorer of
+    bounces (it also takes the runner's permanent refusals) and the service
+    that warns and removes members disabled by bounces."""
 
     processor: Any
     moderation: Any
+    scorer: Any
+    warnings: Any
 
 
 def make_list_processing(
-    settings: Settings, spool: Any, registry: Any, clock: Any
+    settings: Settings,
+    spool: Any,
+    registry: Any,
+    clock: Any,
+    *,
+    wake: Any = None,
+    observer: Any = None,
 ) -> ListProcessing | None:
     """List processing with the ``[lists]`` defaults: commands and
     confirmations by mail (``-request``, ``-join``, ``-leave``, ``-confirm``),
-    and the posting policy with moderation (held posts decided by a reply to
-    ``-confirm+TOKEN`` or with ``mailrelay held``).
+    bounce processing (``-bounces``), and the posting policy with moderation
+    (held posts decided by a reply to ``-confirm+TOKEN`` or with
+    ``mailrelay held``).  ``wake`` is called after the bounce warnings stored
+    messages; ``observer`` (an :class:`~mailrelay.interfaces.IRelayObserver`)
+    is told of what is held.
 
     A registry without the list-processing store (an embedder's own
-    ``IListRegistry``) gets none: its command mail stays held and every post
-    is accepted, as before.
+    ``IListRegistry``) gets none: its command and bounce mail stays held and
+    every post is accepted, as before.
     """
     from mailrelay.interfaces import IListProcessingStore
+    from mailrelay.listproc.bouncing import (
+        BounceHandler,
+        BounceRules,
+        BounceScorer,
+        BounceWarnings,
+        ReenableAction,
+    )
     from mailrelay.listproc.membership import MembershipRequests
     from mailrelay.listproc.moderation import Moderation
     from mailrelay.listproc.processor import ListProcessor
@@ -232,20 +252,29 @@ def make_list_processing(
     if not IListProcessingStore.providedBy(registry):
         _log.warn(
             "The list registry {registry!r} has no list-processing store: mail to the "
-            "command addresses is held, not processed, and every post is accepted",
+            "command and bounce addresses is held, not processed, and every post is accepted",
             registry=registry,
         )
         return None
+    lists = settings.lists
     site = site_defaults(settings)
     requests = MembershipRequests(registry, site=site)
     moderation = Moderation(
-        spool, registry, clock=clock, site=site, held_post_life=settings.lists.held_post_life
+        spool, registry, clock=clock, site=site, held_post_life=lists.held_post_life
     )
     requests.add_action(PendingAction.MODERATE, moderation.confirm)
-    handlers = dict.fromkeys(MembershipRequests.SUBADDRESSES, requests)
-    return ListProcessing(
-        ListProcessor(spool, registry, clock=clock, handlers=handlers), moderation
+    requests.add_action(PendingAction.REENABLE, ReenableAction())
+    scorer = BounceScorer(registry, BounceRules.from_site(lists))
+    bounces = BounceHandler(registry, scorer, template_dir=lists.template_dir)
+    handlers: dict[str, Any] = dict.fromkeys(MembershipRequests.SUBADDRESSES, requests)
+    handlers.update(dict.fromkeys(BounceHandler.SUBADDRESSES, bounces))
+    warnings = BounceWarnings(
+        registry, spool, scorer, clock=clock, template_dir=lists.template_dir, wake=wake
     )
+    processor = ListProcessor(
+        spool, registry, clock=clock, handlers=handlers, observer=observer or NO_OBSERVER
+    )
+    return ListProcessing(processor, moderation, scorer, warnings)
 
 
 def site_defaults(settings: Settings) -> Any:
@@ -319,7 +348,16 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
             lock.release()
         raise
 
-    processing = make_list_processing(settings, spool, registry, reactor)
+    # The runner does not exist yet when the warnings service is built.
+    runners: list[Any] = []
+    processing = make_list_processing(
+        settings,
+        spool,
+        registry,
+        reactor,
+        wake=lambda: [r.wake() for r in runners],
+        observer=observer,
+    )
 
     top = _OrderedStop()
     top.metrics = metrics
@@ -344,7 +382,9 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
         observer=observer,
         processor=processing.processor if processing else None,
         posting=processing.moderation if processing else None,
+        on_bounces=processing.scorer.register_failures if processing else None,
     )
+    runners.append(runner)
     runner.setName("mailrelay-delivery")
     runner.setServiceParent(top)
     if processing is not None:
@@ -352,8 +392,10 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
 
         # Copies of an approved post go out at once, not at the next poll.
         processing.moderation.wake = runner.wake
-        # Stops before the runner (children stop last added first).
+        # Both stop before the runner (children stop last added first), so
+        # what they store is stored while it runs.
         HeldPostExpiry(processing.moderation, clock=reactor).setServiceParent(top)
+        processing.warnings.setServiceParent(top)
     hostname = mta.effective_lmtp_hostname()
     # The runner stores what LMTP accepts: it routes each message in the
     # transaction that stores it and starts delivering without a claim.

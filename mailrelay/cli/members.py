@@ -1,15 +1,18 @@
-"""``mailrelay members``: add, remove and list the members of a list.
+"""``mailrelay members``: add, remove, list, show and re-enable the members of a list.
 
 Reads members from the command line and from files (``members list`` prints
 the format ``members add --file`` reads back), checks every line before
 changing anything, and writes a large import in a few registry transactions
-with a progress bar on a terminal.
+with a progress bar on a terminal.  ``members show`` prints one member's
+record (delivery, bounce score, warnings); ``members enable`` turns delivery
+back on after bounce processing disabled it.
 """
 
 from __future__ import annotations
 
 import email.utils
 import math
+import time
 from collections.abc import Iterator
 from typing import IO, Any
 
@@ -22,10 +25,10 @@ from mailrelay.cli.context import (
     Context,
     require_list,
 )
-from mailrelay.cli.output import plural, report
+from mailrelay.cli.output import format_time, plural, report
 from mailrelay.cli.parser import add_command, add_group, add_list_argument
 from mailrelay.errors import InvalidAddress, MailrelayError
-from mailrelay.model import Member
+from mailrelay.model import Member, MemberRecord
 
 # A large import on a terminal shows a progress bar, so it is written in about
 # this many batches of one registry transaction each; otherwise in one.
@@ -248,9 +251,75 @@ def _list(ctx: Context) -> int:
     return EXIT_OK
 
 
+def _member_record(registry: Any, list_address: str, address: str) -> MemberRecord:
+    try:
+        address = check_mailbox(address)
+    except InvalidAddress as e:
+        raise CommandError(str(e), EXIT_USAGE) from None
+    record = registry.get_member(list_address, address)
+    if record is None:
+        raise CommandError(f"{address} is not a member of {list_address}")
+    return record
+
+
+def _show(ctx: Context) -> int:
+    from mailrelay.listproc.bouncing import BounceRules
+
+    with ctx.registry(create=False) as registry:
+        list_address = require_list(registry, ctx.args.list).posting_address
+        record = _member_record(registry, list_address, ctx.args.address)
+        rules = BounceRules.from_site(ctx.settings.lists).for_list(
+            registry.list_settings(list_address)
+        )
+        refusals = [b for b in registry.bounces(list_address) if b.address == record.address]
+    now = time.time()
+    if record.delivery_enabled:
+        delivery = "enabled"
+    else:
+        delivery = f"disabled ({record.disabled_reason or 'unknown'})"
+    rows = [
+        ("address", record.address),
+        ("display name", record.display_name or "-"),
+        ("delivery", delivery),
+        ("moderated", "yes" if record.moderated else "no"),
+        ("bounce score", f"{record.bounce_score:g} (delivery disabled at {rules.threshold})"),
+        ("last bounce", format_time(record.last_bounce_at, now)),
+        ("warnings sent", f"{record.warnings_sent} of {rules.warnings}"),
+        ("last warning", format_time(record.last_warning_at, now)),
+        ("smarthost refusals", str(len(refusals))),
+    ]
+    if refusals:
+        last = refusals[-1]
+        rows.append(("last refusal", f"{last.code} {' '.join(last.response.split())}"[:200]))
+    width = max(len(label) for label, _ in rows) + 1
+    for label, value in rows:
+        ctx.out(f"{label + ':':<{width}} {value}")
+    return EXIT_OK
+
+
+def _enable(ctx: Context) -> int:
+    from mailrelay.listproc.bouncing import reenable_member
+
+    with ctx.registry(create=False) as registry:
+        list_address = require_list(registry, ctx.args.list).posting_address
+        record = _member_record(registry, list_address, ctx.args.address)
+        was_enabled = record.delivery_enabled
+        reenable_member(registry, list_address, record.address)
+    if was_enabled:
+        ctx.out(f"Delivery to {record.address} on {list_address} was enabled already.")
+    else:
+        ctx.out(
+            f"Delivery to {record.address} on {list_address} is enabled again "
+            f"(was disabled: {record.disabled_reason or 'unknown'}); bounce score cleared."
+        )
+    return EXIT_OK
+
+
 def add_parser(commands: Any) -> None:
     """Register ``members`` and its commands in the top-level collection ``commands``."""
-    members_commands = add_group(commands, "members", "add, remove and list the members of a list")
+    members_commands = add_group(
+        commands, "members", "add, remove, list, show and re-enable the members of a list"
+    )
     members_add = add_command(
         members_commands,
         "add",
@@ -292,3 +361,22 @@ def add_parser(commands: Any) -> None:
     members_list.add_argument(
         "--enabled-only", action="store_true", help="only members with delivery enabled"
     )
+    members_show = add_command(
+        members_commands,
+        "show",
+        _show,
+        "show one member: delivery, bounce score, last bounce, warnings",
+        description="Show one member's record: whether delivery is on (and why not), the "
+        "bounce score and the threshold in force, the last bounce, the warnings sent, and "
+        "the smarthost's recorded refusals.",
+    )
+    add_list_argument(members_show, "list", "LIST")
+    members_show.add_argument("address", metavar="ADDR", help="the member's address")
+    members_enable = add_command(
+        members_commands,
+        "enable",
+        _enable,
+        "turn delivery to a member back on (clears the bounce score and warnings)",
+    )
+    add_list_argument(members_enable, "list", "LIST")
+    members_enable.add_argument("address", metavar="ADDR", help="the member's address")

@@ -113,6 +113,15 @@ def _command(text: str) -> tuple[str, ...]:
 LOG_FORMATS = ("text", "json")
 
 _duration = positive(parse_duration, "duration")
+
+
+def _forward_choice(text: str) -> str:
+    choice = text.strip().lower()
+    if choice not in ("owners", "none"):
+        raise ValueError("must be owners or none")
+    return choice
+
+
 _whole = _plain(parse_int)
 
 SCHEMA: tuple[Key, ...] = (
@@ -415,6 +424,57 @@ SCHEMA: tuple[Key, ...] = (
         "lists/LIST@DOMAIN/LANG/NAME.txt for one list, found before the shipped texts.  "
         "Empty means <var_dir>/templates.",
         _directory,
+    ),
+    Key(
+        "lists",
+        "bounce_score_threshold",
+        "5",
+        "Bounce score at which delivery to a member is disabled (the member stays "
+        "subscribed); a permanent bounce adds one, at most once a day.  Mailman 3's "
+        "bounce_score_threshold; a list's own setting wins, as for every bounce_ key.",
+        _plain(lambda text: parse_int(text, 1)),
+    ),
+    Key(
+        "lists",
+        "bounce_info_stale_after",
+        "7d",
+        "A member's bounce score starts again from zero when the last bounce is older "
+        "than this.  Mailman 3's bounce_info_stale_after.",
+        _plain(_duration),
+    ),
+    Key(
+        "lists",
+        "bounce_you_are_disabled_warnings",
+        "3",
+        "Warnings (each with a re-enable token) sent to a member disabled by bounces "
+        "before the member is removed; 0 removes at the first check.  Mailman 3's "
+        "bounce_you_are_disabled_warnings.",
+        _whole,
+    ),
+    Key(
+        "lists",
+        "bounce_you_are_disabled_warnings_interval",
+        "7d",
+        "Time between those warnings, and from the last one to the removal.  Mailman 3's "
+        "bounce_you_are_disabled_warnings_interval.",
+        _plain(_duration),
+    ),
+    Key(
+        "lists",
+        "bounce_notify_owner_on_removal",
+        "yes",
+        "Tell a list's owners when bounces remove a member.  Mailman 3's "
+        "bounce_notify_owner_on_removal.",
+        _plain(parse_bool),
+    ),
+    Key(
+        "lists",
+        "forward_unrecognized_bounces_to",
+        "owners",
+        "Who gets a copy of a bounce that names no member: owners or none (the bounce is "
+        "kept as a held entry either way).  Mailman 3's forward_unrecognized_bounces_to "
+        "(owners is its administrators).",
+        _plain(_forward_choice),
     ),
     Key(
         "devmode",

@@ -130,6 +130,13 @@ class ListsSettings:
     max_autoresponses_per_day: int = 10
     held_post_life: float = 14 * 86400.0
     template_dir: str = ""
+    # Bounce processing (mailrelay.listproc.bouncing), Mailman 3's names.
+    bounce_score_threshold: int = 5
+    bounce_info_stale_after: float = 7 * 86400.0
+    bounce_you_are_disabled_warnings: int = 3
+    bounce_you_are_disabled_warnings_interval: float = 7 * 86400.0
+    bounce_notify_owner_on_removal: bool = True
+    forward_unrecognized_bounces_to: str = "owners"
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from mailrelay.addresses import VERP_DELIMITER
 from mailrelay.errors import RegistryError, RegistryUnavailable, SpoolError
 from mailrelay.interfaces import IListMailHandler
 from mailrelay.model import EntryState, EntryUpdate, MailingList, Outgoing, SpoolEntry
+from mailrelay.observer import NO_OBSERVER
 from mailrelay.runner.outcomes import retry_after_local_trouble
 
 __all__ = ["Handled", "ListMail", "ListProcessor"]
@@ -119,6 +120,7 @@ class ListProcessor:
         *,
         clock: Any,
         handlers: Mapping[str, Any],
+        observer: Any = NO_OBSERVER,
     ) -> None:
         for subaddress, handler in handlers.items():
             if not IListMailHandler.providedBy(handler) and not callable(
@@ -129,6 +131,7 @@ class ListProcessor:
         self._registry = registry
         self._clock = clock
         self._handlers = dict(handlers)
+        self._observer = observer
 
     @property
     def subaddresses(self) -> frozenset[str]:
@@ -238,6 +241,7 @@ class ListProcessor:
             **fields,
         )
         if not handled.outgoing:
+            self._count_held(handled, destination.list_address)
             return update
         try:
             await self._spool.store_outgoing(handled.outgoing, [update])
@@ -249,7 +253,15 @@ class ListProcessor:
                 **fields,
             )
             return retry_after_local_trouble(entry, f"cannot store the replies: {e}", now)
+        self._count_held(handled, destination.list_address)
         return None
+
+    def _count_held(self, handled: Handled, list_address: str) -> None:
+        # Held here (a post for moderation, an unrecognised bounce), not at
+        # routing: the observer hears of it once the state is about to be or
+        # was written (the caller writes an update returned without replies).
+        if handled.state is EntryState.HELD:
+            self._observer.recipients_held(list_address, 1)
 
 
 async def _call(handler: Any, mail: ListMail) -> Any:

@@ -43,9 +43,11 @@ __all__ = [
     "build_goodbye",
     "build_held_notice",
     "build_moderation_result",
+    "build_reenabled",
     "build_reject_notice",
     "build_removal_notice",
     "build_token_rejected",
+    "build_unrecognised_bounce",
     "build_welcome",
     "confirm_address",
 ]
@@ -339,6 +341,56 @@ def build_removal_notice(
         in_reply_to=None,
         now=now,
     )
+
+
+def build_reenabled(
+    mlist: MailingList,
+    address: str,
+    templates: Templates,
+    *,
+    in_reply_to: str | None = None,
+    now: float | None = None,
+) -> Outgoing:
+    """The notice to a member whose delivery, disabled by bounces, is on again."""
+    return _to_member(mlist, templates, "reenabled", address, in_reply_to, now)
+
+
+# The header that marks a forwarded unrecognised bounce: a bounce of that
+# forward that comes back unrecognised again is kept, not forwarded (no loop).
+UNRECOGNISED_MARK = "X-Mailrelay-Unrecognised-Bounce"
+
+
+def build_unrecognised_bounce(
+    mlist: MailingList,
+    bounce: bytes,
+    templates: Templates,
+    *,
+    recipient: str,
+    reason: str,
+    max_attached: int,
+    now: float | None = None,
+) -> Outgoing:
+    """The copy for the owners of a bounce that named no member (Mailman's
+    ``forward_unrecognized_bounces_to``): a short text and the first
+    ``max_attached`` bytes of the bounce attached as ``application/octet-stream``
+    (``bounce.eml``), so that broken or non-UTF-8 mail reaches them unchanged."""
+    outgoing = _from_template(
+        mlist,
+        templates,
+        "unrecognised-bounce",
+        {"reason": _one_line(reason), "recipient": _one_line(recipient)},
+        to=mlist.owners,
+        from_=mlist.subaddress("owner"),
+        fallback_subject=f"Unrecognised bounce for {mlist.posting_address}",
+        in_reply_to=None,
+        now=now,
+    )
+    outgoing.message[UNRECOGNISED_MARK] = "yes"
+    attached = bytes(bounce[:max_attached])
+    outgoing.message.add_attachment(
+        attached, maintype="application", subtype="octet-stream", filename="bounce.eml"
+    )
+    return outgoing
 
 
 # -- shared parts -------------------------------------------------------------

@@ -67,6 +67,8 @@ PLACEHOLDERS: dict[str, frozenset[str]] = {
         "moderation-result": {"result"},
         "disabled-warning": {"address", "token", "warnings_left"},
         "removed-owner": {"address", "reason"},
+        "reenabled": {"address"},
+        "unrecognised-bounce": {"reason", "recipient"},
     }.items()
 }
 

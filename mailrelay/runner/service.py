@@ -94,7 +94,9 @@ class DeliveryRunner(service.Service):
     takes mail to the sub-addresses it handles; at start the runner releases
     such mail that an earlier release held.  ``posting`` (a
     :class:`~mailrelay.listproc.moderation.Moderation`) decides each post
-    before it is expanded (see :mod:`~mailrelay.runner.routing`).
+    before it is expanded (see :mod:`~mailrelay.runner.routing`).  ``on_bounces`` (optional) is
+    called with the permanent refusals after they were recorded in the
+    registry (bounce processing scores them).
     """
 
     name = "delivery"
@@ -123,6 +125,7 @@ class DeliveryRunner(service.Service):
         observer: Any = None,
         processor: Any = None,
         posting: Any = None,
+        on_bounces: Any = None,
     ):
         if not callable(getattr(sender, "sendmail", None)):
             raise TypeError(f"sender must provide sendmail(), not {sender!r}")
@@ -195,6 +198,7 @@ class DeliveryRunner(service.Service):
             posting=posting,
         )
         self._processor = processor
+        self._on_bounces = on_bounces
 
     # -- public API -----------------------------------------------------------
 
@@ -351,6 +355,11 @@ class DeliveryRunner(service.Service):
             self._registry.record_bounces(bounces)
         except (RegistryError, RegistryUnavailable) as e:
             _log.warn("Could not record {count} bounces: {error}", count=len(bounces), error=str(e))
+        if self._on_bounces is not None:
+            try:
+                self._on_bounces(bounces)
+            except Exception:
+                _log.failure("Scoring {count} bounces failed", count=len(bounces))
 
     def _publish_circuit(self, text: str | None) -> None:
         """Record the breaker's state (``None``: closed) for ``mailrelay queue``."""

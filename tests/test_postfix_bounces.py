@@ -1,0 +1,131 @@
+"""A real Postfix writes the bounce: its DSN reaches mailrelay's ``-bounces`` and scores
+the member.
+
+The chain of :mod:`tests.test_postfix_integration`, with the members' mail server
+refusing one member:
+
+    mailrelay --SMTP--> Postfix (smarthost) --SMTP--> FakeMTA: 550 for bart
+    Postfix's DSN to test-bounces@lists.test --LMTP (transport map)--> mailrelay -bounces
+
+Postfix accepts bart's copy from mailrelay, so mailrelay's own delivery succeeds; the
+refusal comes later, from the next hop, and only Postfix's RFC 3464 report tells
+mailrelay about it.  Skipped locally without Postfix or root; never with CI=true.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+
+from twisted.internet import reactor, task
+from twisted.trial.unittest import SkipTest, TestCase
+
+from mailrelay import cli
+from mailrelay.listproc.bounces import Recognition, parse_bounce
+from mailrelay.model import EntryState
+from mailrelay.mta import Connection
+from mailrelay.testing import FakeMTA
+from tests.support import as_deferred, free_port, peers_required, require_program, wait_for_port
+from tests.test_postfix_integration import PrivatePostfix
+
+LIST = "test@lists.test"
+
+
+class PostfixDSNTests(TestCase):
+    timeout = 120
+
+    def setUp(self):
+        require_program("postfix")
+        if os.geteuid() != 0:
+            message = "a private Postfix master must be started as root"
+            if peers_required():
+                raise AssertionError(message)
+            raise SkipTest(message)
+
+    def test_postfix_dsn_scores_the_refused_member(self):
+        """Postfix's DSN for a member the next hop refused (550 5.1.1) arrives over LMTP
+        at -bounces, is read as an RFC 3464 report naming that member as failed, and adds
+        one to the member's bounce score; the other member is untouched."""
+
+        async def go():
+            tmp = tempfile.mkdtemp()
+            members_mx = FakeMTA(reactor)
+            await members_mx.start()
+            self.addCleanup(members_mx.stop)
+            members_mx.reject(
+                "rcpt",
+                550,
+                "5.1.1 <bart@members.test>: no such user",
+                count=5,
+                match="bart@members.test",
+            )
+
+            postfix = PrivatePostfix(tmp, free_port())
+            lmtp_port = free_port()
+            config = os.path.join(tmp, "mailrelay.ini")
+            with open(config, "w") as f:
+                f.write(
+                    f"[paths]\nvar_dir = {tmp}/var\n[mta]\nlmtp_port = {lmtp_port}\n"
+                    f"lmtp_hostname = lists.test\nsmtp_host = 127.0.0.1\nsmtp_port = {postfix.port}\n"
+                )
+            out = io.StringIO()
+            for argv in (
+                ["lists", "create", LIST, "--owner", "owner@members.test"],
+                # anne is not a member: the test is about bounces, not the posting policy.
+                ["lists", "set", LIST, "posting=open"],
+                ["members", "add", LIST, "bart@members.test", "cate@members.test"],
+                ["postfix-maps", "-o", os.path.join(postfix.conf, "transport")],
+                ["postfix-maps", "--domains", "-o", os.path.join(postfix.conf, "domains")],
+            ):
+                self.assertEqual(
+                    cli.main(["-C", config, *argv], stdout=out, stderr=out), 0, out.getvalue()
+                )
+            with open(os.path.join(postfix.conf, "transport"), "a") as f:
+                f.write(f"members.test smtp:[127.0.0.1]:{members_mx.port}\n")
+            postfix.postmap("transport")
+            postfix.postmap("domains")
+
+            from mailrelay.config import load_settings
+            from mailrelay.service import makeService
+
+            relay = makeService(load_settings(config), reactor)
+            relay.startService()
+            self.addCleanup(relay.stopService)
+            started = postfix.command("start")
+            self.addCleanup(postfix.command, "stop")
+            self.assertEqual(started.returncode, 0, started.stderr + postfix.log())
+            await wait_for_port(reactor, postfix.port)
+
+            client = Connection("127.0.0.1", postfix.port, 0, reactor=reactor)
+            self.addCleanup(client.quit)
+            await client.sendmail(
+                "anne@elsewhere.test",
+                [LIST],
+                "From: anne@elsewhere.test\nTo: test@lists.test\nSubject: will bounce\n"
+                "Message-ID: <pfb1@elsewhere.test>\n\nHello.\n",
+            )
+
+            registry = relay.getServiceNamed("mailrelay-stores")._registry
+            spool = relay.getServiceNamed("mailrelay-stores")._spool
+            for _ in range(2500):
+                record = registry.get_member(LIST, "bart@members.test")
+                if record.bounce_score >= 1:
+                    break
+                await task.deferLater(reactor, 0.02, lambda: None)
+            else:
+                self.fail(f"no bounce was scored; Postfix log:\n{postfix.log()}")
+            self.assertEqual(registry.get_member(LIST, "cate@members.test").bounce_score, 0.0)
+            # The handler has scored; the entry's DONE is written just after.
+            await relay.getServiceNamed("mailrelay-delivery").when_idle()
+            (entry,) = [e for e in spool.entries() if e.destination.subaddress == "bounces"]
+            self.assertEqual(entry.state, EntryState.DONE)
+            self.assertEqual(entry.sender, "")
+            dsn = spool.get_message(entry.message_key)
+            self.assertIn(b"message/delivery-status", dsn)
+            report = parse_bounce(LIST, entry.destination.address, dsn)
+            self.assertEqual(report.how, Recognition.DSN)
+            self.assertEqual(report.permanent, frozenset({"bart@members.test"}))
+            self.assertIn("status=bounced", postfix.log())
+
+        return as_deferred(go())
