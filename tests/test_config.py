@@ -254,6 +254,7 @@ EXPECTED_MTA_DEFAULTS = {
     "retry_max_backoff": 4000.0,
     "verp_delivery": False,
     "keep_delivered": 7 * 86400.0,
+    "personalize": False,
 }
 
 
@@ -487,12 +488,14 @@ class ErrorMessageTests(_FileMixin, SynchronousTestCase):
         ("mta", "retry_max_backoff", "x", "not a duration"),
         ("mta", "verp_delivery", "perhaps", "not a boolean"),
         ("mta", "keep_delivered", "-1d", "not a duration"),
+        ("mta", "personalize", "maybe", "not a boolean"),
         ("lists", "pending_request_life", "0", "greater than zero"),
         ("lists", "max_autoresponses_per_day", "-1", "at least 0"),
         ("lists", "template_dir", "mailrelay.ini", "exists and is not a directory"),
         ("devmode", "enabled", "y", "not a boolean"),
         ("devmode", "recipient", "not-a-mailbox", "not a valid mailbox"),
         ("http", "endpoint", "tcp:abc", "not a port number"),
+        ("http", "public_url", "http://lists.example.com/", "must be an https:// URL"),
         ("log", "format", "xml", "must be one of text, json"),
         ("postfix", "transport_file", ".", "is a directory"),
         ("postfix", "domains_file", ".", "is a directory"),

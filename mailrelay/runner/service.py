@@ -93,6 +93,10 @@ class DeliveryRunner(service.Service):
     ``processor`` (a :class:`~mailrelay.listproc.processor.ListProcessor`)
     takes mail to the sub-addresses it handles; at start the runner releases
     such mail that an earlier release held.
+
+    ``personalize`` and ``unsubscribe_urls``: one copy per member, and the
+    unsubscribe URLs in posts, as :class:`~mailrelay.runner.sending.CopySender`
+    describes.
     """
 
     name = "delivery"
@@ -120,6 +124,8 @@ class DeliveryRunner(service.Service):
         inline_limit: int = 1000,
         observer: Any = None,
         processor: Any = None,
+        personalize: bool = False,
+        unsubscribe_urls: Any = None,
     ):
         if not callable(getattr(sender, "sendmail", None)):
             raise TypeError(f"sender must provide sendmail(), not {sender!r}")
@@ -127,6 +133,8 @@ class DeliveryRunner(service.Service):
         policy = RetryPolicy(retry_period, min_backoff, max_backoff)
         if not isinstance(verp, bool):
             raise TypeError(f"verp must be a bool, not {verp!r}")
+        if not isinstance(personalize, bool):
+            raise TypeError(f"personalize must be a bool, not {personalize!r}")
         if devmode_recipient is not None:
             check_mailbox(devmode_recipient)
         batch_size = check_count("batch_size", batch_size)
@@ -178,6 +186,8 @@ class DeliveryRunner(service.Service):
             is_running=lambda: bool(self.running),
             publish_circuit=self._publish_circuit,
             observer=self._observer,
+            personalize=personalize,
+            unsubscribe_urls=unsubscribe_urls,
         )
         self._router = Router(
             spool,
