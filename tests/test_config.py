@@ -258,6 +258,35 @@ EXPECTED_MTA_DEFAULTS = {
 }
 
 
+class PublicURLTests(SynchronousTestCase):
+    def test_public_url_normalised(self):
+        """[http] public_url keeps scheme, host, port and path, lower-cases the
+        host and ends in /; personalize is off by default."""
+        settings = Settings.from_mapping(
+            {"http": {"endpoint": "tcp:8080", "public_url": "https://Lists.Example.com:8443/l"}}
+        )
+        self.assertEqual(settings.http.public_url, "https://lists.example.com:8443/l/")
+        self.assertFalse(settings.mta.personalize)
+
+    def test_bad_public_urls(self):
+        """Not https, a query, a user name, no host or an overlong URL are refused
+        with the reason; so is a public_url without an endpoint to serve it."""
+        for url, reason in [
+            ("http://lists.example.com/", "https://"),
+            ("https://lists.example.com/?x=1", "query"),
+            ("https://me@lists.example.com/", "user name"),
+            ("https:///path", "must name a host"),
+            ("https://lists.example.com/" + "a" * 200, "at most 200"),
+        ]:
+            with self.subTest(url=url):
+                with self.assertRaises(ConfigurationError) as caught:
+                    Settings.from_mapping({"http": {"endpoint": "tcp:8080", "public_url": url}})
+                self.assertIn(reason, str(caught.exception))
+        with self.assertRaises(ConfigurationError) as caught:
+            Settings.from_mapping({"http": {"public_url": "https://lists.example.com/"}})
+        self.assertIn("public_url needs an endpoint", str(caught.exception))
+
+
 class DefaultsTests(SynchronousTestCase):
     """With no file every key has its documented default."""
 

@@ -312,6 +312,8 @@ class PageTests(SynchronousTestCase):
         self.assertEqual(_request(self.site, b"GET", b"/unsubscribe/")[0], 404)
         code = _request(self.site, b"POST", b"/unsubscribe/list/test@example.com", ONE_CLICK)[0]
         self.assertEqual(code, 405)
+        code, headers, _ = _request(self.site, b"PUT", self.path, ONE_CLICK)
+        self.assertEqual((code, headers[b"allow"]), (405, b"GET, HEAD, POST"))
         self.assertEqual(len(self.members()), 2)
 
     def test_unavailable_registry_is_503(self):

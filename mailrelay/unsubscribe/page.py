@@ -88,10 +88,24 @@ def _not_found(request: Any) -> bytes:
     )
 
 
-class _MemberPage(resource.Resource):
-    """``/unsubscribe/TOKEN``: one member of one list (a verified token)."""
+class _Page(resource.Resource):
+    """A leaf page answering ``methods`` (HEAD with GET), anything else 405."""
 
     isLeaf = True
+    methods: tuple[bytes, ...] = (b"GET", b"HEAD")
+
+    def render(self, request: Any) -> bytes:
+        if request.method in self.methods:
+            return super().render(request)
+        # Our own page: twisted.web's default 405 page is deprecated (unescaped).
+        request.setHeader(b"Allow", b", ".join(self.methods))
+        return _page(request, 405, "Method not allowed", "<p>Nothing was changed.</p>")
+
+
+class _MemberPage(_Page):
+    """``/unsubscribe/TOKEN``: one member of one list (a verified token)."""
+
+    methods = (b"GET", b"HEAD", b"POST")
 
     def __init__(self, registry: Any, list_address: str, address: str):
         super().__init__()
@@ -161,10 +175,8 @@ class _MemberPage(resource.Resource):
         )
 
 
-class _ListPage(resource.Resource):
+class _ListPage(_Page):
     """``/unsubscribe/list/LIST@DOMAIN``: how to leave a list by mail."""
-
-    isLeaf = True
 
     def __init__(self, registry: Any):
         super().__init__()
