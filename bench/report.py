@@ -27,6 +27,7 @@ TITLES = {
     "outbound": "Outbound: queued 1 KB messages delivered to smtp-sink",
     "e2e": "End to end: posts over LMTP until smtp-sink accepted the last recipient",
     "memory": "Memory: peak RSS of the LMTP server",
+    "oneclick": "One-click unsubscribe: grouped vs personalised copies of one post",
 }
 
 
