@@ -16,8 +16,6 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgentEndpointFactory
-from zope.interface import implementer
 
 from mailrelay.config import load_settings
 from mailrelay.errors import RegistryUnavailable
@@ -30,6 +28,7 @@ from mailrelay.testing.lmtp import connect_lmtp
 from mailrelay.unsubscribe import UnsubscribePage, UnsubscribeURLs
 from mailrelay.web import WebRoot, make_site
 from tests.support import as_deferred, free_port, temp_dir, wait_for_port
+from tests.test_metrics import _UnixEndpoints
 from tests.test_runner import MEMBERS, RunnerCase
 
 LIST = "test@example.com"
@@ -335,17 +334,6 @@ class PageTests(SynchronousTestCase):
         self.assertEqual(code, 200)
         self.assertIn(b"x&amp;y-leave@example.com", body)
         self.assertNotIn(b"<b>Evil", body)
-
-
-@implementer(IAgentEndpointFactory)
-class _UnixEndpoints:
-    """Every request of the Agent goes to one unix socket (whatever the URL says)."""
-
-    def __init__(self, path: str):
-        self._path = path
-
-    def endpointForURI(self, uri):  # noqa: N802 - twisted.web's naming
-        return endpoints.UNIXClientEndpoint(reactor, self._path)
 
 
 MEMBER = "member@example.org"
