@@ -47,6 +47,7 @@ class Relay:
         *,
         cpus: str | None = SERVER_CPUS,
         python: str = sys.executable,
+        extra_ini: str = "",
     ):
         self.dir = tempfile.mkdtemp(prefix="relay-", dir=workdir)
         self.port = free_port()
@@ -59,7 +60,8 @@ class Relay:
                 "lmtp_max_sessions = 2000\n"
                 f"lmtp_hostname = relay.{LIST_DOMAIN}\n"
                 f"smtp_host = 127.0.0.1\nsmtp_port = {smarthost_port}\n"
-                f"smtp_helo_name = relay.{LIST_DOMAIN}\n"
+                f"smtp_helo_name = relay.{LIST_DOMAIN}\n" + extra_ini
+                # More [mta] keys, and sections after it, for one scenario.
             )
         self._create_lists(lists)
         argv = [

@@ -28,6 +28,7 @@ TITLES = {
     "e2e": "End to end: posts over LMTP until smtp-sink accepted the last recipient",
     "memory": "Memory: peak RSS of the LMTP server",
     "bounces": "Bounces: VERP bounces over LMTP until every member's score is written",
+    "oneclick": "One-click unsubscribe: grouped vs personalised copies of one post",
 }
 
 

@@ -9,6 +9,7 @@ an id (``bench/run --list`` prints them) that ``bench/run --only`` selects:
 ``e2e_<posts>x<members>``        posts over LMTP until smtp-sink has every recipient
 ``memory_<sessions>``            peak RSS with 10, 100 or 1,000 concurrent sessions
 ``bounces_<count>``              VERP bounces over LMTP until every member is scored
+``oneclick_<copies>``            1 post x 10,000 members, grouped or personalised copies
 
 A scenario name alone (``--only e2e``) stands for all its configurations.  In
 every run each peer is measured right after the others (their order rotating
@@ -38,6 +39,7 @@ from harness import (
     Sink,
     free_port,
     log,
+    median,
     pinned,
     rotated,
     run_timed,
@@ -52,6 +54,10 @@ from parties import AiosmtpdLMTP, Mailman, Relay, SinkLMTP
 E2E_SIZES = [(200, 10), (20, 1000), (1, 10000), (1, 10)]
 E2E_RELAY_ONLY = [(1, 100000)]
 _E2E_SMOKE_SIZES = [(3, 5), (1, 20)]
+# One post to this many members, each copy type ([mta] personalize no / yes).
+ONECLICK_MEMBERS = 10000
+_ONECLICK_SMOKE_MEMBERS = 20
+ONECLICK_COPIES = ("grouped", "personal")
 
 
 def _ingest_configs(smoke: bool) -> list[tuple[int, int]]:
@@ -73,6 +79,7 @@ def configurations(smoke: bool) -> dict[str, list[str]]:
         "e2e": [_e2e_id(size) for size in e2e],
         "memory": [f"memory_{sessions}" for sessions in _memory_levels(smoke)],
         "bounces": [f"bounces_{_bounce_count(smoke)}"],
+        "oneclick": [f"oneclick_{copies}" for copies in ONECLICK_COPIES],
     }
 
 
@@ -383,10 +390,58 @@ def _bounce_burst(relay: Relay, count: int) -> float:
     return time.perf_counter() - start
 
 
+def scenario_oneclick(ctx: Context) -> None:
+    """What per-member copies cost: one post to 10,000 members, with the one-click
+    unsubscribe URLs on, as grouped copies (max_recipients per transaction, a
+    list-level URL) and as personal ones (a transaction and a URL per member)."""
+    members = _ONECLICK_SMOKE_MEMBERS if ctx.smoke else ONECLICK_MEMBERS
+    copies = [c for c in ONECLICK_COPIES if ctx.wanted(f"oneclick_{c}")]
+    if not copies:
+        return
+    titles = {"grouped": "grouped copies", "personal": "personalised copies"}
+    rows = {
+        c: ctx.row("oneclick", f"1 post x {members:,} members, {titles[c]}", "recipients/s")
+        for c in copies
+    }
+    address = f"oneclick-{members}@{LIST_DOMAIN}"
+    sink = Sink(ctx.workdir)
+    try:
+        for run in range(ctx.runs):
+            for copy in rotated(copies, run):
+                extra = (
+                    f"personalize = {'yes' if copy == 'personal' else 'no'}\n"
+                    f"[http]\nendpoint = tcp:{free_port()}:interface=127.0.0.1\n"
+                    f"public_url = https://lists.{LIST_DOMAIN}/\n"
+                )
+                relay = Relay(
+                    ctx.workdir, sink.port, {address: members}, cpus=E2E_CPUS, extra_ini=extra
+                )
+                with started(relay):
+                    total, first = _post_and_wait(sink, relay.port, address, (1, members))
+                    rss = relay.peak_rss_kib()
+                rows[copy].add(
+                    "mailrelay",
+                    members / total,
+                    seconds=total,
+                    first_delivery_s=first,
+                    peak_rss_mib=rss / 1024,
+                )
+                log(f"oneclick {rows[copy].config} run {run + 1}: " + _last(rows[copy]))
+    finally:
+        sink.stop()
+    if len(rows) == 2:
+        grouped, personal = (median(rows[c].extra["seconds"]["mailrelay"]) for c in ONECLICK_COPIES)
+        ctx.notes.append(
+            f"One-click: personalised copies took {personal / grouped:.2f} x the time of "
+            f"grouped ones ({members:,} members, median seconds {personal:.2f} vs {grouped:.2f})."
+        )
+
+
 SCENARIOS: dict[str, Callable[[Context], None]] = {
     "ingest": scenario_ingest,
     "outbound": scenario_outbound,
     "e2e": scenario_e2e,
     "memory": scenario_memory,
     "bounces": scenario_bounces,
+    "oneclick": scenario_oneclick,
 }

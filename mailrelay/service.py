@@ -290,6 +290,19 @@ def site_defaults(settings: Settings) -> Any:
     )
 
 
+def make_unsubscribe_urls(settings: Settings):
+    """The :class:`~mailrelay.unsubscribe.UnsubscribeURLs` of ``[http] public_url``,
+    signed with the secret in ``<var_dir>/unsubscribe.key`` (created on first
+    use), or ``None`` when no public URL is set."""
+    if not settings.http.public_url:
+        return None
+    from mailrelay.listproc.tokens import load_or_create_secret
+    from mailrelay.unsubscribe import UnsubscribeURLs
+
+    secret = load_or_create_secret(settings.paths.var_dir)
+    return UnsubscribeURLs(settings.http.public_url, secret)
+
+
 def makeService(  # noqa: N802 - Twisted's naming for service factories
     settings: Settings,
     reactor: Any = None,
@@ -313,9 +326,11 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
     ``metrics`` is the :class:`~mailrelay.metrics.RelayMetrics` (or ``None``)
     and its ``web_root`` the :class:`~mailrelay.web.WebRoot` of the HTTP site
     (or ``None``), where other pages can be mounted at their own paths before
-    the service starts.  The daemon publishes its pid, version and start time
-    in the spool's status table under ``"daemon"`` while it runs, and
-    rewrites the ``[postfix]`` maps at start when they are set.
+    the service starts.  With ``[http] public_url`` posts carry unsubscribe
+    URLs and the site serves them under ``/unsubscribe/``.  The daemon
+    publishes its pid, version and start time in the spool's status table
+    under ``"daemon"`` while it runs, and rewrites the ``[postfix]`` maps at
+    start when they are set.
     """
     if reactor is None:
         from twisted.internet import reactor
@@ -343,6 +358,7 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
             metrics = RelayMetrics(reactor)
             observer = metrics if observer is None else ObserverFanout(metrics, observer)
         sender = sender if sender is not None else make_sender(settings, reactor, observer)
+        unsubscribe_urls = make_unsubscribe_urls(settings)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -383,6 +399,8 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
         processor=processing.processor if processing else None,
         posting=processing.moderation if processing else None,
         on_bounces=processing.scorer.register_failures if processing else None,
+        personalize=mta.personalize,
+        unsubscribe_urls=unsubscribe_urls,
     )
     runners.append(runner)
     runner.setName("mailrelay-delivery")
@@ -423,6 +441,10 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
         )
         top.web_root = WebRoot()
         top.web_root.mount("metrics", MetricsPage(metrics.registry))
+        if unsubscribe_urls is not None:
+            from mailrelay.unsubscribe import MOUNT, UnsubscribePage
+
+            top.web_root.mount(MOUNT, UnsubscribePage(registry, unsubscribe_urls.secret))
         web = strports.service(settings.http.endpoint, make_site(top.web_root), reactor=reactor)
         web.setName("mailrelay-http")
         web.setServiceParent(top)

@@ -254,7 +254,37 @@ EXPECTED_MTA_DEFAULTS = {
     "retry_max_backoff": 4000.0,
     "verp_delivery": False,
     "keep_delivered": 7 * 86400.0,
+    "personalize": False,
 }
+
+
+class PublicURLTests(SynchronousTestCase):
+    def test_public_url_normalised(self):
+        """[http] public_url keeps scheme, host, port and path, lower-cases the
+        host and ends in /; personalize is off by default."""
+        settings = Settings.from_mapping(
+            {"http": {"endpoint": "tcp:8080", "public_url": "https://Lists.Example.com:8443/l"}}
+        )
+        self.assertEqual(settings.http.public_url, "https://lists.example.com:8443/l/")
+        self.assertFalse(settings.mta.personalize)
+
+    def test_bad_public_urls(self):
+        """Not https, a query, a user name, no host or an overlong URL are refused
+        with the reason; so is a public_url without an endpoint to serve it."""
+        for url, reason in [
+            ("http://lists.example.com/", "https://"),
+            ("https://lists.example.com/?x=1", "query"),
+            ("https://me@lists.example.com/", "user name"),
+            ("https:///path", "must name a host"),
+            ("https://lists.example.com/" + "a" * 200, "at most 200"),
+        ]:
+            with self.subTest(url=url):
+                with self.assertRaises(ConfigurationError) as caught:
+                    Settings.from_mapping({"http": {"endpoint": "tcp:8080", "public_url": url}})
+                self.assertIn(reason, str(caught.exception))
+        with self.assertRaises(ConfigurationError) as caught:
+            Settings.from_mapping({"http": {"public_url": "https://lists.example.com/"}})
+        self.assertIn("public_url needs an endpoint", str(caught.exception))
 
 
 class DefaultsTests(SynchronousTestCase):
@@ -487,6 +517,7 @@ class ErrorMessageTests(_FileMixin, SynchronousTestCase):
         ("mta", "retry_max_backoff", "x", "not a duration"),
         ("mta", "verp_delivery", "perhaps", "not a boolean"),
         ("mta", "keep_delivered", "-1d", "not a duration"),
+        ("mta", "personalize", "maybe", "not a boolean"),
         ("lists", "pending_request_life", "0", "greater than zero"),
         ("lists", "held_post_life", "soon", "duration"),
         ("lists", "max_autoresponses_per_day", "-1", "at least 0"),
@@ -500,6 +531,7 @@ class ErrorMessageTests(_FileMixin, SynchronousTestCase):
         ("devmode", "enabled", "y", "not a boolean"),
         ("devmode", "recipient", "not-a-mailbox", "not a valid mailbox"),
         ("http", "endpoint", "tcp:abc", "not a port number"),
+        ("http", "public_url", "http://lists.example.com/", "must be an https:// URL"),
         ("log", "format", "xml", "must be one of text, json"),
         ("postfix", "transport_file", ".", "is a directory"),
         ("postfix", "domains_file", ".", "is a directory"),

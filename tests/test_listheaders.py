@@ -7,7 +7,7 @@ from email import policy
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailrelay.listheaders import add_list_headers, list_headers
+from mailrelay.listheaders import add_list_headers, list_headers, member_unsubscribe_fields
 from mailrelay.model import MailingList
 
 LIST = MailingList("test@example.com", "Test List", ("owner@example.org",))
@@ -104,3 +104,51 @@ class AddListHeadersTests(SynchronousTestCase):
         """Only bytes and a MailingList are accepted."""
         self.assertRaises(TypeError, add_list_headers, "text", LIST)
         self.assertRaises(TypeError, add_list_headers, b"x", "test@example.com")
+
+
+class UnsubscribeHeaderTests(SynchronousTestCase):
+    URL = "https://lists.example.com/unsubscribe/list/test@example.com"
+
+    def test_grouped_copy_names_leave_then_list_page(self):
+        """A grouped copy's List-Unsubscribe has the -leave address first and the
+        list page second, folded between them; no List-Unsubscribe-Post."""
+        fields = dict(list_headers(LIST, list_url=self.URL))
+        self.assertEqual(
+            fields["List-Unsubscribe"],
+            f"<mailto:test-leave@example.com>,\r\n <{self.URL}>",
+        )
+        self.assertNotIn("List-Unsubscribe-Post", fields)
+
+    def test_personal_block_leaves_unsubscribe_to_each_copy(self):
+        """With personal=True the shared block has no List-Unsubscribe at all."""
+        names = [name for name, _ in list_headers(LIST, list_url=self.URL, personal=True)]
+        self.assertNotIn("List-Unsubscribe", names)
+        self.assertIn("List-Subscribe", names)
+        out = add_list_headers(MESSAGE, LIST, personal=True)
+        self.assertNotIn(b"List-Unsubscribe", out)
+
+    def test_member_fields(self):
+        """A member's fields: List-Unsubscribe with the one-click URL first and
+        mailto second, then List-Unsubscribe-Post: List-Unsubscribe=One-Click;
+        parsed in front of a message they are one field each."""
+        url = "https://lists.example.com/unsubscribe/abc.def"
+        fields = member_unsubscribe_fields(LIST, url)
+        self.assertEqual(
+            fields,
+            b"List-Unsubscribe: <https://lists.example.com/unsubscribe/abc.def>,\r\n"
+            b" <mailto:test-leave@example.com>\r\n"
+            b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n",
+        )
+        parsed = email.message_from_bytes(
+            fields + add_list_headers(MESSAGE, LIST, personal=True), policy=policy.default
+        )
+        self.assertEqual(
+            parsed["List-Unsubscribe"],
+            f"<{url}>, <mailto:test-leave@example.com>",
+        )
+        self.assertEqual(parsed.get_all("List-Unsubscribe-Post"), ["List-Unsubscribe=One-Click"])
+
+    def test_member_url_cannot_inject(self):
+        """A URL with a line break, a '>' or non-ASCII is refused."""
+        for url in ("https://x/\r\nBcc: a@b", "https://x/>", "https://x/é"):
+            self.assertRaises(ValueError, member_unsubscribe_fields, LIST, url)

@@ -192,3 +192,38 @@ class ChunkifyTests(SynchronousTestCase):
         """max_recipients 0 sends everyone in one transaction; duplicates are sent once."""
         self.assertEqual(chunkify(["b@x.com", "a@x.org", "b@x.com"], 0), [["a@x.org", "b@x.com"]])
         self.assertEqual(chunkify([], 3), [])
+
+
+class HeaderPrefixTests(SynchronousTestCase):
+    def test_prefix_in_front(self):
+        """with_header_prefix puts the lines in front; size and flags follow."""
+        wire = prepare_message(b"Subject: x\r\n\r\n.dot\r\n")
+        copy = wire.with_header_prefix(b"X-A: 1\r\nX-B: 2\r\n")
+        self.assertEqual(copy.data, b"X-A: 1\r\nX-B: 2\r\n" + wire.data)
+        self.assertEqual(copy.size, wire.size + 16)
+        self.assertEqual((copy.eight_bit, copy.long_lines), (wire.eight_bit, wire.long_lines))
+        self.assertIs(copy.for_server(eight_bit_mime=False), copy)
+
+    def test_rewritten_once_per_message(self):
+        """A copy that must be rewritten for the server is the message's own
+        rewrite with the prefix in front: the rewrite is shared by every copy."""
+        wire = prepare_message(b"Subject: x\r\n\r\n" + "é".encode() * 600 + b"\r\n")
+        one = wire.with_header_prefix(b"X-A: 1\r\n").for_server(eight_bit_mime=False)
+        two = wire.with_header_prefix(b"X-A: 2\r\n").for_server(eight_bit_mime=False)
+        base = wire.for_server(eight_bit_mime=False)
+        self.assertEqual(one.data, b"X-A: 1\r\n" + base.data)
+        self.assertEqual(two.data, b"X-A: 2\r\n" + base.data)
+        self.assertTrue(one.data.isascii())
+        self.assertFalse(one.long_lines)
+
+    def test_bad_prefix_refused(self):
+        """The prefix must be whole ASCII CRLF lines, none starting with a dot or too long."""
+        wire = prepare_message(b"Subject: x\r\n\r\nbody\r\n")
+        for prefix in (
+            b"X: 1",
+            b"X: 1\n",
+            b".X: 1\r\n",
+            b"X: \xe9\r\n",
+            b"X: " + b"a" * 1000 + b"\r\n",
+        ):
+            self.assertRaises(ValueError, wire.with_header_prefix, prefix)

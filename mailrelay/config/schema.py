@@ -24,6 +24,7 @@ from mailrelay.config.values import (
     parse_int,
     parse_mailbox,
     parse_port,
+    parse_public_url,
     parse_secure_mode,
     parse_size,
     parse_text,
@@ -385,6 +386,15 @@ SCHEMA: tuple[Key, ...] = (
     ),
     Key(
         "mta",
+        "personalize",
+        "no",
+        "Send each member a separate copy (as verp_delivery does, but from the plain "
+        "-bounces address), so that each copy can carry the member's own one-click "
+        "unsubscribe URL (see [http] public_url).  Costs one SMTP transaction per member.",
+        _plain(parse_bool),
+    ),
+    Key(
+        "mta",
         "keep_delivered",
         "7d",
         "How long delivered entries stay in the spool (shown by mailrelay queue) "
@@ -497,8 +507,20 @@ SCHEMA: tuple[Key, ...] = (
         "Twisted server endpoint of the HTTP site serving Prometheus metrics at "
         "/metrics, e.g. tcp:9425:interface=127.0.0.1.  Empty (the default) means no "
         "HTTP listener.  The metrics name lists and counts: keep it on loopback or a "
-        "unix: socket, or behind a proxy that restricts who reads it.",
+        "unix: socket, or behind a proxy that restricts who reads it.  With public_url "
+        "it also serves the unsubscribe pages under /unsubscribe/.",
         _endpoint,
+    ),
+    Key(
+        "http",
+        "public_url",
+        "",
+        "The https:// URL at which members reach this HTTP site (normally through a "
+        "reverse proxy that forwards /unsubscribe/ to endpoint), e.g. "
+        "https://lists.example.com/.  When set, posts carry an unsubscribe URL in "
+        "List-Unsubscribe, and personal copies (verp_delivery or personalize) a "
+        "one-click one (RFC 8058).  Needs endpoint.  Empty means mailto: only.",
+        _plain(parse_public_url),
     ),
     Key(
         "log",

@@ -115,6 +115,8 @@ class MTASettings:
     retry_max_backoff: float
     verp_delivery: bool
     keep_delivered: float
+    # Last, with a default: MTASettings built by hand before it existed still work.
+    personalize: bool = False
 
     def effective_lmtp_hostname(self) -> str:
         """The name in the LMTP greeting: ``lmtp_hostname``, else this host's FQDN (may do DNS)."""
@@ -149,9 +151,12 @@ class DevModeSettings:
 
 @dataclass(frozen=True)
 class HTTPSettings:
-    """``[http]``: the HTTP site serving ``/metrics`` (``endpoint`` "" = none)."""
+    """``[http]``: the HTTP site serving ``/metrics`` and the unsubscribe pages
+    (``endpoint`` "" = none); ``public_url`` is the https base URL members see
+    ("" = no unsubscribe URLs), ending in ``/``."""
 
     endpoint: str = ""
+    public_url: str = ""
 
 
 @dataclass(frozen=True)
@@ -352,6 +357,13 @@ def _build(
         raise context.error(
             "devmode", ["enabled", "recipient"], "development mode needs a recipient"
         )
+    http = values["http"]
+    if http["public_url"] and not http["endpoint"]:
+        raise context.error(
+            "http",
+            ["public_url", "endpoint"],
+            "public_url needs an endpoint to serve the unsubscribe pages on",
+        )
     lists = values["lists"]
     if not lists["template_dir"]:
         lists["template_dir"] = os.path.join(values["paths"]["var_dir"], "templates")
@@ -360,7 +372,7 @@ def _build(
         mta=MTASettings(**mta),
         devmode=DevModeSettings(**devmode),
         source=source,
-        http=HTTPSettings(**values["http"]),
+        http=HTTPSettings(**http),
         log=LogSettings(**values["log"]),
         postfix=PostfixSettings(**values["postfix"]),
         lists=ListsSettings(**lists),

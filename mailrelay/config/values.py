@@ -16,6 +16,7 @@ import os
 import re
 from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
+from urllib.parse import urlsplit
 
 from mailrelay._checks import check_positive
 from mailrelay._files import secret_file_problem
@@ -174,6 +175,43 @@ def parse_mailbox(text: str) -> str:
         return check_mailbox(text)
     except InvalidAddress as e:
         raise ValueError(f"not a valid mailbox: {e.reason}") from None
+
+
+_URL_SAFE_PATH = re.compile(r"[A-Za-z0-9._~!$&'()*+,;=:@%/-]*\Z")
+MAX_PUBLIC_URL = 200
+
+
+def parse_public_url(text: str) -> str:
+    """An ``https://`` base URL (scheme, host, optional port and path; no query,
+    fragment or user name), returned ending in ``/``; empty stays empty.
+
+    Only https: RFC 8058 requires it of one-click unsubscribe URLs.  At most
+    200 characters, so that a header carrying a URL below it stays within
+    SMTP's line limit.
+    """
+    url = text.strip()
+    if not url:
+        return ""
+    if len(url) > MAX_PUBLIC_URL or not url.isascii():
+        raise ValueError(f"must be an ASCII URL of at most {MAX_PUBLIC_URL} characters")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise ValueError(f"not a URL: {e}") from None
+    if parts.scheme.lower() != "https":
+        raise ValueError("must be an https:// URL (RFC 8058 requires HTTPS)")
+    host = parts.hostname or ""
+    if not (is_host_name(host) or is_ip_address(host)) or "@" in parts.netloc:
+        raise ValueError("must name a host, without a user name")
+    if parts.query or parts.fragment or "?" in url or "#" in url:
+        raise ValueError("must not have a query (?) or fragment (#)")
+    if not _URL_SAFE_PATH.match(parts.path):
+        raise ValueError("the path has characters that must be percent-encoded")
+    netloc = host.lower() if ":" not in host else f"[{host}]"
+    if port is not None:
+        netloc += f":{port}"
+    return f"https://{netloc}{parts.path.rstrip('/')}/"
 
 
 def positive(parse: Callable[[str], float], what: str) -> Callable[[str], float]:

@@ -63,6 +63,33 @@ class WireMessage:
             self._variants[eight_bit_mime] = variant
         return variant
 
+    def with_header_prefix(self, prefix: bytes) -> WireMessage:
+        """This message with the header lines ``prefix`` in front, without
+        re-encoding it: for a copy that differs only in a few header fields.
+
+        ``prefix`` must be ASCII header lines ending in CRLF, none over 998
+        octets or starting with "." (``ValueError`` otherwise).  The copy's
+        rewritten variants (:meth:`for_server`) are this message's own with the
+        prefix in front, so a rewrite happens once per message, not per copy.
+        """
+        if (
+            not prefix.endswith(b"\r\n")
+            or not prefix.isascii()
+            or prefix.startswith(b".")
+            or b"\n." in prefix
+            or not prefix.count(b"\r") == prefix.count(b"\n") == prefix.count(b"\r\n")
+            or has_long_lines(prefix)
+        ):
+            raise ValueError(f"not header lines to put in front of a message: {prefix[:80]!r}")
+        return _Prefixed(
+            data=prefix + self.data,
+            size=len(prefix) + self.size,
+            eight_bit=self.eight_bit,
+            long_lines=self.long_lines,
+            base=self,
+            prefix=prefix,
+        )
+
     @property
     def message_id(self) -> str:
         """The Message-ID header, or "" (for logs)."""
@@ -72,6 +99,20 @@ class WireMessage:
             re.IGNORECASE | re.MULTILINE,
         )
         return match.group(1).decode("ascii", "replace").strip() if match else ""
+
+
+@dataclass(frozen=True)
+class _Prefixed(WireMessage):
+    """A :class:`WireMessage` made by :meth:`WireMessage.with_header_prefix`."""
+
+    base: WireMessage = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
+    prefix: bytes = field(default=b"", repr=False, compare=False)
+
+    def for_server(self, *, eight_bit_mime: bool) -> WireMessage:
+        variant = self.base.for_server(eight_bit_mime=eight_bit_mime)
+        if variant is self.base:
+            return self
+        return variant.with_header_prefix(self.prefix)
 
 
 def _message_bytes(message: Message) -> bytes:

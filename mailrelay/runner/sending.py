@@ -6,10 +6,17 @@ group of MEMBER, OWNER or NOTICE entries (one message, one list) to
 once per message (with the list headers, for posts), sends them through the
 ``IMessageSender`` (normally :class:`~mailrelay.mta.pool.ConnectionPool`, the
 ``mta`` package) in transactions of at most ``max_recipients`` (one per
-recipient with VERP) from the list's ``-bounces`` address (a NOTICE, which mailrelay wrote itself,
-as stored and from the envelope sender stored with it), and returns the
+recipient with VERP or ``personalize``) from the list's ``-bounces`` address
+(a NOTICE, which mailrelay wrote itself, as stored and from the envelope
+sender stored with it), and returns the
 spool updates and bounces that :mod:`~mailrelay.runner.outcomes` derives from
 the replies.
+
+A copy for one member (VERP or ``personalize``) with unsubscribe URLs
+configured gets that member's one-click ``List-Unsubscribe`` fields put in
+front of the shared bytes (:func:`~mailrelay.listheaders.member_unsubscribe_fields`,
+:meth:`~mailrelay.mta.message.WireMessage.with_header_prefix`): an HMAC and a
+concatenation per member, never a re-parse.
 
 Problems of the site itself trip the :class:`~mailrelay.runner.breaker.CircuitBreaker`;
 while it is open no transaction is started, and after the smarthost could not
@@ -29,7 +36,7 @@ from twisted.logger import Logger
 
 from mailrelay.addresses import is_valid_mailbox, split_mailbox
 from mailrelay.errors import InvalidAddress, RegistryError, RegistryUnavailable, SpoolError
-from mailrelay.listheaders import add_list_headers
+from mailrelay.listheaders import add_list_headers, member_unsubscribe_fields
 from mailrelay.model import Bounce, EntryKind, EntryState, EntryUpdate, MailingList, SpoolEntry
 from mailrelay.mta.bulk import INVALID_ADDRESS, chunkify
 from mailrelay.mta.errors import NO_REPLY, DeliveryError, SmarthostUnreachable
@@ -100,6 +107,10 @@ class CopySender:
     with the breaker's description when it trips and with ``None`` when it
     closes again.  ``observer`` (an :class:`~mailrelay.interfaces.IRelayObserver`)
     is told each group's results and each transaction's duration.
+    ``personalize`` sends each member a copy of its own, as ``verp`` does but
+    from the plain ``-bounces`` address; ``unsubscribe_urls`` (an
+    :class:`~mailrelay.unsubscribe.UnsubscribeURLs`) adds the unsubscribe URLs
+    to posts: per member on such copies, the list's page on grouped ones.
     """
 
     def __init__(
@@ -119,6 +130,8 @@ class CopySender:
         is_running: Callable[[], bool],
         publish_circuit: Callable[[str | None], None],
         observer: Any = NO_OBSERVER,
+        personalize: bool = False,
+        unsubscribe_urls: Any = None,
     ):
         self._spool = spool
         self._registry = registry
@@ -129,6 +142,11 @@ class CopySender:
         self._random = random
         self._max_recipients = max_recipients
         self._verp = verp
+        self._one_copy_each = verp or personalize
+        self._urls = unsubscribe_urls
+        # Member URLs only where a copy is one member's: elsewhere a one-click
+        # POST could not say who is leaving.
+        self._member_urls = unsubscribe_urls is not None and self._one_copy_each
         self._devmode_recipient = devmode_recipient
         self._is_running = is_running
         self._publish_circuit = publish_circuit
@@ -150,7 +168,8 @@ class CopySender:
         if raw is None:
             raw = self._spool.get_message(message_key)
         if kind is EntryKind.MEMBER:
-            raw = add_list_headers(raw, mlist)
+            list_url = None if self._urls is None else self._urls.list_url(mlist.posting_address)
+            raw = add_list_headers(raw, mlist, list_url=list_url, personal=self._member_urls)
         wire = prepare_message(raw)
         self._messages[key] = wire
         if len(self._messages) > _CACHED_MESSAGES:
@@ -225,7 +244,7 @@ class CopySender:
                 results[address] = RecipientResult(
                     Verdict.PERMANENT, code, one_line(response), bounce=True
                 )
-        if self._verp or self._devmode_recipient is not None:
+        if self._one_copy_each or self._devmode_recipient is not None:
             chunks = [[address] for address in sorted(valid)]
         else:
             chunks = chunkify(valid, self._max_recipients)
@@ -306,6 +325,8 @@ class CopySender:
             envelope_sender = _verp_sender(mlist, chunk[0])
         else:
             envelope_sender = mlist.bounces_address
+        if self._member_urls and kind is EntryKind.MEMBER:
+            wire = self._personal_copy(mlist, chunk[0], wire)
         rcpts = chunk if self._devmode_recipient is None else [self._devmode_recipient]
         generation = self._breaker.generation
         fields = dict(
@@ -342,6 +363,11 @@ class CopySender:
             _log.info("Delivery resumed: the smarthost accepted a transaction again")
             self._publish_circuit(None)
         return results
+
+    def _personal_copy(self, mlist: MailingList, member: str, wire: WireMessage) -> WireMessage:
+        """``wire`` with ``member``'s own one-click unsubscribe fields in front."""
+        url = self._urls.member_url(mlist.posting_address, member)
+        return wire.with_header_prefix(member_unsubscribe_fields(mlist, url))
 
     def _whole_failure(
         self, error: DeliveryError, chunk: list[str], started: float, fields: dict[str, Any]

@@ -97,6 +97,10 @@ class DeliveryRunner(service.Service):
     before it is expanded (see :mod:`~mailrelay.runner.routing`).  ``on_bounces`` (optional) is
     called with the permanent refusals after they were recorded in the
     registry (bounce processing scores them).
+
+    ``personalize`` and ``unsubscribe_urls``: one copy per member, and the
+    unsubscribe URLs in posts, as :class:`~mailrelay.runner.sending.CopySender`
+    describes.
     """
 
     name = "delivery"
@@ -126,6 +130,8 @@ class DeliveryRunner(service.Service):
         processor: Any = None,
         posting: Any = None,
         on_bounces: Any = None,
+        personalize: bool = False,
+        unsubscribe_urls: Any = None,
     ):
         if not callable(getattr(sender, "sendmail", None)):
             raise TypeError(f"sender must provide sendmail(), not {sender!r}")
@@ -133,6 +139,8 @@ class DeliveryRunner(service.Service):
         policy = RetryPolicy(retry_period, min_backoff, max_backoff)
         if not isinstance(verp, bool):
             raise TypeError(f"verp must be a bool, not {verp!r}")
+        if not isinstance(personalize, bool):
+            raise TypeError(f"personalize must be a bool, not {personalize!r}")
         if devmode_recipient is not None:
             check_mailbox(devmode_recipient)
         batch_size = check_count("batch_size", batch_size)
@@ -184,6 +192,8 @@ class DeliveryRunner(service.Service):
             is_running=lambda: bool(self.running),
             publish_circuit=self._publish_circuit,
             observer=self._observer,
+            personalize=personalize,
+            unsubscribe_urls=unsubscribe_urls,
         )
         self._router = Router(
             spool,

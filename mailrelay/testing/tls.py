@@ -61,13 +61,8 @@ class ThrowawayCA:
         against this CA; with ``require_client_cert`` the handshake fails
         without one.
         """
-        names = tuple(hostnames)
-        if not names:
-            raise ValueError("server_options needs at least one host name")
-        if names not in self._server_certs:
-            self._server_certs[names] = self._ca.issue_cert(*names)
         key_and_cert = ssl.PrivateCertificate.loadPEM(
-            self._server_certs[names].private_key_and_cert_chain_pem.bytes()
+            self._server_cert(hostnames).private_key_and_cert_chain_pem.bytes()
         )
         # caCerts/verify rather than trustRoot: trustRoot always *requires* a
         # client certificate, and an optional one is what lets tests record the
@@ -79,6 +74,19 @@ class ThrowawayCA:
             caCerts=[self._ca_certificate().original],
             requireCertificate=require_client_cert,
         )
+
+    def write_server_cert(
+        self,
+        directory: str | os.PathLike[str],
+        hostnames: tuple[str, ...] | list[str] = ("localhost", "127.0.0.1"),
+    ) -> str:
+        """Write the server certificate for ``hostnames`` (the one
+        :meth:`server_options` presents) and its key to ``directory/server.pem``,
+        for servers configured by file, such as an ``ssl:`` endpoint's
+        ``privateKey=``; return that path."""
+        path = os.path.join(os.fspath(directory), "server.pem")
+        self._server_cert(hostnames).private_key_and_cert_chain_pem.write_to_path(path)
+        return path
 
     def client_certificate(self, name: str = "client.example") -> ssl.PrivateCertificate:
         """A client certificate (and key) for ``name``, for Twisted TLS clients.
@@ -104,6 +112,14 @@ class ThrowawayCA:
             pem.write_to_path(cert_path, append=index > 0)
         leaf.private_key_pem.write_to_path(key_path)
         return cert_path, key_path
+
+    def _server_cert(self, hostnames: tuple[str, ...] | list[str]) -> trustme.LeafCert:
+        names = tuple(hostnames)
+        if not names:
+            raise ValueError("a server certificate needs at least one host name")
+        if names not in self._server_certs:
+            self._server_certs[names] = self._ca.issue_cert(*names)
+        return self._server_certs[names]
 
     def _client_cert(self, name: str) -> trustme.LeafCert:
         if name not in self._client_certs:
