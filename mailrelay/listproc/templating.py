@@ -66,6 +66,8 @@ PLACEHOLDERS: dict[str, frozenset[str]] = {
         "reject": {"subject", "reason"},
         "disabled-warning": {"address", "token", "warnings_left"},
         "removed-owner": {"address", "reason"},
+        "refused-dsn": {"lists", "subject", "reply"},
+        "refused-owner": {"lists", "poster", "message_id", "subject", "reply", "poster_told"},
     }.items()
 }
 

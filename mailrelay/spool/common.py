@@ -27,6 +27,7 @@ from mailrelay.model import (
     Envelope,
     Outgoing,
     PostSummary,
+    Refusal,
     Route,
     SpoolEntry,
 )
@@ -130,6 +131,20 @@ def check_outgoing(
         if not isinstance(message, Outgoing):
             raise TypeError(f"not an Outgoing message: {message!r}")
     return checked, check_updates(finish)
+
+
+def check_refusals(refusals: Iterable[Refusal]) -> list[Refusal]:
+    """The refusals of one ``store_outgoing`` call: one per message at most."""
+    if isinstance(refusals, Refusal):
+        refusals = [refusals]
+    checked = list(refusals)
+    for refusal in checked:
+        if not isinstance(refusal, Refusal):
+            raise TypeError(f"not a Refusal: {refusal!r}")
+    keys = [refusal.message_key for refusal in checked]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"one Refusal per message, not several for one of {keys}")
+    return checked
 
 
 def outgoing_envelope(message: Outgoing, now: float) -> Envelope:
@@ -256,6 +271,7 @@ def post_summary(
     sender: str,
     received_at: float,
     rows: Iterable[tuple[str, str, str, int]],
+    refusal: str | None = None,
 ) -> PostSummary:
     """A :class:`PostSummary` from (list address, kind, state, count) rows.
 
@@ -269,4 +285,6 @@ def post_summary(
         if kind == EntryKind.INBOUND.value and state == EntryState.DONE.value:
             continue
         counts[EntryState(state)] += count
-    return PostSummary(key, message_id, sender, received_at, tuple(sorted(lists)), counts)
+    return PostSummary(
+        key, message_id, sender, received_at, tuple(sorted(lists)), counts, refusal or ""
+    )
