@@ -431,7 +431,7 @@ class IRelayObserver(Interface):
         """Refused: a RCPT (``recipients`` 1) or a whole transaction.
 
         ``reason`` is one of ``unknown_recipient``, ``registry_unavailable``,
-        ``defects``, ``spool_error``, ``disk_full``.
+        ``defects``, ``spool_error``, ``disk_full``, ``too_big``.
         """
 
     def recipients_held(list_address, count):

@@ -67,6 +67,10 @@ class ListSettings:
     pending_request_life: float | None = None
     # Automatic replies per address per day; 0 = no limit.
     max_autoresponses_per_day: int | None = None
+    # Largest post in KB (1024 octets), as Mailman's max_message_size; 0 = no
+    # limit of the list's own (the site's [mta] max_message_size and the
+    # smarthost's SIZE still apply).  Refused at LMTP DATA with 552 5.3.4.
+    max_message_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -152,6 +156,12 @@ LIST_SETTING_KEYS: dict[str, SettingKey] = {
             "the site's [lists] value.",
             _optional(lambda text: parse_int(text, 0)),
             _format_optional,
+        ),
+        SettingKey(
+            "max_message_size",
+            "Largest post in KB (1024 octets), refused at delivery to mailrelay with "
+            "552 5.3.4; 0 for no limit of the list's own.  Mailman's max_message_size.",
+            lambda text: parse_int(text, 0),
         ),
     )
 }

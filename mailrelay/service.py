@@ -232,6 +232,35 @@ def make_list_processor(settings: Settings, spool: Any, registry: Any, clock: An
     return ListProcessor(spool, registry, clock=clock, handlers=handlers)
 
 
+def make_refusal_notices(settings: Settings, registry: Any, clock: Any):
+    """What the runner tells the poster and the owners of a post the smarthost
+    refused as a whole: the list's own texts (``[lists] template_dir``, its
+    language), this host as the reporting MTA, no DSN to a list address."""
+    from mailrelay.listproc.membership import list_templates
+    from mailrelay.listproc.refusals import RefusalNotices
+
+    def templates(mlist: Any):
+        language = "en"
+        try:
+            language = registry.list_settings(mlist.posting_address).language
+        except Exception:  # an embedder's registry without settings, or unreadable
+            pass
+        return list_templates(settings.lists.template_dir, mlist.posting_address, language)
+
+    def is_list_address(address: str) -> bool:
+        try:
+            return registry.resolve(address) is not None
+        except Exception:
+            return True  # better no DSN than one to a list
+
+    return RefusalNotices(
+        templates=templates,
+        is_list_address=is_list_address,
+        reporting_mta=settings.mta.effective_lmtp_hostname(),
+        clock=clock,
+    )
+
+
 def makeService(  # noqa: N802 - Twisted's naming for service factories
     settings: Settings,
     reactor: Any = None,
@@ -265,6 +294,7 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
     from mailrelay.lmtp.protocol import LMTPFactory
     from mailrelay.registry import SQLiteRegistry
     from mailrelay.runner import DeliveryRunner
+    from mailrelay.runner.limits import SizeLimits
     from mailrelay.spool import SQLiteSpool
 
     mta = settings.mta
@@ -314,6 +344,7 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
         keep_done=mta.keep_delivered,
         observer=observer,
         processor=processor,
+        notices=make_refusal_notices(settings, registry, reactor),
     )
     runner.setName("mailrelay-delivery")
     runner.setServiceParent(top)
@@ -321,7 +352,14 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
     # The runner stores what LMTP accepts: it routes each message in the
     # transaction that stores it and starts delivering without a claim.
     handler = InboundHandler(
-        registry, runner, hostname=hostname, clock=reactor, log_accepted=False, observer=observer
+        registry,
+        runner,
+        hostname=hostname,
+        clock=reactor,
+        log_accepted=False,
+        observer=observer,
+        # Posts larger than the smarthost or the list takes are refused at DATA.
+        size_limit=SizeLimits(registry, sender),
     )
     factory = LMTPFactory(
         handler,
