@@ -121,26 +121,27 @@ def check_updates(updates: Iterable[EntryUpdate]) -> list[EntryUpdate]:
     return updates
 
 
+def _instances(values: object, kind: type[_T], what: str) -> list[_T]:
+    """``values`` (one value of ``kind``, or an iterable of them) as a list;
+    ``TypeError`` naming ``what`` for anything else."""
+    if isinstance(values, kind):
+        return [values]
+    checked = list(values)  # type: ignore[call-overload]
+    for value in checked:
+        if not isinstance(value, kind):
+            raise TypeError(f"not {what}: {value!r}")
+    return checked
+
+
 def check_outgoing(
     messages: Iterable[Outgoing], finish: Iterable[EntryUpdate]
 ) -> tuple[list[Outgoing], list[EntryUpdate]]:
-    if isinstance(messages, Outgoing):
-        messages = [messages]
-    checked = list(messages)
-    for message in checked:
-        if not isinstance(message, Outgoing):
-            raise TypeError(f"not an Outgoing message: {message!r}")
-    return checked, check_updates(finish)
+    return _instances(messages, Outgoing, "an Outgoing message"), check_updates(finish)
 
 
 def check_refusals(refusals: Iterable[Refusal]) -> list[Refusal]:
     """The refusals of one ``store_outgoing`` call: one per message at most."""
-    if isinstance(refusals, Refusal):
-        refusals = [refusals]
-    checked = list(refusals)
-    for refusal in checked:
-        if not isinstance(refusal, Refusal):
-            raise TypeError(f"not a Refusal: {refusal!r}")
+    checked = _instances(refusals, Refusal, "a Refusal")
     keys = [refusal.message_key for refusal in checked]
     if len(set(keys)) != len(keys):
         raise ValueError(f"one Refusal per message, not several for one of {keys}")
