@@ -9,7 +9,9 @@ once per message (with the list headers, for posts), sends them through the
 recipient with VERP) from the list's ``-bounces`` address (a NOTICE, which mailrelay wrote itself,
 as stored and from the envelope sender stored with it), and returns the
 spool updates and bounces that :mod:`~mailrelay.runner.outcomes` derives from
-the replies.
+the replies, in a :class:`GroupResult` that also carries the smarthost's
+permanent refusal of the message itself (MAIL, DATA, or over its SIZE), which
+the runner reports to the poster and the owners once per post.
 
 Problems of the site itself trip the :class:`~mailrelay.runner.breaker.CircuitBreaker`;
 while it is open no transaction is started, and after the smarthost could not
