@@ -225,11 +225,17 @@ class ISpool(IMessageStore):
         with a :class:`~mailrelay.model.Stored` after an fsync.
         """
 
-    def store_outgoing(messages, finish=()):
+    def store_outgoing(messages, finish=(), refusals=()):
         """Store messages mailrelay wrote itself (:class:`~mailrelay.model.Outgoing`
         values), each with one QUEUED NOTICE entry per recipient, and apply the
         :class:`~mailrelay.model.EntryUpdate` values of ``finish`` (typically:
         the request they answer is DONE), all in one durable transaction.
+
+        Each :class:`~mailrelay.model.Refusal` of ``refusals`` (one per stored
+        message at most) records why the smarthost refused that message as a
+        whole and stores its notices like ``messages`` — but only the first
+        time: for a message already refused (or gone) it changes nothing, so
+        a post refused in several batches is told about once.
 
         The runner delivers a NOTICE exactly as stored, from the stored
         envelope sender.  Fires with the new entries' ids, message by message.
@@ -335,6 +341,19 @@ class ISpool(IMessageStore):
         """Flush pending writes and release the store; returns a Deferred."""
 
 
+class IRefusalNotices(Interface):
+    """Writes what the poster and the owners are told when the smarthost
+    refused a post as a whole after it was acknowledged (used by the delivery
+    runner; :class:`mailrelay.listproc.refusals.RefusalNotices` by default)."""
+
+    def notices(refused):
+        """The :class:`~mailrelay.model.Outgoing` messages about ``refused`` (a
+        :class:`~mailrelay.model.RefusedPost`): typically an RFC 3464 delivery
+        status notification to its envelope sender, unless that must not be
+        answered, and a notice to the lists' owners.  Synchronous, no I/O
+        beyond reading templates; may return ``()``."""
+
+
 class IMessageSender(Interface):
     """Sends one message to a set of recipients over SMTP."""
 
@@ -419,7 +438,7 @@ class IRelayObserver(Interface):
         """Refused: a RCPT (``recipients`` 1) or a whole transaction.
 
         ``reason`` is one of ``unknown_recipient``, ``registry_unavailable``,
-        ``defects``, ``spool_error``, ``disk_full``.
+        ``defects``, ``spool_error``, ``disk_full``, ``too_big``.
         """
 
     def recipients_held(list_address, count):
@@ -454,3 +473,4 @@ class IRelayObserver(Interface):
 
 __all__.append("IRelayObserver")
 __all__ += ["IListProcessingStore", "IListMailHandler"]
+__all__.append("IRefusalNotices")

@@ -83,6 +83,10 @@ class ListSettings:
     bounce_you_are_disabled_warnings_interval: float | None = None
     bounce_notify_owner_on_removal: bool | None = None
     forward_unrecognized_bounces_to: ForwardBounces | None = None
+    # Largest post in KB (1024 octets), as Mailman's max_message_size; 0 = no
+    # limit of the list's own (the site's [mta] max_message_size and the
+    # smarthost's SIZE still apply).  Refused at LMTP DATA with 552 5.3.4.
+    max_message_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -215,6 +219,12 @@ LIST_SETTING_KEYS: dict[str, SettingKey] = {
             "Who gets a copy of a bounce naming no member: owners or none" + _SITE,
             _optional(_enum(ForwardBounces)),
             _format_optional,
+        ),
+        SettingKey(
+            "max_message_size",
+            "Largest post in KB (1024 octets), refused at delivery to mailrelay with "
+            "552 5.3.4; 0 for no limit of the list's own.  Mailman's max_message_size.",
+            lambda text: parse_int(text, 0),
         ),
     )
 }

@@ -284,6 +284,9 @@ class PostSummary:
     received_at: float
     lists: tuple[str, ...]
     counts: dict[EntryState, int]
+    # Why the smarthost refused the whole post after it was accepted ("" if it
+    # did not): recorded once, with the notices about it (:class:`Refusal`).
+    refusal: str = ""
 
     @property
     def waiting(self) -> int:
@@ -324,6 +327,50 @@ class Outgoing:
             raise TypeError(f"message must be bytes, not {type(self.message).__name__}")
         if not isinstance(self.list_address, str) or not self.list_address:
             raise TypeError(f"list_address must be a non-empty str, not {self.list_address!r}")
+
+
+@dataclass(frozen=True)
+class RefusedPost:
+    """A post (or ``-owner`` mail) that the smarthost refused as a whole, with
+    a permanent reply to MAIL or DATA, after LMTP had acknowledged it: what the
+    notices about it are written from.
+
+    ``sender`` is the post's envelope sender ("" for ``<>``), ``message`` its
+    bytes as stored; ``lists`` the lists whose copies were refused, ``code``
+    and ``reply`` the smarthost's answer (the reply as one line, code first).
+    """
+
+    message_key: int
+    message_id: str
+    sender: str
+    lists: tuple[MailingList, ...]
+    code: int
+    reply: str
+    message: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """What the spool records, once per stored message, when the smarthost
+    refused it as a whole (:meth:`~mailrelay.interfaces.ISpool.store_outgoing`):
+    the ``reason`` shown by ``mailrelay queue`` and the ``notices`` (a DSN to the
+    poster, a notice to the owners) stored with it.  A message refused again
+    later keeps its first reason, and its notices are not stored twice.
+    """
+
+    message_key: int
+    reason: str
+    notices: tuple[Outgoing, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.message_key, int) or isinstance(self.message_key, bool):
+            raise TypeError(f"message_key must be an int, not {self.message_key!r}")
+        if not isinstance(self.reason, str) or not self.reason:
+            raise TypeError(f"reason must be a non-empty str, not {self.reason!r}")
+        object.__setattr__(self, "notices", tuple(self.notices))
+        for notice in self.notices:
+            if not isinstance(notice, Outgoing):
+                raise TypeError(f"not an Outgoing message: {notice!r}")
 
 
 class PendingAction(str, enum.Enum):

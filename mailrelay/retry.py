@@ -2,7 +2,8 @@
 
 Classification follows Mailman (``mta/deliver.py``, after RFC 5321 4.5.3.1.10):
 a 5xx reply other than 552 is permanent, everything else (4xx, 552, and 444
-for "no reply": connection or TLS trouble) is temporary.  On top of that, an
+for "no reply": connection or TLS trouble) is temporary, except that a
+``552 5.3.4`` refusing a whole message (too big) is permanent.  On top of that, an
 authentication reply (530, 534, 535, 538, 571) or an error flagged
 ``site_problem`` (TLS, missing STARTTLS, refused credentials) says nothing
 about the recipients: it is a *site problem*, which must pause delivery rather
@@ -30,6 +31,7 @@ __all__ = [
     "backoff",
     "classify",
     "classify_error",
+    "is_too_big",
     "next_attempt_at",
 ]
 
@@ -66,12 +68,27 @@ def classify(code: int, *, site_problem: bool = False) -> Verdict:
 
 
 def classify_error(error: object) -> Verdict:
-    """The verdict for a whole-transaction failure carrying ``code`` and ``site_problem``
-    (a :class:`~mailrelay.mta.errors.DeliveryError`)."""
+    """The verdict for a whole-transaction failure carrying ``code``, ``response``
+    and ``site_problem`` (a :class:`~mailrelay.mta.errors.DeliveryError`).
+
+    A ``552 5.3.4`` (message too big, RFC 3463) refusing the whole message is
+    permanent, like a 554: the same message will not shrink.  (A 552 to one
+    recipient stays temporary, as RFC 5321 4.5.3.1.10 asks.)
+    """
     code = getattr(error, "code", None)
     if not isinstance(code, int):
         raise TypeError(f"not a delivery error with a reply code: {error!r}")
-    return classify(code, site_problem=bool(getattr(error, "site_problem", False)))
+    site_problem = bool(getattr(error, "site_problem", False))
+    if code == 552 and not site_problem and is_too_big(getattr(error, "response", b"")):
+        return Verdict.PERMANENT
+    return classify(code, site_problem=site_problem)
+
+
+def is_too_big(response: bytes | str) -> bool:
+    """Whether a reply text starts with the enhanced status 5.3.4 (too big)."""
+    if isinstance(response, bytes | bytearray):
+        response = bytes(response).decode("ascii", "replace")
+    return str(response).lstrip().startswith("5.3.4")
 
 
 def _check_duration(name: str, value: object, *, zero_ok: bool = False) -> float:

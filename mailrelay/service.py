@@ -303,6 +303,35 @@ def make_unsubscribe_urls(settings: Settings):
     return UnsubscribeURLs(settings.http.public_url, secret)
 
 
+def make_refusal_notices(settings: Settings, registry: Any, clock: Any):
+    """What the runner tells the poster and the owners of a post the smarthost
+    refused as a whole: the list's own texts (``[lists] template_dir``, its
+    language), this host as the reporting MTA, no DSN to a list address."""
+    from mailrelay.listproc.membership import list_templates
+    from mailrelay.listproc.refusals import RefusalNotices
+
+    def templates(mlist: Any):
+        language = "en"
+        try:
+            language = registry.list_settings(mlist.posting_address).language
+        except Exception:  # an embedder's registry without settings, or unreadable
+            pass
+        return list_templates(settings.lists.template_dir, mlist.posting_address, language)
+
+    def is_list_address(address: str) -> bool:
+        try:
+            return registry.resolve(address) is not None
+        except Exception:
+            return True  # better no DSN than one to a list
+
+    return RefusalNotices(
+        templates=templates,
+        is_list_address=is_list_address,
+        reporting_mta=settings.mta.effective_lmtp_hostname(),
+        clock=clock,
+    )
+
+
 def makeService(  # noqa: N802 - Twisted's naming for service factories
     settings: Settings,
     reactor: Any = None,
@@ -338,6 +367,7 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
     from mailrelay.lmtp.protocol import LMTPFactory
     from mailrelay.registry import SQLiteRegistry
     from mailrelay.runner import DeliveryRunner
+    from mailrelay.runner.limits import SizeLimits
     from mailrelay.spool import SQLiteSpool
 
     mta = settings.mta
@@ -401,6 +431,7 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
         on_bounces=processing.scorer.register_failures if processing else None,
         personalize=mta.personalize,
         unsubscribe_urls=unsubscribe_urls,
+        notices=make_refusal_notices(settings, registry, reactor),
     )
     runners.append(runner)
     runner.setName("mailrelay-delivery")
@@ -418,7 +449,14 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
     # The runner stores what LMTP accepts: it routes each message in the
     # transaction that stores it and starts delivering without a claim.
     handler = InboundHandler(
-        registry, runner, hostname=hostname, clock=reactor, log_accepted=False, observer=observer
+        registry,
+        runner,
+        hostname=hostname,
+        clock=reactor,
+        log_accepted=False,
+        observer=observer,
+        # Posts larger than the smarthost or the list takes are refused at DATA.
+        size_limit=SizeLimits(registry, sender),
     )
     factory = LMTPFactory(
         handler,

@@ -48,13 +48,20 @@ class ClassifyTests(SynchronousTestCase):
 
     def test_errors(self):
         """DeliveryErrors are classified by flag and code: TLS and AUTH failures are
-        site problems, as is a 530 to MAIL FROM that is not flagged."""
+        site problems, as is a 530 to MAIL FROM that is not flagged; a whole
+        message refused with 552 5.3.4 (too big) is permanent, like 554, while
+        any other 552 stays temporary."""
         self.assertIs(classify_error(TLSFailed(444, b"handshake")), Verdict.SITE_PROBLEM)
         self.assertIs(classify_error(AuthenticationFailed(535, b"5.7.8 no")), Verdict.SITE_PROBLEM)
         self.assertIs(classify_error(SenderRefused(530, b"5.7.0 auth first")), Verdict.SITE_PROBLEM)
         self.assertIs(classify_error(ConnectionFailed(444, b"refused")), Verdict.TEMPORARY)
         self.assertIs(classify_error(DataRefused(554, b"5.7.1 spam")), Verdict.PERMANENT)
-        self.assertIs(classify_error(DataRefused(552, b"5.3.4 too big")), Verdict.TEMPORARY)
+        self.assertIs(classify_error(DataRefused(552, b"5.3.4 too big")), Verdict.PERMANENT)
+        self.assertIs(classify_error(SenderRefused(552, b" 5.3.4 too big")), Verdict.PERMANENT)
+        self.assertTrue(DataRefused(552, b"5.3.4 too big").permanent)
+        self.assertIs(classify_error(DataRefused(552, b"4.2.2 storage")), Verdict.TEMPORARY)
+        self.assertFalse(DataRefused(552, b"4.2.2 storage").permanent)
+        self.assertIs(classify(552), Verdict.TEMPORARY)  # one recipient's 552
 
     def test_bad_input(self):
         """A code that is not an int, or an error without one, is a TypeError."""

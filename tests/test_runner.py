@@ -643,10 +643,11 @@ class ResultTests(RunnerCase):
         self.assertEqual(self.registry.bounces(LIST), ())
 
     def test_connection_failure_and_552_are_temporary(self):
-        """No reply (444) and 552 are retried, counted as attempts, and do not pause delivery."""
+        """No reply (444) and a 552 other than 5.3.4 (storage exceeded) are
+        retried, counted as attempts, and do not pause delivery."""
         for error in (
             ConnectionFailed(444, b"Connection refused"),
-            SenderRefused(552, b"5.3.4 Message too big for now"),
+            SenderRefused(552, b"4.2.2 Requested mail action aborted: exceeded storage"),
         ):
             self.sender.error = error
             self.enqueue()

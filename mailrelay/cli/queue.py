@@ -83,6 +83,8 @@ def _show(ctx: Context) -> int:
         entries: list[SpoolEntry] = []
         for state in states:
             entries.extend(spool.entries(state, limit))
+        posts = getattr(spool, "posts", None)
+        refused = [post for post in posts(limit) if post.refusal] if callable(posts) else []
     if circuit:
         ctx.out(f"DELIVERY PAUSED: {circuit}")
         ctx.out()
@@ -90,6 +92,15 @@ def _show(ctx: Context) -> int:
         "  ".join(f"{state.value}: {counts.get(state, 0):,}" for state in EntryState)
         + f"  (total {sum(counts.values()):,})"
     )
+    if refused:
+        # Posts the smarthost refused as a whole, and why (issue 14).
+        ctx.out()
+        for post in refused:
+            lists = ", ".join(post.lists)
+            ctx.out(
+                f"REFUSED post {post.message_id or '-'} from {post.sender or '<>'} to {lists}: "
+                f"{' '.join(post.refusal.split())}"
+            )
     entries.sort(key=lambda entry: entry.entry_id)
     shown = entries[:limit]
     matching = sum(counts.get(state, 0) for state in states)

@@ -69,6 +69,8 @@ PLACEHOLDERS: dict[str, frozenset[str]] = {
         "removed-owner": {"address", "reason"},
         "reenabled": {"address"},
         "unrecognised-bounce": {"reason", "recipient"},
+        "refused-dsn": {"lists", "subject", "reply"},
+        "refused-owner": {"lists", "poster", "message_id", "subject", "reply", "poster_told"},
     }.items()
 }
 

@@ -40,6 +40,7 @@ MESSAGE_HAS_DEFECTS = Reply(501, "5.6.0", "Message has defects")
 INSUFFICIENT_STORAGE = Reply(
     452, "4.3.1", "Requested action not taken: insufficient system storage"
 )
+TOO_BIG_CODE, TOO_BIG_STATUS = 552, "5.3.4"
 
 # compat32 as in email.message_from_bytes (what Mailman checks): header values
 # are not parsed, which keeps this cheap and leaves them as they came.
@@ -148,6 +149,11 @@ class InboundHandler:
     runner, used as the store, logs what became of every recipient).
     ``observer`` (an :class:`~mailrelay.interfaces.IRelayObserver`) is told of
     each accepted transaction and of each refusal, with its reason.
+    ``size_limit(destination)``, if given, is the largest message in octets
+    that may be accepted for a :class:`~mailrelay.model.Destination` (``None``:
+    no limit beyond the listener's own): a larger message gets ``552 5.3.4``
+    for that recipient at DATA, so that the sending MTA bounces it to the
+    poster, instead of being acknowledged and then refused by the smarthost.
     """
 
     _log = Logger()
@@ -162,11 +168,15 @@ class InboundHandler:
         on_stored: Callable[[], object] | None = None,
         log_accepted: bool = True,
         observer=None,
+        size_limit: Callable[[object], int | None] | None = None,
     ):
         if not isinstance(hostname, str) or not hostname:
             raise ValueError(f"hostname must be a non-empty str, not {hostname!r}")
         if on_stored is not None and not callable(on_stored):
             raise TypeError(f"on_stored must be callable, not {on_stored!r}")
+        if size_limit is not None and not callable(size_limit):
+            raise TypeError(f"size_limit must be callable, not {size_limit!r}")
+        self._size_limit = size_limit
         self._registry = registry
         self._spool = spool
         self._hostname = hostname
@@ -221,6 +231,12 @@ class InboundHandler:
             )
             self._observer.message_refused("defects", len(recipients))
             return [MESSAGE_HAS_DEFECTS] * len(recipients)
+        all_recipients = recipients
+        too_big = self._too_big(sender, prepared.message_id, len(transaction.message), recipients)
+        if too_big:
+            recipients = [r for index, r in enumerate(recipients) if index not in too_big]
+            if not recipients:
+                return [too_big[index] for index in range(len(all_recipients))]
         envelope = Envelope(
             sender=sender,
             destinations=tuple(r.token for r in recipients),
@@ -267,6 +283,12 @@ class InboundHandler:
         for index, recipient in enumerate(recipients):
             queued = f": queued as {ids[index]}" if len(ids) == len(recipients) else ""
             replies.append(Reply(250, "2.0.0", f"<{recipient.address}> Ok{queued}"))
+        if too_big:
+            accepted = iter(replies)
+            replies = [
+                too_big[index] if index in too_big else next(accepted)
+                for index in range(len(all_recipients))
+            ]
         # One line per transaction (none when the store logs what it did with
         # each recipient): logging is a good part of the cost of a small message.
         if self._log_accepted:
@@ -279,6 +301,40 @@ class InboundHandler:
                 code=250,
             )
         return replies
+
+    def _too_big(self, sender: str, message_id: str, size: int, recipients) -> dict[int, Reply]:
+        """The ``552 5.3.4`` reply of each recipient (by position) whose limit
+        ``size`` octets exceed; empty when every one may take the message."""
+        if self._size_limit is None:
+            return {}
+        refused = {}
+        for index, recipient in enumerate(recipients):
+            try:
+                limit = self._size_limit(recipient.token)
+            except Exception:
+                # Not knowing a limit must not refuse mail: the runner still
+                # finds a message too big for the smarthost before sending.
+                self._log.failure("size_limit failed for {recipient}", recipient=recipient.address)
+                continue
+            if limit is not None and size > limit:
+                refused[index] = Reply(
+                    TOO_BIG_CODE,
+                    TOO_BIG_STATUS,
+                    f"<{recipient.address}> Message too big for this list "
+                    f"({size} octets, limit {limit})",
+                )
+        if refused:
+            self._log.info(
+                "Refused message {message_id} from {sender} ({size} octets) for {recipients}: "
+                "too big",
+                message_id=message_id,
+                sender=sender,
+                size=size,
+                recipients=", ".join(recipients[i].address for i in refused),
+                code=TOO_BIG_CODE,
+            )
+            self._observer.message_refused("too_big", len(refused))
+        return refused
 
 
 __all__ = [

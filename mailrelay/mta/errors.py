@@ -32,8 +32,11 @@ class DeliveryError(MailrelayError):
 
     @property
     def permanent(self) -> bool:
-        """True for a 5xx reply other than 552 (RFC 5321 4.5.3.1.10), unless a site problem."""
-        return not self.site_problem and self.code >= 500 and self.code != 552
+        """True for a 5xx reply other than 552 (RFC 5321 4.5.3.1.10), or a
+        ``552 5.3.4`` (message too big: it will not shrink), unless a site problem."""
+        if self.site_problem or self.code < 500:
+            return False
+        return self.code != 552 or self.response.lstrip().startswith(b"5.3.4")
 
     def __str__(self) -> str:
         return f"{self.code} {self.response.decode('utf-8', 'replace')}"

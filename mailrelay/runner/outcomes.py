@@ -7,6 +7,10 @@ records (and, for a member's permanent refusal, a :class:`~mailrelay.model.Bounc
 for the registry).  Nothing here touches the spool, the registry or the network;
 the only side effect is the log line for each deferral, refusal and dead letter.
 
+A permanent refusal of the whole message (:func:`message_refusal`) is also
+reported once per post: the runner records it with the notices to the
+poster and the owners (:mod:`mailrelay.listproc.refusals`).
+
 Accepted is DONE; a temporary failure is retried with backoff until
 ``retry_period`` after the first attempt, then dead-lettered (FAILED, with the
 reason); a permanent refusal is FAILED.  A site problem, or a recipient not
@@ -31,6 +35,7 @@ __all__ = [
     "NotAttempted",
     "RecipientResult",
     "entry_updates",
+    "message_refusal",
     "one_line",
     "results_for_refusals",
     "retry_after_local_trouble",
@@ -57,6 +62,9 @@ class RecipientResult:
     code: int = 0  # 0 when nothing was sent
     text: str = ""
     bounce: bool = False  # a permanent refusal of this recipient (not of the message)
+    # The smarthost refused the message itself (MAIL, DATA, or too big for
+    # its SIZE), not this recipient: the poster is told when it is permanent.
+    refused_message: bool = False
 
     @property
     def reply(self) -> str:
@@ -94,6 +102,19 @@ def results_for_refusals(
         if verdict is Verdict.SITE_PROBLEM:
             site_problem = results[address].reply
     return results, site_problem
+
+
+def message_refusal(kind: EntryKind, results: dict[str, RecipientResult]) -> RecipientResult | None:
+    """The permanent refusal of the message itself among one group's results,
+    if there is one: what the poster and the owners are told about.  Only
+    for posts and ``-owner`` mail (never for mailrelay's own notices, which
+    would be told about in turn)."""
+    if kind is EntryKind.NOTICE or kind is EntryKind.INBOUND:
+        return None
+    for result in results.values():
+        if result.refused_message and result.verdict is Verdict.PERMANENT:
+            return result
+    return None
 
 
 def retry_after_local_trouble(entry: SpoolEntry, error: str, now: float) -> EntryUpdate:

@@ -10,7 +10,9 @@ recipient with VERP or ``personalize``) from the list's ``-bounces`` address
 (a NOTICE, which mailrelay wrote itself, as stored and from the envelope
 sender stored with it), and returns the
 spool updates and bounces that :mod:`~mailrelay.runner.outcomes` derives from
-the replies.
+the replies, in a :class:`GroupResult` that also carries the smarthost's
+permanent refusal of the message itself (MAIL, DATA, or over its SIZE), which
+the runner reports to the poster and the owners once per post.
 
 A copy for one member (VERP or ``personalize``) with unsubscribe URLs
 configured gets that member's one-click ``List-Unsubscribe`` fields put in
@@ -39,7 +41,14 @@ from mailrelay.errors import InvalidAddress, RegistryError, RegistryUnavailable,
 from mailrelay.listheaders import add_list_headers, member_unsubscribe_fields
 from mailrelay.model import Bounce, EntryKind, EntryState, EntryUpdate, MailingList, SpoolEntry
 from mailrelay.mta.bulk import INVALID_ADDRESS, chunkify
-from mailrelay.mta.errors import NO_REPLY, DeliveryError, SmarthostUnreachable
+from mailrelay.mta.errors import (
+    NO_REPLY,
+    DataRefused,
+    DeliveryError,
+    MessageTooLarge,
+    SenderRefused,
+    SmarthostUnreachable,
+)
 from mailrelay.mta.message import WireMessage, prepare_message
 from mailrelay.observer import NO_OBSERVER
 from mailrelay.retry import RetryPolicy, Verdict, classify_error
@@ -49,12 +58,13 @@ from mailrelay.runner.outcomes import (
     NotAttempted,
     RecipientResult,
     entry_updates,
+    message_refusal,
     one_line,
     results_for_refusals,
     retry_after_local_trouble,
 )
 
-__all__ = ["CopySender", "GroupKey", "JustStored"]
+__all__ = ["CopySender", "GroupKey", "GroupResult", "JustStored"]
 
 _log = Logger()
 
@@ -77,6 +87,22 @@ class JustStored:
     message_key: int
     message: bytes = field(repr=False)
     lists: Mapping[str, MailingList]
+
+
+@dataclass(frozen=True)
+class GroupResult:
+    """What delivering one group gave: the spool ``updates``, the member
+    ``bounces`` to record, and, when the smarthost refused the message itself
+    permanently, that ``refusal`` and the ``mlist`` it was sent for."""
+
+    updates: list[EntryUpdate]
+    bounces: list[Bounce] = field(default_factory=list)
+    refusal: RecipientResult | None = None
+    mlist: MailingList | None = None
+
+
+# A whole transaction refused at one of these steps is about the message.
+_MESSAGE_REFUSALS = (SenderRefused, DataRefused, MessageTooLarge)
 
 
 def _verp_sender(mlist: MailingList, recipient: str) -> str:
@@ -178,9 +204,10 @@ class CopySender:
 
     async def deliver_group(
         self, key: GroupKey, entries: list[SpoolEntry], just_stored: JustStored | None = None
-    ) -> tuple[list[EntryUpdate], list[Bounce]]:
+    ) -> GroupResult:
         """Send one message's copies (``entries``, all of ``key``) and return the
-        spool update of each entry and the bounces to record.
+        spool update of each entry, the bounces to record, and the smarthost's
+        permanent refusal of the message itself, if any.
 
         With ``just_stored`` for this message, its bytes and the list read at
         routing are used as they are; otherwise both are read again.
@@ -206,7 +233,7 @@ class CopySender:
                 delay=LOCAL_RETRY_DELAY,
                 **fields,
             )
-            return self._retry_all(entries, f"cannot read the list: {e}"), []
+            return GroupResult(self._retry_all(entries, f"cannot read the list: {e}"))
         if mlist is None:
             _log.warn(
                 "{message_id}: list {list} no longer exists; {count} copies dead-lettered",
@@ -214,22 +241,24 @@ class CopySender:
                 **fields,
             )
             self._observer.recipients_done(list_address, 0, 0, len(entries), 0)
-            return [
-                EntryUpdate(
-                    e.entry_id,
-                    EntryState.FAILED,
-                    count_attempt=True,
-                    error="the list no longer exists",
-                )
-                for e in entries
-            ], []
+            return GroupResult(
+                [
+                    EntryUpdate(
+                        e.entry_id,
+                        EntryState.FAILED,
+                        count_attempt=True,
+                        error="the list no longer exists",
+                    )
+                    for e in entries
+                ]
+            )
         try:
             wire = self._wire_message(message_key, mlist, kind, raw)
         except KeyError:
-            return [], []  # deleted by an operator meanwhile
+            return GroupResult([])  # deleted by an operator meanwhile
         except SpoolError as e:
             _log.error("{message_id}: cannot read the message ({error})", error=str(e), **fields)
-            return self._retry_all(entries, f"cannot read the message: {e}"), []
+            return GroupResult(self._retry_all(entries, f"cannot read the message: {e}"))
 
         by_address: dict[str, list[SpoolEntry]] = defaultdict(list)
         for entry in entries:
@@ -270,7 +299,7 @@ class CopySender:
             random=self._random,
         )
         self._report(list_address, updates, len(bounces))
-        return updates, bounces
+        return GroupResult(updates, bounces, message_refusal(kind, results), mlist)
 
     def _report(self, list_address: str, updates: list[EntryUpdate], bounced: int) -> None:
         """Tell the observer one group's results, summed (one call per group)."""
@@ -390,7 +419,10 @@ class CopySender:
             self._unreachable = (self._clock.seconds(), error)
         # A refusal of the whole transaction (MAIL FROM or DATA) is about the
         # message or our envelope, not about these recipients: never a bounce.
-        return dict.fromkeys(chunk, RecipientResult(verdict, error.code, text))
+        refused_message = isinstance(error, _MESSAGE_REFUSALS)
+        return dict.fromkeys(
+            chunk, RecipientResult(verdict, error.code, text, refused_message=refused_message)
+        )
 
     def _trip(self, reason: str) -> None:
         if self._breaker.trip(reason):

@@ -18,6 +18,11 @@ Each recipient's result is recorded on its own entry: accepted is DONE; a
 temporary failure is retried with backoff until ``retry_period`` after the
 first attempt, then dead-lettered (FAILED, with the reason); a permanent
 refusal of a recipient is FAILED and recorded as a bounce of that member.
+A permanent refusal of the message itself (5xx to MAIL or DATA, or larger
+than the smarthost's SIZE) is FAILED too, never a bounce; the poster gets one
+delivery status notification and the owners one notice, stored with the
+copies' final state and recorded on the post, so that a post refused in
+several batches is told about once (``mailrelay queue`` shows the reason).
 
 Problems of the site itself (refused credentials, TLS trouble, missing
 STARTTLS) never count against a member: nothing is bounced, no attempt is
@@ -46,10 +51,22 @@ from mailrelay._checks import check_count
 from mailrelay.addresses import check_mailbox
 from mailrelay.errors import RegistryError, RegistryUnavailable, SpoolError
 from mailrelay.interfaces import IMessageStore
-from mailrelay.model import Bounce, EntryKind, EntryState, EntryUpdate, Envelope, SpoolEntry
+from mailrelay.listproc.refusals import RefusalNotices
+from mailrelay.model import (
+    Bounce,
+    EntryKind,
+    EntryState,
+    EntryUpdate,
+    Envelope,
+    MailingList,
+    Refusal,
+    RefusedPost,
+    SpoolEntry,
+)
 from mailrelay.observer import NO_OBSERVER
 from mailrelay.retry import RetryPolicy
 from mailrelay.runner.breaker import CIRCUIT_STATUS_KEY, CircuitBreaker
+from mailrelay.runner.outcomes import RecipientResult
 from mailrelay.runner.routing import Router
 from mailrelay.runner.scheduler import Scheduler
 from mailrelay.runner.sending import CopySender, GroupKey, JustStored
@@ -101,6 +118,11 @@ class DeliveryRunner(service.Service):
     ``personalize`` and ``unsubscribe_urls``: one copy per member, and the
     unsubscribe URLs in posts, as :class:`~mailrelay.runner.sending.CopySender`
     describes.
+
+    ``notices`` (an :class:`~mailrelay.interfaces.IRefusalNotices`) writes what
+    the poster and the owners are told of a post the smarthost refused as a
+    whole (default: :class:`~mailrelay.listproc.refusals.RefusalNotices` with
+    the shipped texts).
     """
 
     name = "delivery"
@@ -132,6 +154,7 @@ class DeliveryRunner(service.Service):
         on_bounces: Any = None,
         personalize: bool = False,
         unsubscribe_urls: Any = None,
+        notices: Any = None,
     ):
         if not callable(getattr(sender, "sendmail", None)):
             raise TypeError(f"sender must provide sendmail(), not {sender!r}")
@@ -209,6 +232,11 @@ class DeliveryRunner(service.Service):
         )
         self._processor = processor
         self._on_bounces = on_bounces
+        if notices is None:
+            notices = RefusalNotices(
+                is_list_address=lambda address: _resolves(registry, address), clock=clock
+            )
+        self._notices = notices
 
     # -- public API -----------------------------------------------------------
 
@@ -297,27 +325,67 @@ class DeliveryRunner(service.Service):
         ]
         # Copies delivered in this batch, by message: (count, received_at, list).
         delivered: dict[int, list[Any]] = {}
+        # Messages the smarthost refused as a whole: the lists and the reply.
+        refused: dict[int, list[tuple[MailingList, RecipientResult, SpoolEntry]]] = {}
         watching = self._observer is not NO_OBSERVER
         results = await defer.gatherResults(groups)
-        for (key, group), (group_updates, group_bounces) in zip(
-            deliveries.items(), results, strict=True
-        ):
-            updates.extend(group_updates)
-            bounces.extend(group_bounces)
+        for (key, group), result in zip(deliveries.items(), results, strict=True):
+            updates.extend(result.updates)
+            bounces.extend(result.bounces)
+            if result.refusal is not None and result.mlist is not None:
+                refused.setdefault(key[0], []).append((result.mlist, result.refusal, group[0]))
             if watching:
-                count = sum(u.state is EntryState.DONE for u in group_updates)
+                count = sum(u.state is EntryState.DONE for u in result.updates)
                 if count:
                     seen = delivered.setdefault(key[0], [0, group[0].received_at, key[1]])
                     seen[0] += count
         if any(u.state in _PENDING for u in updates):
             # QUEUED or RETRY again: the next claim (or next_due) must see them.
             self._scheduler.note_backlog()
-        if updates:
-            await self._write_results(updates)
+        refusals = [self._refusal(key, groups) for key, groups in refused.items()]
+        if refusals:
+            self._scheduler.note_backlog()  # the notices are QUEUED: claim them next
+        if updates or refusals:
+            await self._write_results(updates, refusals)
         if bounces:
             self._record_bounces(bounces)
         if delivered:
             self._report_latency(delivered)
+
+    def _refusal(
+        self, message_key: int, groups: list[tuple[MailingList, RecipientResult, SpoolEntry]]
+    ) -> Refusal:
+        """The record of a message the smarthost refused as a whole, with the
+        notices about it (which the spool stores only the first time)."""
+        _, result, entry = groups[0]
+        lists = tuple(mlist for mlist, _, _ in groups)
+        reason = f"refused as a whole by the smarthost: {result.reply}"
+        fields = dict(
+            message_id=entry.message_id,
+            sender=entry.sender or "<>",
+            list=", ".join(m.posting_address for m in lists),
+            code=result.code,
+            response=result.text,
+        )
+        _log.error(
+            "{message_id} from {sender} to {list} refused as a whole by the smarthost: "
+            "{code} {response}; telling the poster and the owners (once per post)",
+            **fields,
+        )
+        try:
+            message = self._spool.get_message(message_key)
+        except (KeyError, SpoolError) as e:
+            _log.warn("{message_id}: cannot read the refused post ({error})", error=e, **fields)
+            return Refusal(message_key, reason)
+        post = RefusedPost(
+            message_key, entry.message_id, entry.sender, lists, result.code, result.reply, message
+        )
+        try:
+            notices = tuple(self._notices.notices(post))
+        except Exception:
+            _log.failure("{message_id}: writing the refusal notices failed", **fields)
+            notices = ()
+        return Refusal(message_key, reason, notices)
 
     def _report_latency(self, delivered: dict[int, list[Any]]) -> None:
         """Tell the observer how long after receipt these posts' copies went out,
@@ -337,11 +405,19 @@ class DeliveryRunner(service.Service):
             last = not any(counts.get(state, 0) for state in _WAITING)
             self._observer.post_delivered(list_address, now - received_at, first, last)
 
-    async def _write_results(self, updates: list[EntryUpdate]) -> None:
+    async def _write_results(
+        self, updates: list[EntryUpdate], refusals: list[Refusal] = ()
+    ) -> None:
+        """Record a batch's results; with ``refusals``, in the transaction that
+        records those refusals and stores their notices (so a crash neither
+        loses nor doubles a notice)."""
         delay = 1.0
         for attempt in range(1, _RESULT_WRITE_TRIES + 1):
             try:
-                await self._spool.update(updates)
+                if refusals:
+                    await self._spool.store_outgoing((), finish=updates, refusals=refusals)
+                else:
+                    await self._spool.update(updates)
                 return
             except SpoolError as e:
                 if attempt == _RESULT_WRITE_TRIES:
@@ -380,3 +456,12 @@ class DeliveryRunner(service.Service):
             )
         )
         self._scheduler.track(d)
+
+
+def _resolves(registry: Any, address: str) -> bool:
+    """Whether ``address`` is one of the registry's lists or sub-addresses
+    (unreadable counts as yes: better no notice than one to a list)."""
+    try:
+        return registry.resolve(address) is not None
+    except Exception:
+        return True

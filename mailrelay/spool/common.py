@@ -27,6 +27,7 @@ from mailrelay.model import (
     Envelope,
     Outgoing,
     PostSummary,
+    Refusal,
     Route,
     SpoolEntry,
 )
@@ -120,16 +121,31 @@ def check_updates(updates: Iterable[EntryUpdate]) -> list[EntryUpdate]:
     return updates
 
 
+def _instances(values: object, kind: type[_T], what: str) -> list[_T]:
+    """``values`` (one value of ``kind``, or an iterable of them) as a list;
+    ``TypeError`` naming ``what`` for anything else."""
+    if isinstance(values, kind):
+        return [values]
+    checked = list(values)  # type: ignore[call-overload]
+    for value in checked:
+        if not isinstance(value, kind):
+            raise TypeError(f"not {what}: {value!r}")
+    return checked
+
+
 def check_outgoing(
     messages: Iterable[Outgoing], finish: Iterable[EntryUpdate]
 ) -> tuple[list[Outgoing], list[EntryUpdate]]:
-    if isinstance(messages, Outgoing):
-        messages = [messages]
-    checked = list(messages)
-    for message in checked:
-        if not isinstance(message, Outgoing):
-            raise TypeError(f"not an Outgoing message: {message!r}")
-    return checked, check_updates(finish)
+    return _instances(messages, Outgoing, "an Outgoing message"), check_updates(finish)
+
+
+def check_refusals(refusals: Iterable[Refusal]) -> list[Refusal]:
+    """The refusals of one ``store_outgoing`` call: one per message at most."""
+    checked = _instances(refusals, Refusal, "a Refusal")
+    keys = [refusal.message_key for refusal in checked]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"one Refusal per message, not several for one of {keys}")
+    return checked
 
 
 def outgoing_envelope(message: Outgoing, now: float) -> Envelope:
@@ -256,6 +272,7 @@ def post_summary(
     sender: str,
     received_at: float,
     rows: Iterable[tuple[str, str, str, int]],
+    refusal: str | None = None,
 ) -> PostSummary:
     """A :class:`PostSummary` from (list address, kind, state, count) rows.
 
@@ -269,4 +286,6 @@ def post_summary(
         if kind == EntryKind.INBOUND.value and state == EntryState.DONE.value:
             continue
         counts[EntryState(state)] += count
-    return PostSummary(key, message_id, sender, received_at, tuple(sorted(lists)), counts)
+    return PostSummary(
+        key, message_id, sender, received_at, tuple(sorted(lists)), counts, refusal or ""
+    )

@@ -26,6 +26,7 @@ from mailrelay.model import (
     Envelope,
     Outgoing,
     PostSummary,
+    Refusal,
     Route,
     SpoolEntry,
     Stored,
@@ -51,6 +52,8 @@ class MemorySpool:
         self._next_id = 1
         self._closed = False
         self._status: dict[str, str] = {}
+        # Why a message was refused as a whole, by message key (set once).
+        self._refusals: dict[int, str] = {}
 
     def _check_open(self, doing: str) -> None:
         if self._closed:
@@ -109,13 +112,22 @@ class MemorySpool:
 
     @common.deferred_errors
     def store_outgoing(
-        self, messages: Iterable[Outgoing], finish: Iterable[EntryUpdate] = ()
+        self,
+        messages: Iterable[Outgoing],
+        finish: Iterable[EntryUpdate] = (),
+        refusals: Iterable[Refusal] = (),
     ) -> Deferred[list[int]]:
         """Store messages mailrelay wrote, one QUEUED NOTICE entry per recipient,
-        and apply ``finish`` (see :meth:`~mailrelay.interfaces.ISpool.store_outgoing`)."""
+        record ``refusals`` (each message's first, with its notices), and apply
+        ``finish`` (see :meth:`~mailrelay.interfaces.ISpool.store_outgoing`)."""
         self._check_open("store outgoing messages")
         checked, updates = common.check_outgoing(messages, finish)
+        refused = common.check_refusals(refusals)
         now = self._clock.seconds()
+        for refusal in refused:
+            if refusal.message_key in self._messages and refusal.message_key not in self._refusals:
+                self._refusals[refusal.message_key] = refusal.reason
+                checked.extend(refusal.notices)
         ids = []
         for message in checked:
             envelope = common.outgoing_envelope(message, now)
@@ -256,6 +268,7 @@ class MemorySpool:
         kept = {entry.message_key for entry in self._entries.values()}
         for key in [key for key in self._messages if key not in kept]:
             del self._messages[key]
+            self._refusals.pop(key, None)
         return succeed(len(old))
 
     @common.deferred_errors
@@ -349,6 +362,7 @@ class MemorySpool:
             deleted += 1
             if not any(e.message_key == entry.message_key for e in self._entries.values()):
                 del self._messages[entry.message_key]
+                self._refusals.pop(entry.message_key, None)
         return succeed(deleted)
 
     # -- operator views: one post and its copies --------------------------------
@@ -408,6 +422,7 @@ class MemorySpool:
                     envelope.sender,
                     envelope.received_at,
                     [(*row, count) for row, count in rows.items()],
+                    self._refusals.get(key),
                 )
             )
         return posts[:limit]

@@ -100,6 +100,12 @@ MIGRATIONS: tuple[tuple[Migration, ...], ...] = (
         # than rebuilt: columns added by other migrations stay as they are.
         _widen_kind_check,
     ),
+    (
+        # Version 5: why the smarthost refused a whole message after LMTP had
+        # accepted it (NULL: it did not).  Set once, in the transaction that
+        # stores the notices about it, so they are written exactly once.
+        "ALTER TABLE messages ADD COLUMN refusal TEXT",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

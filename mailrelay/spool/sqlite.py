@@ -32,6 +32,7 @@ from mailrelay.model import (
     Envelope,
     Outgoing,
     PostSummary,
+    Refusal,
     Route,
     SpoolEntry,
     Stored,
@@ -251,16 +252,26 @@ class SQLiteSpool:
 
     @common.deferred_errors
     def store_outgoing(
-        self, messages: Iterable[Outgoing], finish: Iterable[EntryUpdate] = ()
+        self,
+        messages: Iterable[Outgoing],
+        finish: Iterable[EntryUpdate] = (),
+        refusals: Iterable[Refusal] = (),
     ) -> Deferred[list[int]]:
         """Store messages mailrelay wrote, one QUEUED NOTICE entry per recipient,
-        and apply ``finish``, in one durable transaction (see
+        record ``refusals`` (each message's first, with its notices), and apply
+        ``finish``, in one durable transaction (see
         :meth:`~mailrelay.interfaces.ISpool.store_outgoing`)."""
         checked, updates = common.check_outgoing(messages, finish)
+        refused = common.check_refusals(refusals)
         now = self._reactor.seconds()
-        envelopes = [(common.outgoing_envelope(m, now), bytes(m.message)) for m in checked]
 
-        def store(db: sqlite3.Connection) -> list[int]:
+        def outgoing(messages: Iterable[Outgoing]) -> list[tuple[Envelope, bytes]]:
+            return [(common.outgoing_envelope(m, now), bytes(m.message)) for m in messages]
+
+        envelopes = outgoing(checked)
+        notices = [(r.message_key, r.reason, outgoing(r.notices)) for r in refused]
+
+        def insert(db: sqlite3.Connection, envelopes: list[tuple[Envelope, bytes]]) -> list[int]:
             ids = []
             for envelope, data in envelopes:
                 key = db.execute(
@@ -277,6 +288,18 @@ class SQLiteSpool:
                             (key, destination.list_address, destination.address, now),
                         ).lastrowid
                     )
+            return ids
+
+        def store(db: sqlite3.Connection) -> list[int]:
+            ids = insert(db, envelopes)
+            for message_key, reason, refusal_notices in notices:
+                # Only the first refusal of a message is recorded and told.
+                first = db.execute(
+                    "UPDATE messages SET refusal = ? WHERE key = ? AND refusal IS NULL",
+                    (reason, message_key),
+                ).rowcount
+                if first:
+                    ids += insert(db, refusal_notices)
             if updates:
                 _apply_updates(db, _update_plan(updates), now)
             return ids
@@ -567,21 +590,21 @@ class SQLiteSpool:
                 "EXISTS (SELECT 1 FROM entries AS w WHERE w.message_key = m.key"
                 " AND w.state != 'done')"
             )
-        query = "SELECT m.key, m.message_id, m.sender, m.received_at FROM messages AS m"
+        query = "SELECT m.key, m.message_id, m.sender, m.received_at, m.refusal FROM messages AS m"
         if where:
             query += " WHERE " + " AND ".join(where)
         query += " ORDER BY m.key LIMIT ?"
         params.append(-1 if limit is None else limit)
         messages = self._read("list posts", query, params)
         posts = []
-        for key, mid, sender, received_at in messages:
+        for key, mid, sender, received_at, refusal in messages:
             rows = self._read(
                 f"count the entries of message {key}",
                 "SELECT list_address, kind, state, count(*) FROM entries WHERE message_key = ?"
                 " GROUP BY list_address, kind, state",
                 (key,),
             )
-            posts.append(common.post_summary(key, mid, sender, received_at, rows))
+            posts.append(common.post_summary(key, mid, sender, received_at, rows, refusal))
         return posts
 
     @common.deferred_errors
