@@ -248,12 +248,14 @@ class ListsTests(CLITestCase):
             self.assertIn(f"test-{name}@example.com\n", shown)
 
     def test_create_errors(self):
-        """A duplicate list, an invalid list address or owner exit 1 naming it."""
+        """A duplicate list, an invalid (or non-ASCII) list address or owner exit 1
+        naming it; nothing is created, so the Postfix map never holds it."""
         self.ok("lists", "create", "test@example.com")
         for argv, message in (
             (["test@example.com"], "list test@example.com already exists"),
             (["not-an-address"], "'not-an-address'"),
             (["a+b@example.com"], "VERP delimiter"),
+            (["liste-\u00e9t\u00e9@example.fr"], "a list address must be ASCII"),
             (["new@example.com", "--owner", "bad owner"], "'bad owner'"),
         ):
             with self.subTest(argv=argv):
