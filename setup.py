@@ -13,13 +13,18 @@ setup(
     # twisted.plugins is a namespace shared with Twisted itself: ship only our
     # plugin module, never an __init__.py (it would shadow Twisted's package).
     packages=find_packages(include=["mailrelay", "mailrelay.*"]) + ["twisted.plugins"],
-    package_data={"twisted.plugins": ["mailrelay_plugin.py"]},
+    package_data={
+        "twisted.plugins": ["mailrelay_plugin.py"],
+        "mailrelay.listproc": ["templates/*/*.txt"],
+    },
     install_requires=[
         "Twisted[tls]>=24.7",
         "pyOpenSSL>=24",
         "service-identity>=24",
         "zope.interface>=6",
         "attrs>=23",
+        # Bounce detectors for MTAs that send no RFC 3464 report (Mailman's own).
+        "flufl.bounce>=6.0",
     ],
     extras_require={
         # mailrelay.testing's TLS helpers need trustme; embedders install [testing].
