@@ -796,6 +796,49 @@ class PollTests(RunnerCase):
         self.assertEqual(set(self.states().values()), {EntryState.DONE})
 
 
+class ClaimLeaseTests(RunnerCase):
+    runner_options = {"poll_interval": 30.0, "claim_lease": 300.0}
+
+    def test_unrecorded_results_are_recovered_without_restart(self):
+        """Entries whose results could not be recorded (every write failed) stay in
+        flight only until their claim's lease runs out: the next poll after that
+        returns them to the queue, and they are delivered (again) and recorded,
+        without a restart."""
+        update = self.spool.update
+        self.spool.update = lambda updates: defer.fail(SpoolError("spool: I/O error"))
+        self.enqueue()
+        for _ in range(60):  # every result write tried and given up
+            self.advance(1)
+        self.assertEqual(set(self.states().values()), {EntryState.INFLIGHT})
+        self.assertEqual(self.sender.recipients(), sorted(MEMBERS))
+        self.spool.update = update
+        for _ in range(7):  # polls every 30s, still within the lease
+            self.advance(30)
+        self.assertEqual(set(self.states().values()), {EntryState.INFLIGHT})
+        with capturedLogs() as events:
+            # Stale claims are looked for every half lease: within 1.5 leases.
+            for _ in range(8):
+                self.advance(30)
+        self.assertEqual(set(self.states().values()), {EntryState.DONE})
+        self.assertEqual(self.sender.recipients(), sorted(MEMBERS * 2))
+        (event,) = [e for e in events if "outlived" in e["log_format"]]
+        self.assertEqual(event["count"], len(MEMBERS))
+
+    def test_claims_of_running_batches_are_kept(self):
+        """A batch slower than the lease keeps its entries: they are not queued
+        again (and sent twice) while it still delivers them."""
+        self.sender.hold = True
+        self.enqueue()
+        self.advance(1000)
+        self.assertEqual(set(self.states().values()), {EntryState.INFLIGHT})
+        self.assertEqual(len(self.sender.held), 1)
+        self.sender.hold = False
+        self.sender.release()
+        self.settle()
+        self.assertEqual(set(self.states().values()), {EntryState.DONE})
+        self.assertEqual(self.sender.recipients(), sorted(MEMBERS))
+
+
 class LifecycleTests(RunnerCase):
     def test_wake_delivers_on_the_next_turn(self):
         """wake() starts delivery on the next reactor turn, without waiting for a timer."""

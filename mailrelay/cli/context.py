@@ -198,8 +198,7 @@ class Context:
 
 def _unreachable(path: str, reason: str) -> str:
     return (
-        f"cannot open {path}: {reason} (run mailrelay as the user the daemon runs as, "
-        f"or as root)"
+        f"cannot open {path}: {reason} (run mailrelay as the user the daemon runs as, or as root)"
     )
 
 

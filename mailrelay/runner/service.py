@@ -76,7 +76,9 @@ class DeliveryRunner(service.Service):
     ``max_connections``, else 1).  DONE entries (and messages no entry needs
     any more) are purged ``keep_done`` seconds after delivery (``None``: never).
     The spool is also checked every ``poll_interval`` seconds for entries
-    re-queued by another process, such as ``mailrelay queue retry``.
+    re-queued by another process, such as ``mailrelay queue retry``, and for
+    entries in flight longer than ``claim_lease`` seconds that no batch holds
+    (their results could not be recorded): those go back to the queue.
 
     The runner is also an ``IMessageStore`` (:meth:`enqueue`): given to the
     LMTP policy in place of the spool, it routes each accepted message while
@@ -107,6 +109,7 @@ class DeliveryRunner(service.Service):
         keep_done: float | None = 7 * 86400.0,
         poll_interval: float | None = 30.0,
         inline_limit: int = 1000,
+        claim_lease: float | None = 300.0,
     ):
         if not callable(getattr(sender, "sendmail", None)):
             raise TypeError(f"sender must provide sendmail(), not {sender!r}")
@@ -134,6 +137,8 @@ class DeliveryRunner(service.Service):
             )
         if poll_interval is not None and not poll_interval > 0:
             raise ValueError(f"poll_interval must be > 0 or None, not {poll_interval!r}")
+        if claim_lease is not None and not claim_lease > 0:
+            raise ValueError(f"claim_lease must be > 0 or None, not {claim_lease!r}")
         self._keep_done = keep_done
         self._verp = verp
         self._spool = spool
@@ -148,6 +153,7 @@ class DeliveryRunner(service.Service):
             poll_interval=poll_interval,
             keep_done=keep_done,
             run_batch=self._run_batch,
+            claim_lease=claim_lease,
         )
         self._copies = CopySender(
             spool,
@@ -265,7 +271,7 @@ class DeliveryRunner(service.Service):
                 if attempt == _RESULT_WRITE_TRIES:
                     _log.error(
                         "Could not record {count} delivery results: {error}; those entries "
-                        "stay in flight and are sent again after a restart",
+                        "stay in flight and are sent again when their claim's lease runs out",
                         count=len(updates),
                         error=str(e),
                     )

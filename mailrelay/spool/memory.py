@@ -224,7 +224,9 @@ class MemorySpool:
         return self._status.get(common.check_status(key, None)[0])
 
     @common.deferred_errors
-    def recover(self, claimed_before: float | None = None, keep: Iterable[int] = ()) -> Deferred[int]:
+    def recover(
+        self, claimed_before: float | None = None, keep: Iterable[int] = ()
+    ) -> Deferred[int]:
         self._check_open("recover in-flight entries")
         claimed_before, kept = common.check_recover(claimed_before, keep)
         if claimed_before is None:

@@ -357,7 +357,9 @@ class SQLiteSpool:
         return rows[0][0] if rows else None
 
     @common.deferred_errors
-    def recover(self, claimed_before: float | None = None, keep: Iterable[int] = ()) -> Deferred[int]:
+    def recover(
+        self, claimed_before: float | None = None, keep: Iterable[int] = ()
+    ) -> Deferred[int]:
         claimed_before, kept = common.check_recover(claimed_before, keep)
         now = self._reactor.seconds()
 
