@@ -39,6 +39,7 @@ from mailrelay.mta.message import WireMessage
 from mailrelay.mta.pool import ConnectionPool
 from mailrelay.registry import MemoryRegistry, SQLiteRegistry
 from mailrelay.runner import CIRCUIT_STATUS_KEY, DeliveryRunner
+from mailrelay.runner.breaker import CircuitBreaker
 from mailrelay.spool import MemorySpool, SQLiteSpool
 from mailrelay.testing.fakemta import FakeMTA
 from tests.test_pool import MemorySmarthost
@@ -758,6 +759,67 @@ class SiteProblemTests(RunnerCase):
         self.successResultOf(self.spool.set_status(CIRCUIT_STATUS_KEY, "old"))
         self.make_runner().startService()
         self.assertIsNone(self.spool.get_status(CIRCUIT_STATUS_KEY))
+
+
+class PausedTimeTests(RunnerCase):
+    """Time the circuit breaker spends paused is not a recipient's retry time."""
+
+    runner_options = {"retry_period": 3600.0, "min_backoff": 300.0, "max_backoff": 600.0}
+
+    def test_breaker_records_paused_time(self):
+        """paused_between counts the ended pauses and the current one, clipped
+        to the interval asked about."""
+        clock = task.Clock()
+        breaker = CircuitBreaker(clock, 30.0, 600.0)
+        clock.advance(100)
+        breaker.trip("535 nope")
+        clock.advance(50)
+        self.assertEqual(breaker.paused_between(0, 150), 50)
+        self.assertTrue(breaker.succeeded(breaker.generation))
+        clock.advance(100)
+        breaker.trip("535 nope")
+        clock.advance(10)
+        self.assertEqual(breaker.paused_between(0, clock.seconds()), 60)
+        self.assertEqual(breaker.paused_between(120, 255), 30 + 5)
+
+    def test_pause_does_not_dead_letter(self):
+        """A member deferred before two hours of bad credentials (retry period one
+        hour) is still retried after the pause, not dead-lettered; nobody bounced."""
+        self.sender.replies["bart@example.com"] = [(451, b"4.2.0 greylisted")]
+        self.enqueue()
+        self.assertEqual(self.states()["bart@example.com"], EntryState.RETRY)
+        self.sender.error = AuthenticationFailed(535, b"5.7.8 bad credentials")
+        for _ in range(24):  # two hours of failing probes
+            self.advance(300)
+        self.assertIsNotNone(self.runner.paused_until)
+        self.sender.error = None
+        for _ in range(4):
+            self.advance(300)
+        self.assertIsNone(self.runner.paused_until)
+        bart = self.entries()["bart@example.com"]
+        self.assertEqual(bart.state, EntryState.RETRY, bart.last_error)
+        self.assertGreaterEqual(bart.attempts, 2)
+        self.assertEqual(self.registry.bounces(LIST), ())
+        # Without the pause the hour would be over: it runs out 1h of delivery later.
+        for _ in range(16):
+            self.advance(300)
+        bart = self.entries()["bart@example.com"]
+        self.assertEqual(bart.state, EntryState.FAILED)
+        self.assertEqual(self.registry.bounces(LIST), ())
+
+
+class UnreachableRetryTests(RunnerCase):
+    runner_options = {"retry_period": 3600.0, "max_backoff": 600.0}
+
+    def test_unreachable_never_bounces(self):
+        """A smarthost unreachable for the whole retry period dead-letters the
+        copies (counted, as in Postfix) but records no member bounce."""
+        self.sender.error = SmarthostUnreachable(444, b"Cannot connect to smtp.example:25: refused")
+        self.enqueue()
+        for _ in range(20):
+            self.advance(300)
+        self.assertEqual(set(self.states().values()), {EntryState.FAILED})
+        self.assertEqual(self.registry.bounces(LIST), ())
 
 
 class UnreachableTests(RunnerCase):

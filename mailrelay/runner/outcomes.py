@@ -11,13 +11,17 @@ Accepted is DONE; a temporary failure is retried with backoff until
 ``retry_period`` after the first attempt, then dead-lettered (FAILED, with the
 reason); a permanent refusal is FAILED.  A site problem, or a recipient not
 attempted because delivery is paused, counts no attempt and waits for the
-circuit breaker's next try.
+circuit breaker's next try; the time delivery was paused since a recipient's
+first attempt is added to its retry period.  An unreachable smarthost is a
+temporary failure (it counts toward the retry period, as in Postfix) and
+never a bounce.
 """
 
 from __future__ import annotations
 
 import enum
 import random as _random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from twisted.logger import Logger
@@ -116,18 +120,23 @@ def entry_updates(
     paused_until: float,
     policy: RetryPolicy,
     random: _random.Random,
+    paused_between: Callable[[float, float], float] = lambda start, end: 0.0,
 ) -> tuple[list[EntryUpdate], list[Bounce]]:
     """Spool updates (and bounces) for every entry, from its recipient's result.
 
     ``paused_until`` is when entries held back by a site problem are tried
-    again; ``policy`` and ``random`` set the next attempt after a deferral.
+    again; ``policy`` and ``random`` set the next attempt after a deferral;
+    ``paused_between(start, end)`` is how long delivery was paused in that
+    time, which extends a deferred recipient's retry period.
     """
     updates: list[EntryUpdate] = []
     bounces: list[Bounce] = []
     for address, entries in by_address.items():
         result = results[address]
         for entry in entries:
-            updates.append(_update_for(entry, result, now, mlist, paused_until, policy, random))
+            updates.append(
+                _update_for(entry, result, now, mlist, paused_until, policy, random, paused_between)
+            )
         if result.verdict is Verdict.PERMANENT and result.bounce and kind is EntryKind.MEMBER:
             bounces.append(Bounce(mlist.posting_address, address, result.code, result.text, now))
     return updates, bounces
@@ -141,6 +150,7 @@ def _update_for(
     paused_until: float,
     policy: RetryPolicy,
     random: _random.Random,
+    paused_between: Callable[[float, float], float],
 ) -> EntryUpdate:
     verdict = result.verdict
     entry_id = entry.entry_id
@@ -172,7 +182,12 @@ def _update_for(
         )
         return EntryUpdate(entry_id, EntryState.FAILED, error=result.reply, count_attempt=True)
     attempt = entry.attempts + 1
-    retry_at = policy.next_attempt_at(now, attempt, entry.first_attempt_at, random)
+    # Time the breaker held delivery back is not the recipient's: the retry
+    # period runs as if the first attempt had come that much later.
+    first = entry.first_attempt_at
+    if first is not None:
+        first += paused_between(first, now)
+    retry_at = policy.next_attempt_at(now, attempt, first, random)
     if retry_at is None:
         since = entry.first_attempt_at if entry.first_attempt_at is not None else now
         reason = f"gave up after {attempt} attempts in {_duration(now - since)}: {result.reply}"

@@ -237,6 +237,7 @@ class CopySender:
             paused_until=self._breaker.paused_until(now),
             policy=self._policy,
             random=self._random,
+            paused_between=self._breaker.paused_between,
         )
 
     def _retry_all(self, entries: list[SpoolEntry], error: str) -> list[EntryUpdate]:
