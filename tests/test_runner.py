@@ -630,7 +630,7 @@ class ResultTests(RunnerCase):
         self.assertEqual(self.registry.bounces(LIST), ())
         (event,) = [e for e in events if e["log_level"] is LogLevel.error]
         self.assertEqual(
-            (event["recipient"], event["list"], event["message_id"]),
+            (event["recipients"], event["list"], event["message_id"]),
             ("cris@example.com", LIST, "<post@example.org>"),
         )
 
@@ -820,6 +820,43 @@ class UnreachableRetryTests(RunnerCase):
             self.advance(300)
         self.assertEqual(set(self.states().values()), {EntryState.FAILED})
         self.assertEqual(self.registry.bounces(LIST), ())
+
+
+class LogVolumeTests(RunnerCase):
+    """Logging is per transaction and per outcome, never per recipient."""
+
+    members = tuple(f"m{i:03d}@example.com" for i in range(200))
+
+    def test_unreachable_smarthost_logs_a_summary(self):
+        """With the smarthost down, a 200-member post logs a handful of lines (one
+        failed transaction, one summary of the deferrals with the count, the
+        reason and the next attempt), not one per member; so does each retry round."""
+        self.sender.error = SmarthostUnreachable(444, b"Cannot connect to smtp.example:25: refused")
+        with capturedLogs() as events:
+            self.enqueue()
+        self.assertEqual(set(self.states().values()), {EntryState.RETRY})
+        self.assertLess(len(events), 10, [e["log_format"] for e in events])
+        (summary,) = [e for e in events if "deferred" in e["log_format"]]
+        self.assertEqual((summary["count"], summary["code"]), (200, 444))
+        self.assertIn("Cannot connect", summary["response"])
+        self.assertIn("and 197 more", summary["recipients"])
+        self.assertRegex(summary["delay"], r"^\d+s(-\d+s)?$")
+        with capturedLogs() as events:
+            self.advance(4000)
+        self.assertLess(len(events), 20, [e["log_format"] for e in events])
+
+    def test_refusals_summarised_per_reply(self):
+        """Permanent refusals with the same reply are one line; another reply is another."""
+        for address in self.members[:50]:
+            self.sender.replies[address] = [(550, b"5.1.1 no such user")]
+        self.sender.replies[self.members[60]] = [(554, b"5.7.1 policy")]
+        with capturedLogs() as events:
+            self.enqueue()
+        refused = sorted(
+            (e["count"], e["code"]) for e in events if "refused permanently" in e["log_format"]
+        )
+        self.assertEqual(refused, [(1, 554), (50, 550)])
+        self.assertEqual(len(self.registry.bounces(LIST)), 51)
 
 
 class UnreachableTests(RunnerCase):
