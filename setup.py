@@ -25,6 +25,7 @@ setup(
         "attrs>=23",
         # Bounce detectors for MTAs that send no RFC 3464 report (Mailman's own).
         "flufl.bounce>=6.0",
+        "prometheus_client>=0.17",
     ],
     extras_require={
         # mailrelay.testing's TLS helpers need trustme; embedders install [testing].

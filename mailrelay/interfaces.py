@@ -192,6 +192,41 @@ class ISpool(IMessageStore):
     def delete(entry_ids):
         """Remove entries; fires with the count."""
 
+    def message_entries(message_key):
+        """Every entry of one stored message, by id (synchronous): its
+        destinations and, once expanded, one copy per recipient."""
+
+    def copy_counts(message_key):
+        """Mapping of every EntryState to the number of MEMBER and OWNER copies
+        of one message in that state (synchronous, one indexed query)."""
+
+    def oldest_entry(state):
+        """The entry in ``state`` received first (lowest id), or ``None``
+        (synchronous, one indexed lookup)."""
+
+    def posts(limit=None, message_id=None, include_done=False):
+        """:class:`~mailrelay.model.PostSummary` values, oldest first (synchronous).
+
+        Only messages with an entry that is not DONE, unless ``include_done``;
+        only those with Message-ID ``message_id`` when it is given.
+        """
+
+    def cancel_messages(message_keys):
+        """Delete every entry of these messages that is not DONE, in one durable
+        transaction; fires with a mapping of EntryState to the number deleted.
+
+        A copy in flight may still reach its recipient; nothing else is sent.
+        DONE entries (the history) stay until purged.
+        """
+
+    def delivered_since(when):
+        """How many MEMBER and OWNER copies became DONE at or after ``when``
+        (POSIX time; synchronous)."""
+
+    def posts_since(when):
+        """Mapping of list address to the number of posts (INBOUND entries for
+        the posting address) received at or after ``when`` (synchronous)."""
+
     def close():
         """Flush pending writes and release the store; returns a Deferred."""
 
@@ -254,3 +289,63 @@ class IInboundHandler(Interface):
 
 
 __all__.append("IInboundHandler")
+
+
+class IRelayObserver(Interface):
+    """Told what the relay does, for metrics (:mod:`mailrelay.metrics`) or an
+    embedder's own instrumentation.
+
+    Called on the reactor thread at session, transaction and batch
+    granularity, never per line or per recipient: counts come summed.  Every
+    method must return quickly and must not raise; the default observer
+    (:data:`mailrelay.observer.NO_OBSERVER`) does nothing.  ``list_address``
+    is a list's posting address.
+    """
+
+    def lmtp_session_opened():
+        """An LMTP session was admitted."""
+
+    def lmtp_session_closed():
+        """An admitted LMTP session ended."""
+
+    def message_accepted(recipients):
+        """An LMTP transaction was stored for ``recipients`` accepted recipients."""
+
+    def message_refused(reason, recipients):
+        """Refused: a RCPT (``recipients`` 1) or a whole transaction.
+
+        ``reason`` is one of ``unknown_recipient``, ``registry_unavailable``,
+        ``defects``, ``spool_error``, ``disk_full``.
+        """
+
+    def recipients_held(list_address, count):
+        """``count`` destinations of one message were HELD (commands, bounces)."""
+
+    def recipients_queued(list_address, count):
+        """``count`` member or owner copies of one message were queued."""
+
+    def recipients_done(list_address, delivered, deferred, dead_lettered, bounced):
+        """The results of one message's copies to one list in a delivery batch.
+
+        ``bounced`` copies were refused permanently (recorded as bounces);
+        ``dead_lettered`` ones failed for good otherwise (retry period over,
+        list gone, owner refused).
+        """
+
+    def smtp_transaction(seconds, ok):
+        """One SMTP transaction to the smarthost took ``seconds``; ``ok`` is
+        False when the whole transaction failed."""
+
+    def smtp_connection_opened():
+        """A connection to the smarthost was established (greeting and set-up done)."""
+
+    def smtp_connection_failed():
+        """Connecting to the smarthost (or setting the session up) failed."""
+
+    def post_delivered(list_address, seconds, first, last):
+        """Copies of a post were delivered ``seconds`` after it was received:
+        ``first`` when these include its first delivered copy, ``last`` when
+        none of its copies is left waiting."""
+
+
+__all__.append("IRelayObserver")

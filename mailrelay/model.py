@@ -207,3 +207,29 @@ class EntryUpdate:
             raise ValueError(f"entry {self.entry_id}: a RETRY needs next_attempt_at")
         if not isinstance(self.error, str):
             raise TypeError(f"error must be a string, not {self.error!r}")
+
+
+@dataclass(frozen=True)
+class PostSummary:
+    """One stored message as an operator thinks of it: a post and its copies
+    (:meth:`~mailrelay.interfaces.ISpool.posts`).
+
+    ``lists`` are the posting addresses it was sent to; ``counts`` maps each
+    :class:`EntryState` to its number of entries, not counting INBOUND entries
+    that are DONE (expanded into copies, or a repeated RCPT).
+    """
+
+    message_key: int
+    message_id: str
+    sender: str
+    received_at: float
+    lists: tuple[str, ...]
+    counts: dict[EntryState, int]
+
+    @property
+    def waiting(self) -> int:
+        """Entries not yet delivered or given up: queued, in flight or retrying."""
+        return sum(
+            self.counts.get(state, 0)
+            for state in (EntryState.QUEUED, EntryState.INFLIGHT, EntryState.RETRY)
+        )

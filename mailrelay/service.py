@@ -8,6 +8,8 @@ the interfaces in :mod:`mailrelay.interfaces`).
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 from twisted.application import service, strports
@@ -17,8 +19,14 @@ from twisted.logger import Logger
 from mailrelay._files import DirectoryLock
 from mailrelay.config import Settings
 from mailrelay.config.endpoints import with_backlog
+from mailrelay.errors import MailrelayError
+from mailrelay.observer import ObserverFanout
 
 _log = Logger()
+
+# The spool status key under which a running daemon publishes its pid,
+# version and start time (JSON) for ``mailrelay status``.
+DAEMON_STATUS_KEY = "daemon"
 
 
 class _StoreService(service.Service):
@@ -76,6 +84,60 @@ class _OrderedStop(service.MultiService):
         return defer.Deferred.fromCoroutine(stop_each())
 
 
+class _DaemonStatus(service.Service):
+    """Publishes the running daemon's pid, version and start time in the spool's
+    status table (under :data:`DAEMON_STATUS_KEY`) for ``mailrelay status``,
+    and removes them when it stops."""
+
+    name = "mailrelay-status"
+
+    def __init__(self, spool: Any, clock: Any):
+        self._spool, self._clock = spool, clock
+
+    def startService(self) -> None:  # noqa: N802
+        super().startService()
+        from mailrelay import __version__
+
+        text = json.dumps(
+            {"pid": os.getpid(), "version": __version__, "started_at": self._clock.seconds()}
+        )
+        self._publish(text)
+
+    def stopService(self):  # noqa: N802
+        super().stopService()
+        return self._publish(None)
+
+    def _publish(self, text: str | None) -> defer.Deferred[None]:
+        d = defer.maybeDeferred(self._spool.set_status, DAEMON_STATUS_KEY, text)
+        return d.addErrback(
+            lambda f: _log.warn(
+                "Could not publish the daemon's status: {error}", error=f.getErrorMessage()
+            )
+        )
+
+
+class _PostfixMaps(service.Service):
+    """Rewrites the ``[postfix]`` maps when the daemon starts (lists may have
+    changed while it was down); a failure is logged, and LMTP serves anyway."""
+
+    name = "mailrelay-postfix-maps"
+
+    def __init__(self, settings: Settings, registry: Any):
+        self._settings, self._registry = settings, registry
+
+    def startService(self) -> None:  # noqa: N802
+        super().startService()
+        from mailrelay.mapfiles import sync_settings_maps
+
+        try:
+            addresses = [mailing_list.posting_address for mailing_list in self._registry.lists()]
+            sync_settings_maps(self._settings, addresses)
+        except MailrelayError as e:
+            _log.error("Could not update the Postfix maps: {error}", error=str(e))
+        except ValueError as e:  # PostfixMapError: an endpoint Postfix cannot reach
+            _log.error("Could not build the Postfix maps: {error}", error=str(e))
+
+
 def tls_arguments(settings: Settings) -> dict[str, Any]:
     """``[mta]``'s TLS keys as the keyword arguments of
     :func:`~mailrelay.mta.tls.client_tls_options` (and of ``Connection``)."""
@@ -123,15 +185,16 @@ def lmtp_listen_endpoint(settings: Settings) -> str:
     return with_backlog(settings.mta.lmtp_endpoint, settings.mta.lmtp_listen_backlog)
 
 
-def make_sender(settings: Settings, reactor: Any):
-    """The outbound connection pool configured from ``[mta]`` and ``[devmode]``."""
+def make_sender(settings: Settings, reactor: Any, observer: Any = None):
+    """The outbound connection pool configured from ``[mta]`` and ``[devmode]``;
+    ``observer`` (an ``IRelayObserver``) is told of each connection made or failed."""
     from mailrelay.mta.connection import Connection
     from mailrelay.mta.pool import ConnectionPool
 
     arguments = connection_arguments(settings)
 
     def connection() -> Connection:
-        return Connection(**arguments, reactor=reactor)
+        return Connection(**arguments, reactor=reactor, observer=observer)
 
     # The pool makes its first connection at once: a bad TLS or credentials
     # set-up fails here, before anything listens.
@@ -145,15 +208,25 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
     registry: Any = None,
     spool: Any = None,
     sender: Any = None,
+    observer: Any = None,
 ) -> service.MultiService:
-    """Build the relay: LMTP listener, durable spool, delivery runner, SMTP pool.
+    """Build the relay: LMTP listener, durable spool, delivery runner, SMTP pool,
+    and with ``[http] endpoint`` the HTTP site serving ``/metrics``.
 
     Opens the stores at once (so a bad path is reported before anything
     listens) and closes them when the service stops.  Using the SQLite
     stores, it holds a lock on ``[paths] var_dir`` while it runs: a second
     relay on the same directory raises :class:`~mailrelay.errors.StateDirectoryInUse`.
     ``registry``, ``spool`` and ``sender`` replace the SQLite registry, SQLite
-    spool and SMTP pool.
+    spool and SMTP pool;
+    ``observer`` (an :class:`~mailrelay.interfaces.IRelayObserver`) is told
+    what the relay does, besides the metrics.  The returned service's
+    ``metrics`` is the :class:`~mailrelay.metrics.RelayMetrics` (or ``None``)
+    and its ``web_root`` the :class:`~mailrelay.web.WebRoot` of the HTTP site
+    (or ``None``), where other pages can be mounted at their own paths before
+    the service starts.  The daemon publishes its pid, version and start time
+    in the spool's status table under ``"daemon"`` while it runs, and
+    rewrites the ``[postfix]`` maps at start when they are set.
     """
     if reactor is None:
         from twisted.internet import reactor
@@ -174,16 +247,27 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
             registry = SQLiteRegistry(settings.paths.registry_path)
         if spool is None:
             spool = SQLiteSpool(settings.paths.spool_path, reactor)
-        sender = sender if sender is not None else make_sender(settings, reactor)
+        metrics = None
+        if settings.http.endpoint:
+            from mailrelay.metrics import RelayMetrics
+
+            metrics = RelayMetrics(reactor)
+            observer = metrics if observer is None else ObserverFanout(metrics, observer)
+        sender = sender if sender is not None else make_sender(settings, reactor, observer)
     except BaseException:
         if lock is not None:
             lock.release()
         raise
 
     top = _OrderedStop()
+    top.metrics = metrics
+    top.web_root = None
     # Children stop in reverse order, each after the previous one has finished:
     # listener first, then the runner, stores last.
     _StoreService(registry, spool, sender, lock).setServiceParent(top)
+    _DaemonStatus(spool, reactor).setServiceParent(top)
+    if settings.postfix.enabled:
+        _PostfixMaps(settings, registry).setServiceParent(top)
     runner = DeliveryRunner(
         spool,
         registry,
@@ -195,13 +279,16 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
         max_backoff=mta.retry_max_backoff,
         verp=mta.verp_delivery,
         keep_done=mta.keep_delivered,
+        observer=observer,
     )
     runner.setName("mailrelay-delivery")
     runner.setServiceParent(top)
     hostname = mta.effective_lmtp_hostname()
     # The runner stores what LMTP accepts: it routes each message in the
     # transaction that stores it and starts delivering without a claim.
-    handler = InboundHandler(registry, runner, hostname=hostname, clock=reactor, log_accepted=False)
+    handler = InboundHandler(
+        registry, runner, hostname=hostname, clock=reactor, log_accepted=False, observer=observer
+    )
     factory = LMTPFactory(
         handler,
         hostname=hostname.encode("idna"),
@@ -211,7 +298,21 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
         store_timeout=mta.lmtp_store_timeout,
         max_sessions=mta.lmtp_max_sessions,
         clock=reactor,
+        observer=observer,
     )
+    if metrics is not None:
+        from mailrelay.web import MetricsPage, WebRoot, make_site
+
+        metrics.watch(
+            spool=spool,
+            breaker_state=runner.breaker_state,
+            open_connections=lambda: getattr(sender, "open_connections", 0),
+        )
+        top.web_root = WebRoot()
+        top.web_root.mount("metrics", MetricsPage(metrics.registry))
+        web = strports.service(settings.http.endpoint, make_site(top.web_root), reactor=reactor)
+        web.setName("mailrelay-http")
+        web.setServiceParent(top)
     listener = strports.service(lmtp_listen_endpoint(settings), factory, reactor=reactor)
     listener.setName("mailrelay-lmtp")
     listener.setServiceParent(top)

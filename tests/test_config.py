@@ -489,6 +489,11 @@ class ErrorMessageTests(_FileMixin, SynchronousTestCase):
         ("mta", "keep_delivered", "-1d", "not a duration"),
         ("devmode", "enabled", "y", "not a boolean"),
         ("devmode", "recipient", "not-a-mailbox", "not a valid mailbox"),
+        ("http", "endpoint", "tcp:abc", "not a port number"),
+        ("log", "format", "xml", "must be one of text, json"),
+        ("postfix", "transport_file", ".", "is a directory"),
+        ("postfix", "domains_file", ".", "is a directory"),
+        ("postfix", "postmap_command", "'unclosed", "not a command line"),
     ]
 
     def test_bad_values(self) -> None:

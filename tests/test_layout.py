@@ -21,7 +21,12 @@ _ROOT = pathlib.Path(mailrelay.__file__).parent
 # Values, errors and contracts: the floor every other module stands on.
 _FOUNDATION = {"mailrelay.model", "mailrelay.errors", "mailrelay.interfaces"}
 # Pure helpers that only the foundation may be below.
-_PURE = _FOUNDATION | {"mailrelay._checks", "mailrelay._files", "mailrelay.addresses"}
+_PURE = _FOUNDATION | {
+    "mailrelay._checks",
+    "mailrelay._files",
+    "mailrelay.addresses",
+    "mailrelay.observer",  # the no-op IRelayObserver every layer may default to
+}
 # The modules that compose the others, and the command line on top.
 _TOP = ("mailrelay.service", "mailrelay.tap", "mailrelay.cli")
 

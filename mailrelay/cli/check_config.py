@@ -9,6 +9,7 @@ Secrets are never printed.
 from __future__ import annotations
 
 import dataclasses
+import shlex
 from typing import Any
 
 from mailrelay.cli.context import EXIT_OK, Context
@@ -29,6 +30,9 @@ def _format_setting(value: Any) -> str:
     if isinstance(value, float):
         # Every float setting is a duration in seconds.
         return exact_duration(value)
+    if isinstance(value, tuple):
+        # A command line (postmap_command), as the file would spell it.
+        return shlex.join(value)
     return str(value)
 
 

@@ -10,6 +10,7 @@ loader in :mod:`mailrelay.config.settings`.
 from __future__ import annotations
 
 import os
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,7 +31,7 @@ from mailrelay.config.values import (
     resolve_path,
 )
 
-__all__ = ["KEYS", "PASSWORD_ENVIRONMENT_VARIABLE", "SCHEMA", "Key"]
+__all__ = ["KEYS", "LOG_FORMATS", "PASSWORD_ENVIRONMENT_VARIABLE", "SCHEMA", "Key"]
 
 PASSWORD_ENVIRONMENT_VARIABLE = "MAILRELAY_SMTP_PASS"
 
@@ -77,6 +78,32 @@ def _var_dir(text: str, base_dir: str) -> str:
 def _endpoint(text: str, base_dir: str) -> str:
     return parse_endpoint(text, base_dir) if text.strip() else ""
 
+
+def _map_file(text: str, base_dir: str) -> str:
+    path = _path(text, base_dir)
+    if path and os.path.isdir(path):
+        raise ValueError("is a directory, not a map file")
+    return path
+
+
+def _log_format(text: str) -> str:
+    value = text.strip().lower()
+    if value not in LOG_FORMATS:
+        raise ValueError(f"must be one of {', '.join(LOG_FORMATS)}")
+    return value
+
+
+def _command(text: str) -> tuple[str, ...]:
+    try:
+        words = tuple(shlex.split(text))
+    except ValueError as e:
+        raise ValueError(f"not a command line: {e}") from None
+    if not words:
+        raise ValueError("must not be empty")
+    return words
+
+
+LOG_FORMATS = ("text", "json")
 
 _duration = positive(parse_duration, "duration")
 _whole = _plain(parse_int)
@@ -361,6 +388,50 @@ SCHEMA: tuple[Key, ...] = (
         "",
         "The mailbox that receives all mail in development mode (required then).",
         _plain(parse_mailbox),
+    ),
+    Key(
+        "http",
+        "endpoint",
+        "",
+        "Twisted server endpoint of the HTTP site serving Prometheus metrics at "
+        "/metrics, e.g. tcp:9425:interface=127.0.0.1.  Empty (the default) means no "
+        "HTTP listener.  The metrics name lists and counts: keep it on loopback or a "
+        "unix: socket, or behind a proxy that restricts who reads it.",
+        _endpoint,
+    ),
+    Key(
+        "log",
+        "format",
+        "text",
+        "text (twistd's usual lines) or json (one JSON object per event, as "
+        "twisted.logger's jsonFileLogObserver writes them, with stable field names "
+        "such as event, message_id, list, recipient, count, code and response).",
+        _plain(_log_format),
+    ),
+    Key(
+        "postfix",
+        "transport_file",
+        "",
+        "When set, the Postfix transport map that mailrelay rewrites (atomically) "
+        "and runs postmap on whenever lists are created or deleted, and when the "
+        "daemon starts, so that Postfix routes new lists without a manual step.",
+        _map_file,
+    ),
+    Key(
+        "postfix",
+        "domains_file",
+        "",
+        "When set, the relay_domains map of the lists' domains, kept up to date like "
+        "transport_file.",
+        _map_file,
+    ),
+    Key(
+        "postfix",
+        "postmap_command",
+        "postmap",
+        "The postmap command (with any options, such as -c /etc/postfix) run on each "
+        "map after it is rewritten; its file name argument is added at the end.",
+        _plain(_command),
     ),
 )
 

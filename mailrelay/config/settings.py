@@ -32,8 +32,11 @@ from mailrelay.errors import ConfigurationError
 __all__ = [
     "CONFIG_ENVIRONMENT_VARIABLE",
     "DevModeSettings",
+    "HTTPSettings",
+    "LogSettings",
     "MTASettings",
     "PathSettings",
+    "PostfixSettings",
     "Settings",
     "describe_defaults",
     "load_settings",
@@ -126,6 +129,35 @@ class DevModeSettings:
 
 
 @dataclass(frozen=True)
+class HTTPSettings:
+    """``[http]``: the HTTP site serving ``/metrics`` (``endpoint`` "" = none)."""
+
+    endpoint: str = ""
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    """``[log]``: ``format`` is ``text`` or ``json``."""
+
+    format: str = "text"
+
+
+@dataclass(frozen=True)
+class PostfixSettings:
+    """``[postfix]``: the maps kept up to date as lists change ("" = not kept)
+    and the postmap command line (a tuple of words)."""
+
+    transport_file: str = ""
+    domains_file: str = ""
+    postmap_command: tuple[str, ...] = ("postmap",)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any map is to be kept up to date."""
+        return bool(self.transport_file or self.domains_file)
+
+
+@dataclass(frozen=True)
 class Settings:
     """The whole validated configuration; ``source`` is the file it came from, if any."""
 
@@ -133,6 +165,9 @@ class Settings:
     mta: MTASettings
     devmode: DevModeSettings
     source: str | None = None
+    http: HTTPSettings = field(default_factory=HTTPSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+    postfix: PostfixSettings = field(default_factory=PostfixSettings)
 
     @classmethod
     def from_defaults(cls) -> Settings:
@@ -302,6 +337,9 @@ def _build(
         mta=MTASettings(**mta),
         devmode=DevModeSettings(**devmode),
         source=source,
+        http=HTTPSettings(**values["http"]),
+        log=LogSettings(**values["log"]),
+        postfix=PostfixSettings(**values["postfix"]),
     )
 
 

@@ -32,6 +32,7 @@ from mailrelay.errors import RegistryUnavailable, SpoolError
 from mailrelay.interfaces import IInboundHandler
 from mailrelay.lmtp import RecipientRejected, Reply, Transaction
 from mailrelay.model import Envelope
+from mailrelay.observer import NO_OBSERVER
 
 MAILBOX_UNAVAILABLE = Reply(550, "5.1.1", "Requested action not taken: mailbox unavailable")
 ERROR_IN_PROCESSING = Reply(451, "4.3.0", "Requested action aborted: error in processing")
@@ -145,6 +146,8 @@ class InboundHandler:
     delivery runner's ``wake``), before the replies are sent.  Each accepted
     transaction is logged unless ``log_accepted`` is false (the delivery
     runner, used as the store, logs what became of every recipient).
+    ``observer`` (an :class:`~mailrelay.interfaces.IRelayObserver`) is told of
+    each accepted transaction and of each refusal, with its reason.
     """
 
     _log = Logger()
@@ -158,6 +161,7 @@ class InboundHandler:
         clock,
         on_stored: Callable[[], object] | None = None,
         log_accepted: bool = True,
+        observer=None,
     ):
         if not isinstance(hostname, str) or not hostname:
             raise ValueError(f"hostname must be a non-empty str, not {hostname!r}")
@@ -169,6 +173,7 @@ class InboundHandler:
         self._clock = clock
         self._on_stored = on_stored
         self._log_accepted = bool(log_accepted)
+        self._observer = observer if observer is not None else NO_OBSERVER
 
     def validate_recipient(self, sender: str, recipient: str):
         """The registry's :class:`~mailrelay.model.Destination` for ``recipient``.
@@ -186,6 +191,7 @@ class InboundHandler:
                 error=str(e),
                 code=ERROR_IN_PROCESSING.code,
             )
+            self._observer.message_refused("registry_unavailable", 1)
             raise RecipientRejected(ERROR_IN_PROCESSING) from None
         if destination is None:
             self._log.info(
@@ -194,6 +200,7 @@ class InboundHandler:
                 recipient=recipient,
                 code=MAILBOX_UNAVAILABLE.code,
             )
+            self._observer.message_refused("unknown_recipient", 1)
             raise RecipientRejected(MAILBOX_UNAVAILABLE)
         return destination
 
@@ -212,6 +219,7 @@ class InboundHandler:
                 defects=str(e),
                 code=MESSAGE_HAS_DEFECTS.code,
             )
+            self._observer.message_refused("defects", len(recipients))
             return [MESSAGE_HAS_DEFECTS] * len(recipients)
         envelope = Envelope(
             sender=sender,
@@ -231,6 +239,8 @@ class InboundHandler:
                 error=str(e),
                 code=reply.code,
             )
+            reason = "disk_full" if e.disk_full else "spool_error"
+            self._observer.message_refused(reason, len(recipients))
             return [reply] * len(recipients)
         except Exception:
             self._log.failure(
@@ -238,8 +248,10 @@ class InboundHandler:
                 message_id=prepared.message_id,
                 sender=sender,
             )
+            self._observer.message_refused("spool_error", len(recipients))
             return [ERROR_IN_PROCESSING] * len(recipients)
 
+        self._observer.message_accepted(len(recipients))
         if self._on_stored is not None:
             try:
                 self._on_stored()

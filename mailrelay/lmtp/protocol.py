@@ -41,6 +41,7 @@ from mailrelay.addresses import check_mailbox
 from mailrelay.errors import InvalidAddress
 from mailrelay.interfaces import IInboundHandler
 from mailrelay.lmtp import AcceptedRecipient, RecipientRejected, Reply, Transaction
+from mailrelay.observer import NO_OBSERVER
 
 _OK = Reply(250, "2.0.0", "Ok")
 _SENDER_OK = Reply(250, "2.1.0", "Sender ok")
@@ -624,6 +625,8 @@ class LMTPFactory(protocol.ServerFactory):
     ``None``).  Beyond ``max_sessions`` open sessions, a connection is answered
     421 4.3.2 and closed at once.  A message the handler has not stored within
     ``store_timeout`` seconds is answered 451 4.3.0 for each recipient.
+    ``observer`` (an :class:`~mailrelay.interfaces.IRelayObserver`) is told of
+    each admitted session and of its end.
     """
 
     protocol = LMTPServer
@@ -640,6 +643,7 @@ class LMTPFactory(protocol.ServerFactory):
         max_sessions: int = 100,
         store_timeout: float = 60,
         clock=None,
+        observer=None,
     ):
         if not IInboundHandler.providedBy(handler):
             raise TypeError(f"handler must provide IInboundHandler, not {handler!r}")
@@ -668,6 +672,8 @@ class LMTPFactory(protocol.ServerFactory):
         self.max_sessions = max_sessions
         self.store_timeout = store_timeout
         self.clock = clock
+        # An IRelayObserver, told of each admitted session and its end.
+        self.observer = observer if observer is not None else NO_OBSERVER
         self._sessions: set[LMTPServer] = set()
 
     @property
@@ -695,10 +701,13 @@ class LMTPFactory(protocol.ServerFactory):
         if len(self._sessions) >= self.max_sessions:
             return False
         self._sessions.add(session)
+        self.observer.lmtp_session_opened()
         return True
 
     def _release(self, session: LMTPServer) -> None:
-        self._sessions.discard(session)
+        if session in self._sessions:
+            self._sessions.remove(session)
+            self.observer.lmtp_session_closed()
 
 
 def _check_positive(name: str, value: object, types) -> None:

@@ -33,6 +33,7 @@ from mailrelay.mta.credentials import CredentialsFile
 from mailrelay.mta.errors import NO_REPLY, ConnectionFailed, DeliveryError, SmarthostUnreachable
 from mailrelay.mta.message import prepare_message
 from mailrelay.mta.tls import client_tls_options
+from mailrelay.observer import NO_OBSERVER
 
 _log = Logger()
 
@@ -104,10 +105,13 @@ class Connection:
         allow_plaintext_auth: bool = False,
         helo_name: str | None = None,
         reactor: Any = None,
+        observer: Any = None,
     ):
         if reactor is None:
             from twisted.internet import reactor  # noqa: PLC0415 - never at import time
         self._reactor = reactor
+        # An IRelayObserver, told of each connection made or failed.
+        self._observer = observer if observer is not None else NO_OBSERVER
         self.host = host
         self.port = int(port)
         self.sessions_per_connection = max(0, int(sessions_per_connection or 0))
@@ -146,6 +150,11 @@ class Connection:
         self._queue: deque = deque()
         self._running = False
         self._closing: set[defer.Deferred] = set()
+
+    @property
+    def connected(self) -> bool:
+        """Whether a usable connection to the smarthost is open now."""
+        return self._client is not None and self._client.is_usable()
 
     @property
     def authenticates(self) -> bool:
@@ -281,6 +290,7 @@ class Connection:
         try:
             client = await endpoint.connect(_ClientFactory(self._make_client))
         except (error.ConnectError, error.DNSLookupError, OSError) as e:
+            self._observer.smtp_connection_failed()
             # error.TimeoutError (the connect timeout) is a ConnectError as well.
             raise SmarthostUnreachable(
                 NO_REPLY, f"Cannot connect to {self.host}:{self.port}: {e}"
@@ -288,10 +298,13 @@ class Connection:
         # ProtocolWrapper around the client when TLS wraps the endpoint.
         client = getattr(client, "wrappedProtocol", client)
         try:
-            return await client.ready
+            ready = await client.ready
         except DeliveryError:
+            self._observer.smtp_connection_failed()
             self._track_closing(client)
             raise
+        self._observer.smtp_connection_opened()
+        return ready
 
     def _drop_client(self):
         client, self._client = self._client, None

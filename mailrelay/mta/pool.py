@@ -63,6 +63,11 @@ class ConnectionPool:
         return len(self._connections)
 
     @property
+    def open_connections(self) -> int:
+        """How many of the pool's connections are open now (for metrics)."""
+        return sum(bool(getattr(c, "connected", False)) for c in self._connections)
+
+    @property
     def busy(self) -> int:
         """How many messages are being sent right now."""
         return self._busy

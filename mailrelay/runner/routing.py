@@ -38,6 +38,7 @@ from mailrelay.model import (
     Route,
     SpoolEntry,
 )
+from mailrelay.observer import NO_OBSERVER
 from mailrelay.runner.outcomes import LOCAL_RETRY_DELAY, retry_after_local_trouble
 from mailrelay.runner.sending import JustStored
 
@@ -86,7 +87,9 @@ class Router:
     ``has_room(n)`` says whether a batch of ``n`` new entries may start at
     once, ``start_batch(entries, just_stored)`` delivers entries stored in
     flight (with the message and lists routing has in hand), and
-    ``wake()`` says new entries are waiting.
+    ``wake()`` says new entries are waiting.  ``observer`` (an
+    :class:`~mailrelay.interfaces.IRelayObserver`) is told how many copies of
+    each message were queued for each list, and what was held.
     """
 
     def __init__(
@@ -99,6 +102,7 @@ class Router:
         has_room: Callable[[int], bool],
         start_batch: Callable[[list[SpoolEntry], JustStored], None],
         wake: Callable[[], None],
+        observer: Any = NO_OBSERVER,
     ):
         self._spool = spool
         self._registry = registry
@@ -107,6 +111,7 @@ class Router:
         self._has_room = has_room
         self._start_batch = start_batch
         self._wake = wake
+        self._observer = observer
         # Member counts seen when routing: posts to lists known to be larger
         # than inline_limit are not expanded while being stored.
         self._list_sizes: dict[str, int] = {}
@@ -207,6 +212,7 @@ class Router:
             )
         if route.kind is None:
             _log_route(line, route, fields)
+            self._note(route, destination.list_address)
             # FAILED counts as an attempt (dead-lettered); HELD does not.
             return EntryUpdate(
                 entry.entry_id,
@@ -224,7 +230,16 @@ class Router:
                 entry, f"cannot queue copies: {e}", self._clock.seconds()
             )
         _log_route(line, route, fields)
+        self._note(route, destination.list_address)
         return None
+
+    def _note(self, route: Route, list_address: str) -> None:
+        """Tell the observer what routing did with one destination."""
+        if route.kind is not None:
+            if route.recipients:
+                self._observer.recipients_queued(list_address, len(route.recipients))
+        elif route.state is EntryState.HELD:
+            self._observer.recipients_held(list_address, 1)
 
     # -- storing new messages -----------------------------------------------------
 
@@ -274,6 +289,7 @@ class Router:
                 code=250,
             )
             _log_route(line, route, fields)
+            self._note(route, destination.list_address)
         if stored.claimed:
             # Delivered from what is in hand: the bytes just stored and the
             # lists just read, not read back from the spool and the registry.

@@ -33,6 +33,7 @@ from mailrelay.model import Bounce, EntryKind, EntryState, EntryUpdate, MailingL
 from mailrelay.mta.bulk import INVALID_ADDRESS, chunkify
 from mailrelay.mta.errors import NO_REPLY, DeliveryError, SmarthostUnreachable
 from mailrelay.mta.message import WireMessage, prepare_message
+from mailrelay.observer import NO_OBSERVER
 from mailrelay.retry import RetryPolicy, Verdict, classify_error
 from mailrelay.runner.breaker import CircuitBreaker
 from mailrelay.runner.outcomes import (
@@ -96,7 +97,8 @@ class CopySender:
     list.  ``is_running`` says whether the runner still delivers (a chunk
     whose turn comes after a stop is not sent); ``publish_circuit`` is called
     with the breaker's description when it trips and with ``None`` when it
-    closes again.
+    closes again.  ``observer`` (an :class:`~mailrelay.interfaces.IRelayObserver`)
+    is told each group's results and each transaction's duration.
     """
 
     def __init__(
@@ -115,6 +117,7 @@ class CopySender:
         devmode_recipient: str | None,
         is_running: Callable[[], bool],
         publish_circuit: Callable[[str | None], None],
+        observer: Any = NO_OBSERVER,
     ):
         self._spool = spool
         self._registry = registry
@@ -128,6 +131,7 @@ class CopySender:
         self._devmode_recipient = devmode_recipient
         self._is_running = is_running
         self._publish_circuit = publish_circuit
+        self._observer = observer
         self._slots = defer.DeferredSemaphore(max_parallel)
         self._unreachable: tuple[float, SmarthostUnreachable] | None = None
         self._messages: OrderedDict[GroupKey, WireMessage] = OrderedDict()
@@ -185,6 +189,7 @@ class CopySender:
                 count=len(entries),
                 **fields,
             )
+            self._observer.recipients_done(list_address, 0, 0, len(entries), 0)
             return [
                 EntryUpdate(
                     e.entry_id,
@@ -228,7 +233,7 @@ class CopySender:
         for chunk_results in await defer.gatherResults(transactions):
             results.update(chunk_results)
         now = self._clock.seconds()
-        return entry_updates(
+        updates, bounces = entry_updates(
             mlist,
             kind,
             by_address,
@@ -239,6 +244,24 @@ class CopySender:
             random=self._random,
             paused_between=self._breaker.paused_between,
         )
+        self._report(list_address, updates, len(bounces))
+        return updates, bounces
+
+    def _report(self, list_address: str, updates: list[EntryUpdate], bounced: int) -> None:
+        """Tell the observer one group's results, summed (one call per group)."""
+        delivered = deferred = failed = 0
+        for update in updates:
+            state = update.state
+            if state is EntryState.DONE:
+                delivered += 1
+            elif state is EntryState.RETRY:
+                # A copy held back by a paused delivery was not attempted.
+                deferred += update.count_attempt
+            elif state is EntryState.FAILED:
+                failed += 1
+        # Entries of one bounced address all FAILED; a bounce is recorded once.
+        bounced = min(bounced, failed)
+        self._observer.recipients_done(list_address, delivered, deferred, failed - bounced, bounced)
 
     def _retry_all(self, entries: list[SpoolEntry], error: str) -> list[EntryUpdate]:
         now = self._clock.seconds()
@@ -289,6 +312,7 @@ class CopySender:
             e = DeliveryError(NO_REPLY, b"Internal error in the SMTP client")
             return self._whole_failure(e, chunk, started, fields)
         duration = self._clock.seconds() - started
+        self._observer.smtp_transaction(duration, True)
         if self._devmode_recipient is not None and refused:
             # One real recipient per devmode transaction: its result is the only one.
             refused = {chunk[0]: next(iter(refused.values()))}
@@ -312,10 +336,12 @@ class CopySender:
     ) -> dict[str, RecipientResult]:
         verdict = classify_error(error)
         text = one_line(error.response)
+        duration = self._clock.seconds() - started
+        self._observer.smtp_transaction(duration, False)
         _log.warn(
             "{message_id} smtp to {list} for {count} recips failed after {duration:.3f} "
             "seconds: {code} {response}",
-            duration=self._clock.seconds() - started,
+            duration=duration,
             code=error.code,
             response=text,
             **fields,

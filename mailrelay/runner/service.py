@@ -47,6 +47,7 @@ from mailrelay.addresses import check_mailbox
 from mailrelay.errors import RegistryError, RegistryUnavailable, SpoolError
 from mailrelay.interfaces import IMessageStore
 from mailrelay.model import Bounce, EntryKind, EntryState, EntryUpdate, Envelope, SpoolEntry
+from mailrelay.observer import NO_OBSERVER
 from mailrelay.retry import RetryPolicy
 from mailrelay.runner.breaker import CIRCUIT_STATUS_KEY, CircuitBreaker
 from mailrelay.runner.routing import Router
@@ -59,6 +60,7 @@ _log = Logger()
 
 _RESULT_WRITE_TRIES = 5
 _PENDING = frozenset({EntryState.QUEUED, EntryState.RETRY})
+_WAITING = (EntryState.QUEUED, EntryState.INFLIGHT, EntryState.RETRY)
 
 
 @implementer(IMessageStore)
@@ -84,6 +86,11 @@ class DeliveryRunner(service.Service):
     LMTP policy in place of the spool, it routes each accepted message while
     storing it and starts delivering at once.  Posts to lists of more than
     ``inline_limit`` members are left for a batch to expand (0: every post is).
+
+    ``observer`` (an :class:`~mailrelay.interfaces.IRelayObserver`, default
+    none) is told, once per group or batch, what was queued, held, delivered,
+    deferred, dead-lettered and bounced, each SMTP transaction's duration, and
+    how long after receipt each post's first and last waiting copies went out.
     """
 
     name = "delivery"
@@ -110,6 +117,7 @@ class DeliveryRunner(service.Service):
         poll_interval: float | None = 30.0,
         inline_limit: int = 1000,
         claim_lease: float | None = 300.0,
+        observer: Any = None,
     ):
         if not callable(getattr(sender, "sendmail", None)):
             raise TypeError(f"sender must provide sendmail(), not {sender!r}")
@@ -140,6 +148,7 @@ class DeliveryRunner(service.Service):
         if claim_lease is not None and not claim_lease > 0:
             raise ValueError(f"claim_lease must be > 0 or None, not {claim_lease!r}")
         self._keep_done = keep_done
+        self._observer = observer if observer is not None else NO_OBSERVER
         self._verp = verp
         self._spool = spool
         self._registry = registry
@@ -169,6 +178,7 @@ class DeliveryRunner(service.Service):
             devmode_recipient=devmode_recipient,
             is_running=lambda: bool(self.running),
             publish_circuit=self._publish_circuit,
+            observer=self._observer,
         )
         self._router = Router(
             spool,
@@ -178,6 +188,7 @@ class DeliveryRunner(service.Service):
             has_room=self._scheduler.has_room,
             start_batch=self._scheduler.start_batch,
             wake=self._scheduler.wake,
+            observer=self._observer,
         )
 
     # -- public API -----------------------------------------------------------
@@ -188,6 +199,10 @@ class DeliveryRunner(service.Service):
         Cheap and safe to call often; calls before the next turn coalesce.
         """
         self._scheduler.wake()
+
+    def breaker_state(self) -> str:
+        """The circuit breaker's state: ``closed``, ``open`` or ``half-open``."""
+        return self._breaker.state()
 
     @property
     def paused_until(self) -> float | None:
@@ -250,9 +265,20 @@ class DeliveryRunner(service.Service):
             defer.Deferred.fromCoroutine(self._copies.deliver_group(key, group, just_stored))
             for key, group in deliveries.items()
         ]
-        for group_updates, group_bounces in await defer.gatherResults(groups):
+        # Copies delivered in this batch, by message: (count, received_at, list).
+        delivered: dict[int, list[Any]] = {}
+        watching = self._observer is not NO_OBSERVER
+        results = await defer.gatherResults(groups)
+        for (key, group), (group_updates, group_bounces) in zip(
+            deliveries.items(), results, strict=True
+        ):
             updates.extend(group_updates)
             bounces.extend(group_bounces)
+            if watching:
+                count = sum(u.state is EntryState.DONE for u in group_updates)
+                if count:
+                    seen = delivered.setdefault(key[0], [0, group[0].received_at, key[1]])
+                    seen[0] += count
         if any(u.state in _PENDING for u in updates):
             # QUEUED or RETRY again: the next claim (or next_due) must see them.
             self._scheduler.note_backlog()
@@ -260,6 +286,26 @@ class DeliveryRunner(service.Service):
             await self._write_results(updates)
         if bounces:
             self._record_bounces(bounces)
+        if delivered:
+            self._report_latency(delivered)
+
+    def _report_latency(self, delivered: dict[int, list[Any]]) -> None:
+        """Tell the observer how long after receipt these posts' copies went out,
+        and whether they were the first or the last waiting ones (read from the
+        spool once the batch's results are written; two batches finishing one
+        message at once may both report it last)."""
+        copy_counts = getattr(self._spool, "copy_counts", None)
+        if copy_counts is None:
+            return
+        now = self._clock.seconds()
+        for message_key, (count, received_at, list_address) in delivered.items():
+            try:
+                counts = copy_counts(message_key)
+            except SpoolError:
+                continue
+            first = counts.get(EntryState.DONE, 0) <= count
+            last = not any(counts.get(state, 0) for state in _WAITING)
+            self._observer.post_delivered(list_address, now - received_at, first, last)
 
     async def _write_results(self, updates: list[EntryUpdate]) -> None:
         delay = 1.0

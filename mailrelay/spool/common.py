@@ -25,6 +25,7 @@ from mailrelay.model import (
     EntryState,
     EntryUpdate,
     Envelope,
+    PostSummary,
     Route,
     SpoolEntry,
 )
@@ -207,3 +208,37 @@ def log_recovered(count: int) -> int:
     if count:
         _log.info("Returned {count} in-flight entries to the queue", count=count)
     return count
+
+
+def check_key(message_key: object) -> int:
+    if not isinstance(message_key, int) or isinstance(message_key, bool):
+        raise TypeError(f"message key must be an int, not {message_key!r}")
+    return message_key
+
+
+def check_message_id(message_id: object) -> str | None:
+    if message_id is not None and not isinstance(message_id, str):
+        raise TypeError(f"message_id must be a str or None, not {message_id!r}")
+    return message_id
+
+
+def post_summary(
+    key: int,
+    message_id: str,
+    sender: str,
+    received_at: float,
+    rows: Iterable[tuple[str, str, str, int]],
+) -> PostSummary:
+    """A :class:`PostSummary` from (list address, kind, state, count) rows.
+
+    INBOUND entries that are DONE are routing's bookkeeping (expanded into
+    copies, or a repeated RCPT), not deliveries: they are not counted.
+    """
+    lists: dict[str, None] = {}
+    counts = dict.fromkeys(EntryState, 0)
+    for list_address, kind, state, count in rows:
+        lists[list_address] = None
+        if kind == EntryKind.INBOUND.value and state == EntryState.DONE.value:
+            continue
+        counts[EntryState(state)] += count
+    return PostSummary(key, message_id, sender, received_at, tuple(sorted(lists)), counts)

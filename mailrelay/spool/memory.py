@@ -24,6 +24,7 @@ from mailrelay.model import (
     EntryState,
     EntryUpdate,
     Envelope,
+    PostSummary,
     Route,
     SpoolEntry,
     Stored,
@@ -311,6 +312,107 @@ class MemorySpool:
             if not any(e.message_key == entry.message_key for e in self._entries.values()):
                 del self._messages[entry.message_key]
         return succeed(deleted)
+
+    # -- operator views: one post and its copies --------------------------------
+
+    def message_entries(self, message_key: int) -> list[SpoolEntry]:
+        self._check_open(f"read the entries of message {message_key}")
+        key = common.check_key(message_key)
+        return sorted(
+            (e for e in self._entries.values() if e.message_key == key),
+            key=lambda e: e.entry_id,
+        )
+
+    def copy_counts(self, message_key: int) -> dict[EntryState, int]:
+        counts = dict.fromkeys(EntryState, 0)
+        for entry in self.message_entries(message_key):
+            if entry.kind is not EntryKind.INBOUND:
+                counts[entry.state] += 1
+        return counts
+
+    def oldest_entry(self, state: EntryState) -> SpoolEntry | None:
+        self._check_open("find the oldest entry")
+        checked = common.check_state(state)
+        if checked is None:
+            raise ValueError("oldest_entry needs a state")
+        return min(
+            (e for e in self._entries.values() if e.state is checked),
+            key=lambda e: e.entry_id,
+            default=None,
+        )
+
+    def posts(
+        self,
+        limit: int | None = None,
+        message_id: str | None = None,
+        include_done: bool = False,
+    ) -> list[PostSummary]:
+        self._check_open("list posts")
+        limit = common.check_limit(limit, allow_none=True)
+        message_id = common.check_message_id(message_id)
+        by_message: dict[int, dict[tuple[str, str, str], int]] = {}
+        for entry in sorted(self._entries.values(), key=lambda e: e.entry_id):
+            rows = by_message.setdefault(entry.message_key, {})
+            row = (entry.destination.list_address, entry.kind.value, entry.state.value)
+            rows[row] = rows.get(row, 0) + 1
+        posts = []
+        for key in sorted(by_message):
+            envelope = self._messages[key][0]
+            rows = by_message[key]
+            if message_id is not None and envelope.message_id != message_id:
+                continue
+            if not include_done and all(state == "done" for _, _, state in rows):
+                continue
+            posts.append(
+                common.post_summary(
+                    key,
+                    envelope.message_id,
+                    envelope.sender,
+                    envelope.received_at,
+                    [(*row, count) for row, count in rows.items()],
+                )
+            )
+        return posts[:limit]
+
+    @common.deferred_errors
+    def cancel_messages(self, message_keys: Iterable[int]) -> Deferred[dict[EntryState, int]]:
+        self._check_open("cancel messages")
+        keys = set(common.check_ids(message_keys))
+        deleted = dict.fromkeys(EntryState, 0)
+        doomed = [
+            e
+            for e in self._entries.values()
+            if e.message_key in keys and e.state is not EntryState.DONE
+        ]
+        for entry in doomed:
+            deleted[entry.state] += 1
+        self.delete([entry.entry_id for entry in doomed])
+        return succeed(deleted)
+
+    def delivered_since(self, when: float) -> int:
+        self._check_open("count recent deliveries")
+        when = common.check_time(when)
+        return sum(
+            1
+            for e in self._entries.values()
+            if e.state is EntryState.DONE
+            and e.kind is not EntryKind.INBOUND
+            and self._updated_at[e.entry_id] >= when
+        )
+
+    def posts_since(self, when: float) -> dict[str, int]:
+        self._check_open("count recent posts")
+        when = common.check_time(when)
+        counts: dict[str, int] = {}
+        for e in self._entries.values():
+            if (
+                e.kind is EntryKind.INBOUND
+                and e.destination.subaddress is None
+                and e.received_at >= when
+            ):
+                address = e.destination.list_address
+                counts[address] = counts.get(address, 0) + 1
+        return counts
 
     def close(self) -> Deferred[None]:
         self._closed = True

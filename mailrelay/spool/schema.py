@@ -86,7 +86,7 @@ CLAIM_RETRY = (
 
 # Enum lookups by value through a dict: EntryState(value) costs microseconds,
 # paid for every row a claim reads.
-_STATES = {state.value: state for state in EntryState}
+_STATES = STATES = {state.value: state for state in EntryState}
 _KINDS = {kind.value: kind for kind in EntryKind}
 
 

@@ -30,6 +30,7 @@ from mailrelay.model import (
     EntryState,
     EntryUpdate,
     Envelope,
+    PostSummary,
     Route,
     SpoolEntry,
     Stored,
@@ -42,6 +43,9 @@ from mailrelay.spool.schema import (
     entry_from_row,
     open_database,
     open_reader,
+)
+from mailrelay.spool.schema import (
+    STATES as _STATES,
 )
 from mailrelay.spool.writer import GroupCommitWriter, spool_error
 
@@ -450,6 +454,123 @@ class SQLiteSpool:
             return db.executemany("DELETE FROM entries WHERE id = ?", [(i,) for i in ids]).rowcount
 
         return self._submit("delete entries", remove)
+
+    # -- operator views: one post and its copies --------------------------------
+
+    def message_entries(self, message_key: int) -> list[SpoolEntry]:
+        """Every entry of message ``message_key``, by id (``[]`` if it is gone)."""
+        key = common.check_key(message_key)
+        rows = self._read(
+            f"read the entries of message {key}",
+            ENTRY_QUERY + " WHERE e.message_key = ? ORDER BY e.id",
+            (key,),
+        )
+        return [entry_from_row(row) for row in rows]
+
+    def copy_counts(self, message_key: int) -> dict[EntryState, int]:
+        """The MEMBER and OWNER copies of ``message_key`` by state."""
+        key = common.check_key(message_key)
+        rows = self._read(
+            f"count the copies of message {key}",
+            "SELECT state, count(*) FROM entries WHERE message_key = ? AND kind != 'inbound'"
+            " GROUP BY state",
+            (key,),
+        )
+        counts = dict.fromkeys(EntryState, 0)
+        counts.update((_STATES[state], n) for state, n in rows)
+        return counts
+
+    def oldest_entry(self, state: EntryState) -> SpoolEntry | None:
+        """The entry in ``state`` with the lowest id (received first), or ``None``."""
+        checked = common.check_state(state)
+        if checked is None:
+            raise ValueError("oldest_entry needs a state")
+        rows = self._read(
+            "find the oldest entry",
+            ENTRY_QUERY + " WHERE e.state = ? ORDER BY e.id LIMIT 1",
+            (checked.value,),
+        )
+        return entry_from_row(rows[0]) if rows else None
+
+    def posts(
+        self,
+        limit: int | None = None,
+        message_id: str | None = None,
+        include_done: bool = False,
+    ) -> list[PostSummary]:
+        """Stored messages with their copies counted by state, oldest first (see
+        :meth:`~mailrelay.interfaces.ISpool.posts`)."""
+        limit = common.check_limit(limit, allow_none=True)
+        message_id = common.check_message_id(message_id)
+        where, params = [], []
+        if message_id is not None:
+            where.append("m.message_id = ?")
+            params.append(message_id)
+        if not include_done:
+            where.append(
+                "EXISTS (SELECT 1 FROM entries AS w WHERE w.message_key = m.key"
+                " AND w.state != 'done')"
+            )
+        query = "SELECT m.key, m.message_id, m.sender, m.received_at FROM messages AS m"
+        if where:
+            query += " WHERE " + " AND ".join(where)
+        query += " ORDER BY m.key LIMIT ?"
+        params.append(-1 if limit is None else limit)
+        messages = self._read("list posts", query, params)
+        posts = []
+        for key, mid, sender, received_at in messages:
+            rows = self._read(
+                f"count the entries of message {key}",
+                "SELECT list_address, kind, state, count(*) FROM entries WHERE message_key = ?"
+                " GROUP BY list_address, kind, state",
+                (key,),
+            )
+            posts.append(common.post_summary(key, mid, sender, received_at, rows))
+        return posts
+
+    @common.deferred_errors
+    def cancel_messages(self, message_keys: Iterable[int]) -> Deferred[dict[EntryState, int]]:
+        """Delete every entry of these messages that is not DONE, in one durable
+        transaction; fires with how many went, by state."""
+        keys = common.check_ids(message_keys)
+
+        def cancel(db: sqlite3.Connection) -> dict[EntryState, int]:
+            deleted = dict.fromkeys(EntryState, 0)
+            for chunk in _chunks(keys):
+                where = f"message_key IN ({_placeholders(chunk)}) AND state != 'done'"
+                for state, n in db.execute(
+                    f"SELECT state, count(*) FROM entries WHERE {where} GROUP BY state", chunk
+                ).fetchall():
+                    deleted[_STATES[state]] += n
+                # The entries_drop_message trigger removes messages left without entries.
+                db.execute(f"DELETE FROM entries WHERE {where}", chunk)
+            return deleted
+
+        return self._submit("cancel messages", cancel)
+
+    def delivered_since(self, when: float) -> int:
+        """MEMBER and OWNER copies delivered (DONE) at or after ``when``."""
+        when = common.check_time(when)
+        rows = self._read(
+            "count recent deliveries",
+            "SELECT count(*) FROM entries WHERE state = 'done' AND kind != 'inbound'"
+            " AND updated_at >= ?",
+            (when,),
+        )
+        return rows[0][0]
+
+    def posts_since(self, when: float) -> dict[str, int]:
+        """Posts received at or after ``when``, by list."""
+        when = common.check_time(when)
+        rows = self._read(
+            "count recent posts",
+            "SELECT e.list_address, count(*) FROM messages AS m"
+            " JOIN entries AS e ON e.message_key = m.key"
+            " WHERE m.received_at >= ? AND e.kind = 'inbound' AND e.subaddress IS NULL"
+            " GROUP BY e.list_address",
+            (when,),
+        )
+        return dict(rows)
 
     def close(self) -> Deferred[None]:
         """Commit the writes already requested, stop the writer thread and
