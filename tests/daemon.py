@@ -178,10 +178,11 @@ class RelayProcess:
         )
 
 
-def delivered_copies(mta) -> collections.Counter:
-    """How many copies the smarthost accepted, per (Message-ID, recipient)."""
+def delivered_copies(*mtas) -> collections.Counter:
+    """How many copies the smarthosts accepted, per (Message-ID, recipient)."""
     return collections.Counter(
         (message["Message-ID"], rcpt)
+        for mta in mtas
         for transaction, message in zip(mta.transactions, mta.messages, strict=True)
         for rcpt in transaction.rcpts
     )
