@@ -247,11 +247,13 @@ class DeliveryRunner(service.Service):
         for group_updates, group_bounces in await defer.gatherResults(groups):
             updates.extend(group_updates)
             bounces.extend(group_bounces)
-        if any(u.state in _PENDING for u in updates):
-            # QUEUED or RETRY again: the next claim (or next_due) must see them.
-            self._scheduler.note_backlog()
         if updates:
             await self._write_results(updates)
+        if any(u.state in _PENDING for u in updates):
+            # QUEUED or RETRY again: the next claim (or next_due) must see them.
+            # Noted once written: a claim that finished meanwhile, before they
+            # were in the spool, clears the note.
+            self._scheduler.note_backlog()
         if bounces:
             self._record_bounces(bounces)
 
