@@ -162,13 +162,17 @@ class SmarthostFaultTests(TestCase):
         cleared = time.monotonic()
         await clear()
         expected = {(m, member) for m, _ in poster.acknowledged for member in MEMBERS[LIST]}
-        await poll(
-            reactor,
-            lambda: expected <= self.copies().keys(),
-            f"delivery once {name} cleared",
-            timeout=60,
-            interval=0.05,
-        )
+        try:
+            await poll(
+                reactor,
+                lambda: expected <= self.copies().keys(),
+                f"delivery once {name} cleared",
+                timeout=60,
+                interval=0.05,
+            )
+        except AssertionError as e:
+            got = len(expected & self.copies().keys())
+            self.fail(f"{e}: {got} of {len(expected)} copies; queue:\n{await self.queue()}")
         delivered = time.monotonic()
         missing, duplicates = count_losses(poster.acknowledged, MEMBERS, self.copies())
         self.assertEqual(missing, [])
@@ -179,7 +183,7 @@ class SmarthostFaultTests(TestCase):
             self.assertEqual(registry.bounces(LIST), ())
         finally:
             registry.close()
-        reason = next((line for line in out.splitlines() if any(w in line for w in why)), "")
+        reason = next(line for line in out.splitlines() if why[-1] in line)
         record_figures(
             f"smarthost_{name}",
             posts=POSTS,
@@ -235,7 +239,7 @@ class SmarthostFaultTests(TestCase):
             async def clear():
                 mta.clear_faults()
 
-            await self.run_fault("reset", "retry", clear=clear)
+            await self.run_fault("reset", "retry", "Connection closed by the server", clear=clear)
 
         return as_deferred(go())
 
