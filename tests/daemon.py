@@ -62,12 +62,18 @@ async def sleep(reactor, seconds: float) -> None:
     await task.deferLater(reactor, seconds, lambda: None)
 
 
-async def poll(reactor, predicate, what: str, timeout: float = 30.0, interval: float = 0.02):
-    """Wait, bounded, for something another process (or the reactor) does."""
+async def poll(
+    reactor, predicate, what: str, timeout: float = 30.0, interval: float = 0.02, details=None
+):
+    """Wait, bounded, for something another process (or the reactor) does.
+
+    On timeout the error says what was awaited, and ``details()`` if given.
+    """
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            extra = f"\n{details()}" if details is not None else ""
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}{extra}")
         await sleep(reactor, interval)
 
 
@@ -214,6 +220,7 @@ class PersistentPoster:
     failure; a message is sent again, to the lists whose recipient did not get
     250, until each got it.  A post that got no reply within ``reply_timeout``
     counts as not acknowledged (and is counted in ``timeouts``).
+    ``message_bytes(message_id)`` makes each message (default: a short post).
     """
 
     def __init__(
@@ -224,6 +231,7 @@ class PersistentPoster:
         *,
         sessions=8,
         reply_timeout=20.0,
+        message_bytes=None,
     ):
         self.reactor = reactor
         self._endpoint = endpoint_factory
@@ -237,6 +245,7 @@ class PersistentPoster:
         self._sessions = sessions
         self._reply_timeout = reply_timeout
         self._busy = 0
+        self._message_bytes = message_bytes or _post
 
     @property
     def done(self) -> bool:
@@ -260,7 +269,7 @@ class PersistentPoster:
                     client = await self._timed(self._connect())
                 self.attempts += 1
                 replies = await self._timed(
-                    client.sendmail("anne@example.org", lists, _post(message_id))
+                    client.sendmail("anne@example.org", lists, self._message_bytes(message_id))
                 )
             except Exception as e:
                 if isinstance(e, defer.TimeoutError):
