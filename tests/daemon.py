@@ -121,8 +121,8 @@ class RelayProcess:
             raise AssertionError(f"mailrelay {' '.join(argv)} exited {code}: {out}")
         return out
 
-    async def start(self, timeout: float = 30.0) -> subprocess.Popen:
-        """Start the daemon; fires once it listens for LMTP."""
+    async def start(self, *twistd_options: str, timeout: float = 30.0) -> subprocess.Popen:
+        """Start the daemon (with extra ``twistd`` options); fires once it listens for LMTP."""
         if os.path.exists(self.socket):
             os.unlink(self.socket)  # left by a killed process
         with open(self.log_path, "ab") as log:
@@ -133,6 +133,7 @@ class RelayProcess:
                     "from twisted.scripts.twistd import run; run()",
                     "-n",
                     "--pidfile=",
+                    *twistd_options,
                     "mailrelay",
                     "-C",
                     self.config,
@@ -191,6 +192,19 @@ def delivered_copies(*mtas) -> collections.Counter:
         for mta in mtas
         for transaction, message in zip(mta.transactions, mta.messages, strict=True)
         for rcpt in transaction.rcpts
+    )
+
+
+async def wait_for_copies(reactor, expected, *mtas, what: str, timeout=60.0, details=None):
+    """Wait until the smarthosts hold a copy for every (Message-ID, recipient) in ``expected``."""
+    expected = set(expected)
+    await poll(
+        reactor,
+        lambda: expected <= delivered_copies(*mtas).keys(),
+        what,
+        timeout,
+        interval=0.05,
+        details=details,
     )
 
 

@@ -22,7 +22,13 @@ from twisted.trial.unittest import SkipTest, TestCase
 
 from mailrelay.testing import FakeMTA
 from mailrelay.testing.lmtp import connect_lmtp
-from tests.daemon import PersistentPoster, RelayProcess, delivered_copies, poll, record_figures
+from tests.daemon import (
+    PersistentPoster,
+    RelayProcess,
+    delivered_copies,
+    record_figures,
+    wait_for_copies,
+)
 from tests.support import as_deferred, free_port, peers_required, temp_dir
 
 LISTS = {
@@ -120,7 +126,7 @@ class DiskFullTests(TestCase):
         await poster.run()
         had = {(m, member) for m in before for a in lists for member in LISTS[a]}
         if not smarthost_down_until_full:
-            await poll(reactor, lambda: had <= delivered_copies(mta).keys(), "delivery", 60)
+            await wait_for_copies(reactor, had, mta, what="delivery", details=relay.log)
 
         filler = _fill(var)
         replies = []
@@ -139,13 +145,7 @@ class DiskFullTests(TestCase):
             # What it had it still delivers, disk full or not.
             await mta.start(port=port)
             self.addCleanup(mta.stop)
-            await poll(
-                reactor,
-                lambda: had <= delivered_copies(mta).keys(),
-                "delivery while full",
-                60,
-                details=relay.log,
-            )
+            await wait_for_copies(reactor, had, mta, what="delivery while full", details=relay.log)
             self.assertIsNone(relay.process.poll(), "the daemon died with its disk full")
 
         os.unlink(filler)
@@ -161,12 +161,8 @@ class DiskFullTests(TestCase):
         await poster.run()
         accepted_after = time.monotonic() - freed
         wanted = {(m, member) for m in again for a in lists for member in LISTS[a]}
-        await poll(
-            reactor,
-            lambda: wanted <= delivered_copies(mta).keys(),
-            "delivery after freeing space",
-            60,
-            details=relay.log,
+        await wait_for_copies(
+            reactor, wanted, mta, what="delivery after freeing space", details=relay.log
         )
         copies = delivered_copies(mta)
         self.assertEqual({k: copies[k] for k in wanted}, dict.fromkeys(wanted, 1))

@@ -32,9 +32,9 @@ from tests.daemon import (
     PersistentPoster,
     count_losses,
     delivered_copies,
-    poll,
     record_figures,
     run_cli,
+    wait_for_copies,
 )
 from tests.support import as_deferred, free_port, temp_dir
 
@@ -163,12 +163,8 @@ class SmarthostFaultTests(TestCase):
         await clear()
         expected = {(m, member) for m, _ in poster.acknowledged for member in MEMBERS[LIST]}
         try:
-            await poll(
-                reactor,
-                lambda: expected <= self.copies().keys(),
-                f"delivery once {name} cleared",
-                timeout=60,
-                interval=0.05,
+            await wait_for_copies(
+                reactor, expected, *self.mtas, what=f"delivery once {name} cleared"
             )
         except AssertionError as e:
             got = len(expected & self.copies().keys())

@@ -27,6 +27,7 @@ from tests.daemon import (
     poll,
     record_figures,
     sleep,
+    wait_for_copies,
 )
 from tests.support import as_deferred, temp_dir
 
@@ -109,12 +110,8 @@ class KillLoopTests(TestCase):
                 for message_id, address in poster.acknowledged
                 for member in LISTS[address]
             }
-            await poll(
-                reactor,
-                lambda: expected <= delivered_copies(mta).keys(),
-                "delivery of every acknowledged post",
-                timeout=120,
-                interval=0.2,
+            await wait_for_copies(
+                reactor, expected, mta, what="delivery of every acknowledged post", timeout=120
             )
             drained = time.monotonic()
             missing, duplicates = count_losses(poster.acknowledged, LISTS, delivered_copies(mta))
@@ -165,13 +162,7 @@ class KillLoopTests(TestCase):
             copies_before_restart = sum(delivered_copies(mta).values())
             await relay.start()
             expected = {(m, member) for m, a in poster.acknowledged for member in LISTS[a]}
-            await poll(
-                reactor,
-                lambda: expected <= delivered_copies(mta).keys(),
-                "delivery after the restart",
-                timeout=60,
-                interval=0.1,
-            )
+            await wait_for_copies(reactor, expected, mta, what="delivery after the restart")
             missing, duplicates = count_losses(poster.acknowledged, LISTS, delivered_copies(mta))
             record_figures(
                 "sigterm_during_delivery",

@@ -18,7 +18,7 @@ from twisted.trial.unittest import TestCase
 
 from mailrelay.testing import FakeMTA
 from mailrelay.testing.lmtp import connect_lmtp, encode_message
-from tests.daemon import RelayProcess, delivered_copies, poll, record_figures
+from tests.daemon import RelayProcess, record_figures, wait_for_copies
 from tests.support import as_deferred, free_port, temp_dir
 
 SESSIONS = 1000
@@ -104,13 +104,7 @@ class ConcurrentSessionTests(TestCase):
             self.assertEqual(failures[:5], [], f"{len(failures)} sessions failed")
             self.assertEqual(replies, [250] * SESSIONS)
             expected = {(f"<s{n}@example.org>", m) for n in range(SESSIONS) for m in MEMBERS}
-            await poll(
-                reactor,
-                lambda: expected <= delivered_copies(mta).keys(),
-                "delivery of every post",
-                timeout=90,
-                interval=0.2,
-            )
+            await wait_for_copies(reactor, expected, mta, what="delivery of every post", timeout=90)
             record_figures(
                 "concurrent_sessions",
                 sessions_held=SESSIONS,
