@@ -15,6 +15,7 @@ from typing import Any
 from twisted.application import service, strports
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mailrelay._files import DirectoryLock
 from mailrelay.config import Settings
@@ -63,25 +64,66 @@ class _StoreService(service.Service):
         return defer.Deferred.fromCoroutine(close())
 
 
+# How long stopping may wait for the smarthost to answer what is on the wire.
+STOP_GRACE = 5.0
+
+
 class _OrderedStop(service.MultiService):
     """A MultiService whose children stop one after the other, last added first.
 
     Twisted's MultiService stops every child at once; here the listener must
     be gone before the runner drains, and the runner must have recorded its
     last results before the stores close.
+
+    Stopping is bounded by ``grace`` seconds on ``clock``: a smarthost that
+    holds its replies (up to ``smtp_timeout`` each) must not keep a SIGTERM
+    waiting.  Past the deadline the remaining children are left as they are,
+    as after a crash: what was on the wire stays in flight in the spool
+    (which is safe on disk) and is sent again at the next start.
     """
+
+    def __init__(self, clock: Any, grace: float = STOP_GRACE):
+        super().__init__()
+        self._clock = clock
+        self._grace = grace
 
     def stopService(self):  # noqa: N802
         service.Service.stopService(self)
+        deadline = self._clock.seconds() + self._grace
 
         async def stop_each():
             for child in reversed(list(self)):
-                try:
-                    await defer.maybeDeferred(child.stopService)
-                except Exception:
-                    _log.failure("Stopping {service} failed", service=child.name)
+                stopped = defer.maybeDeferred(child.stopService)
+                if not await _within(stopped, deadline - self._clock.seconds(), self._clock):
+                    _log.warn(
+                        "Stopping {service} took more than {grace}s; stopping now: "
+                        "deliveries still on the wire are sent again at the next start",
+                        service=child.name,
+                        grace=self._grace,
+                    )
+                    return
 
         return defer.Deferred.fromCoroutine(stop_each())
+
+
+async def _within(d: defer.Deferred, seconds: float, clock: Any) -> bool:
+    """Wait for ``d`` at most ``seconds``; whether it fired (a failure is logged).
+
+    ``d`` is never cancelled: it may still fire later, unobserved.
+    """
+    waited: defer.Deferred[bool] = defer.Deferred()
+    timer = clock.callLater(max(0.0, seconds), lambda: waited.called or waited.callback(False))
+
+    def fired(result):
+        if isinstance(result, Failure):
+            _log.failure("Stopping a service failed", result)
+        if timer.active():
+            timer.cancel()
+        if not waited.called:
+            waited.callback(True)
+
+    d.addBoth(fired)
+    return await waited
 
 
 class _DaemonStatus(service.Service):
@@ -259,7 +301,7 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
             lock.release()
         raise
 
-    top = _OrderedStop()
+    top = _OrderedStop(reactor)
     top.metrics = metrics
     top.web_root = None
     # Children stop in reverse order, each after the previous one has finished:

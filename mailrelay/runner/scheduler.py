@@ -211,10 +211,14 @@ class Scheduler:
             return
         if state == CircuitBreaker.HALF_OPEN:
             if self._batches:
-                return  # the probe is under way; its batch pumps when done
+                # The probe is under way; its batch pumps when done.  The timer
+                # that brought us here is spent: remember that work is due.
+                self._backlog = True
+                return
             limit = 1
         self._requeue_stale_claims()
         if self._batches >= _MAX_BATCHES:
+            self._backlog = True  # as above: the next batch to finish claims
             return
         self._claiming = True
         self._rescan = False

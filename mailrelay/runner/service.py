@@ -279,11 +279,13 @@ class DeliveryRunner(service.Service):
                 if count:
                     seen = delivered.setdefault(key[0], [0, group[0].received_at, key[1]])
                     seen[0] += count
-        if any(u.state in _PENDING for u in updates):
-            # QUEUED or RETRY again: the next claim (or next_due) must see them.
-            self._scheduler.note_backlog()
         if updates:
             await self._write_results(updates)
+        if any(u.state in _PENDING for u in updates):
+            # QUEUED or RETRY again: the next claim (or next_due) must see them.
+            # Noted once written: a claim that finished meanwhile, before they
+            # were in the spool, clears the note.
+            self._scheduler.note_backlog()
         if bounces:
             self._record_bounces(bounces)
         if delivered:
