@@ -33,20 +33,12 @@ def _raise_file_limit(needed: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
-def _backlog_configurable() -> bool:
-    from mailrelay.config.schema import KEYS
-
-    return "lmtp_listen_backlog" in KEYS["mta"]
-
-
 class ConcurrentSessionTests(TestCase):
     slow = True  # tests/conftest.py marks it for pytest -m "not slow"
     timeout = 180
     # With Twisted's default listen backlog of 50 about 700 of the 1,000
-    # handshakes are dropped here; the rel-fixes branch listens with 1,024
-    # (key lmtp_listen_backlog), and this test runs once that is merged.
-    if not _backlog_configurable():
-        skip = "needs rel-fixes backlog (lmtp_listen_backlog, default 1024)"
+    # handshakes were dropped here; the relay listens with [mta]
+    # lmtp_listen_backlog (default 1,024).
 
     def test_thousand_sessions_held_mid_transaction(self):
         """1,000 simultaneous sessions held after RCPT or inside DATA all get a greeting and
