@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 from twisted.application import service, strports
+from twisted.application.internet import TimerService
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -63,6 +64,9 @@ class _StoreService(service.Service):
 
         return defer.Deferred.fromCoroutine(close())
 
+
+# Seconds between checks of the free space on the spool's file system.
+RESERVE_CHECK_INTERVAL = 2.0
 
 # How long stopping may wait for the smarthost to answer what is on the wire.
 STOP_GRACE = 5.0
@@ -268,7 +272,9 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
     (or ``None``), where other pages can be mounted at their own paths before
     the service starts.  The daemon publishes its pid, version and start time
     in the spool's status table under ``"daemon"`` while it runs, and
-    rewrites the ``[postfix]`` maps at start when they are set.
+    rewrites the ``[postfix]`` maps at start when they are set.  With the
+    SQLite spool and ``[mta] spool_reserve`` above 0 it keeps that much space
+    for delivery on the spool's file system (:mod:`mailrelay.spool.reserve`).
     """
     if reactor is None:
         from twisted.internet import reactor
@@ -276,10 +282,14 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
     from mailrelay.lmtp.protocol import LMTPFactory
     from mailrelay.registry import SQLiteRegistry
     from mailrelay.runner import DeliveryRunner
-    from mailrelay.spool import SQLiteSpool
+    from mailrelay.spool import ReservedStore, SpaceReserve, SQLiteSpool
 
     mta = settings.mta
     lock = None
+    # Only a spool of our own lives on the file system the reserve watches.
+    reserve = None
+    if spool is None and mta.spool_reserve:
+        reserve = SpaceReserve(settings.paths.reserve_path, mta.spool_reserve)
     if registry is None or spool is None:
         # One daemon per state directory (raises StateDirectoryInUse); the
         # command line never takes this lock.
@@ -325,11 +335,20 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
     )
     runner.setName("mailrelay-delivery")
     runner.setServiceParent(top)
+    store: Any = runner
+    if reserve is not None:
+        # Checked at start (taking the reserve), then often enough that a disk
+        # filled by someone else is noticed before result writes give up.
+        watch = TimerService(RESERVE_CHECK_INTERVAL, reserve.check)
+        watch.clock = reactor
+        watch.setName("mailrelay-space-reserve")
+        watch.setServiceParent(top)
+        store = ReservedStore(runner, reserve)
     hostname = mta.effective_lmtp_hostname()
     # The runner stores what LMTP accepts: it routes each message in the
     # transaction that stores it and starts delivering without a claim.
     handler = InboundHandler(
-        registry, runner, hostname=hostname, clock=reactor, log_accepted=False, observer=observer
+        registry, store, hostname=hostname, clock=reactor, log_accepted=False, observer=observer
     )
     factory = LMTPFactory(
         handler,

@@ -1,6 +1,6 @@
 """A full spool file system: temporary refusals, nothing half-stored, recovery once space is freed.
 
-The spool and registry of a real ``twistd mailrelay`` live on a 2 MiB tmpfs
+The spool and registry of a real ``twistd mailrelay`` live on a small tmpfs
 (mounting needs root: CI runs as root; elsewhere the test skips).  Posts
 accepted before the disk fills wait for the smarthost; then a filler file
 takes every free byte.  A new post must get ``452 4.3.1`` for every
@@ -8,6 +8,11 @@ recipient (never 250 for what is not on disk, never 5xx), the daemon must stay
 up and deliver what it already had, and once the filler is removed the
 refused posts, sent again, are accepted and delivered exactly once each (no
 half-stored copy of the refused attempt survives to be sent too).
+
+Without a space reserve (``spool_reserve = 0``) the refusal comes from SQLite
+running out of space; with one, the relay gives the reserve's bytes to
+delivery and refuses new posts itself, so what it had is delivered while the
+disk is full.
 """
 
 from __future__ import annotations
@@ -37,16 +42,19 @@ LISTS = {
 }
 BEFORE = 10  # posts accepted before the disk fills
 REFUSED = 5  # posts sent while it is full
+# [mta] spool_reserve when the test wants one: above the 4 MB SQLite's WAL
+# grows to before it checkpoints and starts again from its beginning.
+RESERVE = 6 * 2**20
 
 
-def _mount_tmpfs(case, path: str) -> None:
-    """A 2 MiB tmpfs on ``path``, unmounted after the test; skip (fail in CI) if impossible."""
+def _mount_tmpfs(case, path: str, size: str) -> None:
+    """A tmpfs of ``size`` on ``path``, unmounted after the test; skip (fail in CI) if impossible."""
     why = None
     if os.geteuid() != 0:
         why = "mounting a tmpfs needs root"
     else:
         result = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0750", "tmpfs", path],
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0750", "tmpfs", path],
             capture_output=True,
             text=True,
             check=False,
@@ -86,35 +94,39 @@ class DiskFullTests(TestCase):
     timeout = 120
 
     def test_full_spool_refuses_temporarily_and_recovers(self):
-        """With the spool's file system full every recipient of a new post gets 452 4.3.1 and
-        the daemon stays up; after space is freed the posts sent again are accepted and
-        delivered once each."""
-        return as_deferred(self.scenario(smarthost_down_until_full=False))
+        """Without a space reserve, with the spool's file system full every recipient of a
+        new post gets 452 4.3.1 (SQLite's own disk-full error) and the daemon stays up;
+        after space is freed the posts sent again are accepted and delivered once each."""
+        return as_deferred(self.scenario(smarthost_down_until_full=False, reserve=0))
 
     def test_full_spool_still_delivers_what_it_has(self):
-        """Posts accepted before the disk filled are delivered while it is full."""
-        return as_deferred(self.scenario(smarthost_down_until_full=True))
+        """With a space reserve, posts accepted before the disk filled are delivered while
+        it is full (the reserve's bytes are given to delivery), new posts get 452 4.3.1,
+        and once space is freed the reserve is taken back and posts are accepted."""
+        # Without the reserve SQLite could not claim an entry or record a result
+        # with no byte free, and delivery stopped until space was freed.
+        return as_deferred(self.scenario(smarthost_down_until_full=True, reserve=RESERVE))
 
-    # Found by this test: with no byte free SQLite cannot claim an entry or record
-    # a result, so delivery stops until space is freed (and 4 results stayed in
-    # flight until a restart).  Keeping what it has flowing needs a space reserve
-    # in the spool (issue 13 section 5, the rel-fixes branch).
-    test_full_spool_still_delivers_what_it_has.skip = (
-        "needs rel-fixes disk full: the spool cannot claim or record results with 0 bytes free"
-    )
-
-    async def scenario(self, *, smarthost_down_until_full: bool) -> None:
+    async def scenario(self, *, smarthost_down_until_full: bool, reserve: int) -> None:
         tmp = temp_dir(self)
         var = os.path.join(tmp, "var")
         os.mkdir(var)
-        _mount_tmpfs(self, var)
+        # With a reserve, room for it twice over besides the posts sent once freed.
+        _mount_tmpfs(self, var, "24m" if reserve else "2m")
+        reserve_path = os.path.join(var, "space-reserve")
         port = free_port()
         mta = FakeMTA(reactor)
         if not smarthost_down_until_full:
             await mta.start(port=port)
             self.addCleanup(mta.stop)
         relay = RelayProcess(
-            self, reactor, tmp, smtp_port=port, retry_min_backoff="1s", retry_max_backoff="1s"
+            self,
+            reactor,
+            tmp,
+            smtp_port=port,
+            retry_min_backoff="1s",
+            retry_max_backoff="1s",
+            spool_reserve=reserve,
         )
         for address, members in LISTS.items():
             relay.cli("lists", "create", address)
@@ -140,6 +152,8 @@ class DiskFullTests(TestCase):
         codes = {(r.code, r.text.split()[0]) for r in replies}
         self.assertEqual(codes, {(452, "4.3.1")}, replies)
         self.assertIsNone(relay.process.poll(), "the daemon died with its disk full")
+        if reserve:
+            self.assertEqual(os.stat(reserve_path).st_size, 0, "reserve not given back")
 
         if smarthost_down_until_full:
             # What it had it still delivers, disk full or not.
@@ -167,9 +181,12 @@ class DiskFullTests(TestCase):
         copies = delivered_copies(mta)
         self.assertEqual({k: copies[k] for k in wanted}, dict.fromkeys(wanted, 1))
         self.assertEqual(poster.refusals, [])
+        if reserve:
+            self.assertEqual(os.stat(reserve_path).st_size, reserve, "reserve not taken back")
         record_figures(
             "disk_full" + ("_delivering" if smarthost_down_until_full else ""),
-            tmpfs="2 MiB",
+            tmpfs="24 MiB" if reserve else "2 MiB",
+            spool_reserve=reserve,
             posts_before=BEFORE,
             recipients_refused=len(replies),
             refusal="452 4.3.1",

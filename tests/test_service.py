@@ -341,6 +341,38 @@ class LoopTests(RelayCase):
 
         return as_deferred(go())
 
+    def test_space_reserve(self):
+        """The relay holds [mta] spool_reserve bytes in var_dir/space-reserve; with a
+        reserve the file system cannot hold twice, every recipient of a post gets
+        452 4.3.1 and nothing is stored; 0 turns the reserve off."""
+
+        async def go():
+            await self.start_relay()
+            path = self.settings.paths.reserve_path
+            self.assertEqual(os.path.dirname(path), self.settings.paths.var_dir)
+            self.assertEqual(os.stat(path).st_size, 8 * 2**20)
+            await self.service.stopService()
+
+            os.unlink(path)
+            await self.start_relay(spool_reserve="100000TiB")
+            self.assertFalse(os.path.exists(path))
+            self.assertEqual(self.admin("lists", "create", "test@example.com"), 0)
+            self.assertEqual(self.admin("members", "add", "test@example.com", "b@example.com"), 0)
+            client = await connect_lmtp(endpoints.UNIXClientEndpoint(reactor, self.socket))
+            await client.lhlo("mx.example.com")
+            replies = await client.sendmail("anne@example.com", ["test@example.com"], POST)
+            self.assertEqual([(r.code, r.text.split()[0]) for r in replies], [(452, "4.3.1")])
+            spool = SQLiteSpool(self.settings.paths.spool_path, reactor)
+            self.addCleanup(spool.close)
+            self.assertEqual(spool.entries(), [])
+            await client.quit()
+            await self.service.stopService()
+
+            await self.start_relay(spool_reserve="0")
+            self.assertFalse(os.path.exists(path))
+
+        return as_deferred(go())
+
     def test_settings_reach_the_runner(self):
         """[mta] keep_delivered and the delivery settings are the runner's."""
 
