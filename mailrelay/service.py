@@ -286,10 +286,7 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
 
     mta = settings.mta
     lock = None
-    # Only a spool of our own lives on the file system the reserve watches.
     reserve = None
-    if spool is None and mta.spool_reserve:
-        reserve = SpaceReserve(settings.paths.reserve_path, mta.spool_reserve)
     if registry is None or spool is None:
         # One daemon per state directory (raises StateDirectoryInUse); the
         # command line never takes this lock.
@@ -299,6 +296,9 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
             registry = SQLiteRegistry(settings.paths.registry_path)
         if spool is None:
             spool = SQLiteSpool(settings.paths.spool_path, reactor)
+            # Only a spool of our own lives on the file system the reserve watches.
+            if mta.spool_reserve:
+                reserve = SpaceReserve(settings.paths.reserve_path, mta.spool_reserve)
         metrics = None
         if settings.http.endpoint:
             from mailrelay.metrics import RelayMetrics
