@@ -188,10 +188,18 @@ def check_list_address(address: object) -> str:
     """Return ``address`` lower-cased if it can be a list's posting address.
 
     On top of :func:`check_mailbox`, refuses a ``+`` in the local part (RCPT
-    matching strips everything after it, so no mail could reach the list) and
-    a quoted local part.  Raises :class:`InvalidAddress`.
+    matching strips everything after it, so no mail could reach the list), a
+    quoted local part, and non-ASCII (the LMTP server offers no SMTPUTF8, so
+    it refuses such a RCPT with 553 5.6.7).  Raises :class:`InvalidAddress`.
     """
     address = check_mailbox(address)
+    if not address.isascii():
+        raise InvalidAddress(
+            address,
+            "a list address must be ASCII: mail for it arrives over LMTP, which "
+            "mailrelay offers without SMTPUTF8 (write an international domain in "
+            "its xn-- form)",
+        )
     local, _domain = split_mailbox(address)
     if local.startswith('"'):
         raise InvalidAddress(address, "a list address cannot have a quoted local part")

@@ -280,8 +280,13 @@ class ISpool(IMessageStore):
     def get_status(key):
         """The text published under ``key``, or ``None`` (synchronous)."""
 
-    def recover():
-        """Return every INFLIGHT entry to QUEUED (after a crash); fires with the count."""
+    def recover(claimed_before=None, keep=()):
+        """Return INFLIGHT entries to QUEUED; fires with the count.
+
+        Without arguments every one (at start, after a crash).  With
+        ``claimed_before`` (a time) only those claimed before it whose ids are
+        not in ``keep``: claims that outlived their lease because their
+        results could not be recorded, while the process goes on."""
 
     def entries(state=None, limit=None):
         """Entries, optionally of one :class:`~mailrelay.model.EntryState` (synchronous)."""

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.application import service, strports
+from twisted.application.internet import TimerService
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mailrelay._files import DirectoryLock
 from mailrelay.config import Settings
@@ -64,25 +66,69 @@ class _StoreService(service.Service):
         return defer.Deferred.fromCoroutine(close())
 
 
+# Seconds between checks of the free space on the spool's file system.
+RESERVE_CHECK_INTERVAL = 2.0
+
+# How long stopping may wait for the smarthost to answer what is on the wire.
+STOP_GRACE = 5.0
+
+
 class _OrderedStop(service.MultiService):
     """A MultiService whose children stop one after the other, last added first.
 
     Twisted's MultiService stops every child at once; here the listener must
     be gone before the runner drains, and the runner must have recorded its
     last results before the stores close.
+
+    Stopping is bounded by ``grace`` seconds on ``clock``: a smarthost that
+    holds its replies (up to ``smtp_timeout`` each) must not keep a SIGTERM
+    waiting.  Past the deadline the remaining children are left as they are,
+    as after a crash: what was on the wire stays in flight in the spool
+    (which is safe on disk) and is sent again at the next start.
     """
+
+    def __init__(self, clock: Any, grace: float = STOP_GRACE):
+        super().__init__()
+        self._clock = clock
+        self._grace = grace
 
     def stopService(self):  # noqa: N802
         service.Service.stopService(self)
+        deadline = self._clock.seconds() + self._grace
 
         async def stop_each():
             for child in reversed(list(self)):
-                try:
-                    await defer.maybeDeferred(child.stopService)
-                except Exception:
-                    _log.failure("Stopping {service} failed", service=child.name)
+                stopped = defer.maybeDeferred(child.stopService)
+                if not await _within(stopped, deadline - self._clock.seconds(), self._clock):
+                    _log.warn(
+                        "Stopping {service} took more than {grace}s; stopping now: "
+                        "deliveries still on the wire are sent again at the next start",
+                        service=child.name,
+                        grace=self._grace,
+                    )
+                    return
 
         return defer.Deferred.fromCoroutine(stop_each())
+
+
+async def _within(d: defer.Deferred, seconds: float, clock: Any) -> bool:
+    """Wait for ``d`` at most ``seconds``; whether it fired (a failure is logged).
+
+    ``d`` is never cancelled: it may still fire later, unobserved.
+    """
+    waited: defer.Deferred[bool] = defer.Deferred()
+    timer = clock.callLater(max(0.0, seconds), lambda: waited.called or waited.callback(False))
+
+    def fired(result):
+        if isinstance(result, Failure):
+            _log.failure("Stopping a service failed", result)
+        if timer.active():
+            timer.cancel()
+        if not waited.called:
+            waited.callback(True)
+
+    d.addBoth(fired)
+    return await waited
 
 
 class _DaemonStatus(service.Service):
@@ -359,7 +405,9 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
     URLs and the site serves them under ``/unsubscribe/``.  The daemon
     publishes its pid, version and start time in the spool's status table
     under ``"daemon"`` while it runs, and rewrites the ``[postfix]`` maps at
-    start when they are set.
+    start when they are set.  With the SQLite spool and ``[mta] spool_reserve``
+    above 0 it keeps that much space for delivery on the spool's file system
+    (:mod:`mailrelay.spool.reserve`).
     """
     if reactor is None:
         from twisted.internet import reactor
@@ -368,10 +416,11 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
     from mailrelay.registry import SQLiteRegistry
     from mailrelay.runner import DeliveryRunner
     from mailrelay.runner.limits import SizeLimits
-    from mailrelay.spool import SQLiteSpool
+    from mailrelay.spool import ReservedStore, SpaceReserve, SQLiteSpool
 
     mta = settings.mta
     lock = None
+    reserve = None
     if registry is None or spool is None:
         # One daemon per state directory (raises StateDirectoryInUse); the
         # command line never takes this lock.
@@ -381,6 +430,9 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
             registry = SQLiteRegistry(settings.paths.registry_path)
         if spool is None:
             spool = SQLiteSpool(settings.paths.spool_path, reactor)
+            # Only a spool of our own lives on the file system the reserve watches.
+            if mta.spool_reserve:
+                reserve = SpaceReserve(settings.paths.reserve_path, mta.spool_reserve)
         metrics = None
         if settings.http.endpoint:
             from mailrelay.metrics import RelayMetrics
@@ -405,7 +457,7 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
         observer=observer,
     )
 
-    top = _OrderedStop()
+    top = _OrderedStop(reactor)
     top.metrics = metrics
     top.web_root = None
     # Children stop in reverse order, each after the previous one has finished:
@@ -445,12 +497,21 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
         # what they store is stored while it runs.
         HeldPostExpiry(processing.moderation, clock=reactor).setServiceParent(top)
         processing.warnings.setServiceParent(top)
+    store: Any = runner
+    if reserve is not None:
+        # Checked at start (taking the reserve), then often enough that a disk
+        # filled by someone else is noticed before result writes give up.
+        watch = TimerService(RESERVE_CHECK_INTERVAL, reserve.check)
+        watch.clock = reactor
+        watch.setName("mailrelay-space-reserve")
+        watch.setServiceParent(top)
+        store = ReservedStore(runner, reserve)
     hostname = mta.effective_lmtp_hostname()
     # The runner stores what LMTP accepts: it routes each message in the
     # transaction that stores it and starts delivering without a claim.
     handler = InboundHandler(
         registry,
-        runner,
+        store,
         hostname=hostname,
         clock=reactor,
         log_accepted=False,

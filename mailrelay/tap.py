@@ -1,13 +1,63 @@
-"""``twistd mailrelay``: command-line options and the service maker."""
+"""``twistd mailrelay``: command-line options and the service maker.
+
+A start-up failure an operator can fix (a bad configuration, a port in use,
+a spool that cannot be opened, another relay on the same state directory)
+ends twistd with one line naming what failed and how to fix it, and exit
+status 1, never a traceback: :class:`StartupFailed`.  A failure that is a bug
+still shows its traceback.
+"""
 
 from __future__ import annotations
 
 import os
 
+from twisted.application import service
+from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
 from twisted.python import usage
 
 from mailrelay.config import CONFIG_ENVIRONMENT_VARIABLE, load_settings
-from mailrelay.errors import ConfigurationError
+from mailrelay.errors import ConfigurationError, MailrelayError, StateDirectoryInUse
+
+_log = Logger()
+
+
+class StartupFailed(SystemExit):
+    """Ends the process with ``mailrelay: <reason>`` on stderr and exit status 1.
+
+    A ``SystemExit``: twistd lets it through without printing its usage text or
+    a traceback, and Python prints the message and exits non-zero.
+    """
+
+    def __init__(self, reason: str):
+        super().__init__(f"mailrelay: {reason}")
+        self.reason = reason
+
+
+def describe_startup_failure(error: BaseException) -> str | None:
+    """One line saying what failed and how to fix it, or ``None`` for a bug."""
+    if isinstance(error, CannotListenError):
+        where = (
+            f"{error.interface}:{error.port}" if error.interface is not None else str(error.port)
+        )
+        reason = getattr(error.socketError, "strerror", None) or error.socketError
+        return (
+            f"cannot listen for LMTP on {where}: {reason}; stop what holds it (another "
+            f"relay?) or change [mta] lmtp_endpoint or lmtp_port"
+        )
+    if isinstance(error, (ConfigurationError, StateDirectoryInUse)):
+        return str(error)
+    if isinstance(error, MailrelayError):
+        # A store that cannot be opened, a state directory in use: the
+        # message names the file or directory.
+        return f"{error}; check [paths] var_dir and its permissions"
+    if isinstance(error, OSError):
+        name = f" {error.filename}" if error.filename else ""
+        return (
+            f"cannot start:{name}: {error.strerror or error}; check [paths] var_dir "
+            f"and its permissions"
+        )
+    return None
 
 
 class Options(usage.Options):
@@ -27,7 +77,8 @@ class Options(usage.Options):
             self["settings"] = settings = load_settings(path)
             check_outbound(settings)
         except ConfigurationError as e:
-            raise usage.UsageError(str(e)) from None
+            # Not a UsageError: twistd would print its whole usage text first.
+            raise StartupFailed(str(e)) from None
 
 
 def check_outbound(settings) -> None:
@@ -45,6 +96,40 @@ def check_outbound(settings) -> None:
         CredentialsFile.load(arguments["credentials_file"])
 
 
+class _Guarded(service.MultiService):
+    """The relay under twistd: a start-up failure an operator can fix becomes one line.
+
+    twistd starts services after it has forked into the background.  In the
+    foreground (``-n``) a :class:`StartupFailed` ends the process; in the
+    background the same line is raised as an ordinary exception, which
+    twistd passes to the waiting parent to print.
+    """
+
+    def __init__(self, relay: service.IService, foreground: bool):
+        super().__init__()
+        self._foreground = foreground
+        relay.setServiceParent(self)
+
+    def privilegedStartService(self):  # noqa: N802
+        self._guard(super().privilegedStartService)
+
+    def startService(self):  # noqa: N802
+        self._guard(super().startService)
+
+    def _guard(self, start) -> None:
+        try:
+            start()
+        except Exception as e:
+            reason = describe_startup_failure(e)
+            if reason is None:
+                raise
+            if self._foreground:
+                raise StartupFailed(reason) from None
+            # The log file gets the traceback twistd prints; this line says it all.
+            _log.critical("mailrelay cannot start: {reason}", reason=reason)
+            raise RuntimeError(reason) from None
+
+
 def makeService(options):  # noqa: N802
     # The reactor is imported here, never at module level: twistd installs the
     # one chosen with -r before calling us.
@@ -52,4 +137,14 @@ def makeService(options):  # noqa: N802
 
     from mailrelay.service import makeService as make
 
-    return make(options["settings"], reactor)
+    try:
+        relay = make(options["settings"], reactor)
+    except Exception as e:
+        # Still in the foreground: twistd forks after this returns.
+        reason = describe_startup_failure(e)
+        if reason is None:
+            raise
+        raise StartupFailed(reason) from None
+    parent = getattr(options, "parent", None)
+    foreground = bool(parent is None or parent.get("nodaemon"))
+    return _Guarded(relay, foreground)

@@ -211,6 +211,19 @@ class CheckListAddressTests(SynchronousTestCase):
         e = self.assertRaises(InvalidAddress, check_list_address, '"a b"@example.com')
         self.assertIn("quoted", str(e))
 
+    def test_non_ascii_refused(self):
+        """A non-ASCII local part or domain is refused (LMTP has no SMTPUTF8 here),
+        naming the address and the xn-- way out; the xn-- form is accepted."""
+        for address in ("liste-\u00e9t\u00e9@example.fr", "test@b\u00fccher.example"):
+            with self.subTest(address=address):
+                e = self.assertRaises(InvalidAddress, check_list_address, address)
+                self.assertIn(repr(address), str(e))
+                self.assertIn("must be ASCII", str(e))
+                self.assertIn("SMTPUTF8", str(e))
+        self.assertEqual(
+            check_list_address("test@xn--bcher-kva.example"), "test@xn--bcher-kva.example"
+        )
+
     def test_invalid_mailbox_refused(self):
         """Ordinary syntax errors are reported by check_mailbox's rules."""
         for address in ("", "test", "a@b@c", "test@", None):

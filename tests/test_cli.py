@@ -248,12 +248,14 @@ class ListsTests(CLITestCase):
             self.assertIn(f"test-{name}@example.com\n", shown)
 
     def test_create_errors(self):
-        """A duplicate list, an invalid list address or owner exit 1 naming it."""
+        """A duplicate list, an invalid (or non-ASCII) list address or owner exit 1
+        naming it; nothing is created, so the Postfix map never holds it."""
         self.ok("lists", "create", "test@example.com")
         for argv, message in (
             (["test@example.com"], "list test@example.com already exists"),
             (["not-an-address"], "'not-an-address'"),
             (["a+b@example.com"], "VERP delimiter"),
+            (["liste-\u00e9t\u00e9@example.fr"], "a list address must be ASCII"),
             (["new@example.com", "--owner", "bad owner"], "'bad owner'"),
         ):
             with self.subTest(argv=argv):
@@ -849,6 +851,77 @@ class PostfixMapsTests(CLITestCase):
         code, _out, err = self.run_cli("postfix-maps", "-o", path)
         self.assertEqual(code, cli.EXIT_FAILURE)
         self.assertIn(f"cannot write {path}", err)
+
+
+class UnreachableStoreTests(CLITestCase):
+    """Run by a user who may not read the spool or the registry, the CLI says so
+    and fails; it never reports an empty store (CI runs as root: the commands
+    run in a child process that becomes nobody)."""
+
+    NOBODY = 65534
+
+    def setUp(self):
+        super().setUp()
+        if os.getuid() != 0:
+            raise SkipTest("needs root to become nobody")
+        os.chmod(self.directory, 0o755)
+        self.ok("lists", "create", "test@example.com")
+        bridge = ThreadBridge()
+        bridge.wait(SQLiteSpool(os.path.join(self.var_dir, "spool.sqlite3"), bridge).close())
+        os.chmod(self.config, 0o644)
+
+    def run_as_nobody(self, *argv: str) -> tuple[int, str, str]:
+        """(exit status, stdout, stderr) of ``main`` in a forked child run as nobody
+        (a fork, not a new interpreter: the interpreter's own files may be out of
+        nobody's reach)."""
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into the test runner
+            try:
+                os.close(read_end)
+                os.setgroups([])
+                os.setgid(self.NOBODY)
+                os.setuid(self.NOBODY)
+                out, err = io.StringIO(), io.StringIO()
+                code = cli.main(["-C", self.config, *argv], stdout=out, stderr=err, environ={})
+                report = f"{code}\0{out.getvalue()}\0{err.getvalue()}"
+            except BaseException as e:  # noqa: BLE001 - reported to the parent
+                report = f"99\0\0{type(e).__name__}: {e}"
+            os.write(write_end, report.encode("utf-8", "replace"))
+            os._exit(0)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as f:
+            report = f.read().decode("utf-8")
+        os.waitpid(pid, 0)
+        code, out, err = report.split("\0")
+        return int(code), out, err
+
+    def assert_unreachable(self, argv: list[str], path: str) -> None:
+        code, out, err = self.run_as_nobody(*argv)
+        self.assertEqual((code, out), (cli.EXIT_FAILURE, ""), err)
+        self.assertIn(f"cannot open {path}: Permission denied", err)
+        self.assertNotIn("yet", err)
+
+    def test_directory_out_of_reach(self):
+        """A var_dir nobody may not enter: lists and queue fail naming the file."""
+        os.chmod(self.var_dir, 0o700)
+        self.assert_unreachable(["lists", "list"], os.path.join(self.var_dir, "registry.sqlite3"))
+        self.assert_unreachable(["queue"], os.path.join(self.var_dir, "spool.sqlite3"))
+
+    def test_files_unreadable(self):
+        """Files nobody may not read, in a directory nobody may enter: the same."""
+        os.chmod(self.var_dir, 0o755)
+        for name in os.listdir(self.var_dir):
+            os.chmod(os.path.join(self.var_dir, name), 0o600)
+        self.assert_unreachable(["lists", "list"], os.path.join(self.var_dir, "registry.sqlite3"))
+        self.assert_unreachable(["queue"], os.path.join(self.var_dir, "spool.sqlite3"))
+
+    def test_nothing_there_yet(self):
+        """A var_dir that does not exist is still "nothing yet", exit status 0."""
+        shutil.rmtree(self.var_dir)
+        code, _, err = self.run_as_nobody("lists", "list")
+        self.assertEqual(code, cli.EXIT_OK, err)
+        self.assertIn("no list was ever created", err)
 
 
 class PackageTests(SynchronousTestCase):

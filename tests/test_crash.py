@@ -7,33 +7,21 @@ the middle of delivery (the smarthost is holding its reply to the message).
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import tempfile
 
-from twisted.internet import endpoints, reactor, task
+from twisted.internet import endpoints, reactor
 from twisted.trial.unittest import TestCase
 
-from mailrelay import cli
 from mailrelay.testing import FakeMTA
 from mailrelay.testing.lmtp import connect_lmtp
+from tests.daemon import RelayProcess, poll
 from tests.support import as_deferred, free_port
 
 POST = "From: anne@example.com\r\nTo: test@example.com\r\nSubject: crash {n}\r\nMessage-ID: <crash{n}@example.com>\r\n\r\nbody\r\n"
 MEMBERS = ["bart@example.com", "cate@example.org", "dave@example.net"]
-
-
-async def _poll(predicate, what: str, timeout: float = 20.0):
-    """Wait, bounded, for something another process does."""
-    for _ in range(int(timeout / 0.02)):
-        if predicate():
-            return
-        await task.deferLater(reactor, 0.02, lambda: None)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class CrashTests(TestCase):
@@ -41,91 +29,32 @@ class CrashTests(TestCase):
 
     def setUp(self):
         self.tmp = tempfile.mkdtemp()
-        self.socket = os.path.join(self.tmp, "lmtp.sock")
-        self.config = os.path.join(self.tmp, "mailrelay.ini")
-        self.processes: list[subprocess.Popen] = []
-        self.addCleanup(self.kill_all)
+        self.relay = RelayProcess(
+            self,
+            reactor,
+            self.tmp,
+            smtp_port=free_port(),  # nothing listens there: the smarthost is down
+            retry_min_backoff="1s",
+            retry_max_backoff="1s",
+            smtp_timeout="60s",
+        )
+        self.socket = self.relay.socket
 
-    def write_config(self, smtp_port: int):
-        with open(self.config, "w") as f:
-            f.write(
-                f"[paths]\nvar_dir = var\n[mta]\nlmtp_endpoint = unix:{self.socket}\n"
-                f"smtp_host = 127.0.0.1\nsmtp_port = {smtp_port}\n"
-                "retry_min_backoff = 1s\nretry_max_backoff = 1s\nsmtp_timeout = 60s\n"
-            )
+    def use_smarthost(self, port: int):
+        self.relay.mta["smtp_port"] = port
+        self.relay.write_config()
 
     def create_list(self):
-        out = io.StringIO()
-        self.assertEqual(
-            cli.main(
-                ["-C", self.config, "lists", "create", "test@example.com"], stdout=out, stderr=out
-            ),
-            0,
-            out.getvalue(),
-        )
+        self.relay.cli("lists", "create", "test@example.com")
         # The posts come from a non-member: open the list (the posting policy is not tested here).
-        self.assertEqual(
-            cli.main(
-                ["-C", self.config, "lists", "set", "test@example.com", "posting=open"],
-                stdout=out,
-                stderr=out,
-            ),
-            0,
-            out.getvalue(),
-        )
-        self.assertEqual(
-            cli.main(
-                ["-C", self.config, "members", "add", "test@example.com", *MEMBERS],
-                stdout=out,
-                stderr=out,
-            ),
-            0,
-            out.getvalue(),
-        )
+        self.relay.cli("lists", "set", "test@example.com", "posting=open")
+        self.relay.cli("members", "add", "test@example.com", *MEMBERS)
 
     async def start_twistd(self, *twistd_options: str):
-        if os.path.exists(self.socket):
-            os.unlink(self.socket)
-        log = open(os.path.join(self.tmp, "twistd.log"), "ab")
-        self.addCleanup(log.close)
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                "from twisted.scripts.twistd import run; run()",
-                "-n",
-                "--pidfile=",
-                *twistd_options,
-                "mailrelay",
-                "-C",
-                self.config,
-            ],
-            cwd=self.tmp,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-        self.processes.append(process)
-
-        def listening():
-            if process.poll() is not None:
-                raise AssertionError(
-                    f"twistd exited with {process.returncode}: {self.twistd_log()}"
-                )
-            return os.path.exists(self.socket)
-
-        await _poll(listening, "the LMTP socket")
-        return process
+        return await self.relay.start(*twistd_options)
 
     def twistd_log(self) -> str:
-        with open(os.path.join(self.tmp, "twistd.log"), "rb") as f:
-            return f.read().decode("utf-8", "replace")[-3000:]
-
-    def kill_all(self):
-        for p in self.processes:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
+        return self.relay.log(3000)
 
     def kill9(self, process):
         os.kill(process.pid, signal.SIGKILL)
@@ -163,7 +92,6 @@ class CrashTests(TestCase):
         """Messages acknowledged while the smarthost is down survive SIGKILL and are delivered after a restart."""
 
         async def go():
-            self.write_config(free_port())  # nothing listens there: the smarthost is down
             self.create_list()
             process = await self.start_twistd()
             for n in range(5):
@@ -176,10 +104,12 @@ class CrashTests(TestCase):
             self.assertEqual(inbound, 5)
             self.assertEqual(members % len(MEMBERS), 0)
             mta = await self.smarthost()
-            self.write_config(mta.port)
+            self.use_smarthost(mta.port)
             await self.start_twistd()
             expected = {(f"<crash{n}@example.com>", m) for n in range(5) for m in MEMBERS}
-            await _poll(lambda: expected <= self.delivered(mta), "delivery after the restart")
+            await poll(
+                reactor, lambda: expected <= self.delivered(mta), "delivery after the restart"
+            )
 
         return as_deferred(go())
 
@@ -191,11 +121,12 @@ class CrashTests(TestCase):
             # Every copy is on the wire (members span two chunks, sent in parallel)
             # and no 250 comes back before the kill.
             mta.delay("eom", 300, count=100)
-            self.write_config(mta.port)
+            self.use_smarthost(mta.port)
             self.create_list()
             process = await self.start_twistd()
             await self.post(1)
-            await _poll(
+            await poll(
+                reactor,
                 lambda: sum(c.startswith(b"DATA") for c in mta.commands) == 2,
                 "DATA at the smarthost",
             )
@@ -204,7 +135,9 @@ class CrashTests(TestCase):
             mta.clear_faults()
             await self.start_twistd()
             expected = {("<crash1@example.com>", m) for m in MEMBERS}
-            await _poll(lambda: expected <= self.delivered(mta), "delivery after the restart")
+            await poll(
+                reactor, lambda: expected <= self.delivered(mta), "delivery after the restart"
+            )
 
         return as_deferred(go())
 
@@ -212,7 +145,6 @@ class CrashTests(TestCase):
         """``twistd -r asyncio mailrelay`` starts (the plugin installs no reactor) and accepts mail."""
 
         async def go():
-            self.write_config(free_port())
             self.create_list()
             await self.start_twistd("-r", "asyncio")
             await self.post(1)

@@ -62,7 +62,7 @@ class RegistryContractMixin:
 
     def test_create_invalid(self):
         """Invalid list or owner addresses are refused by name, and nothing is created."""
-        for address in ("not-an-address", "a@b@c", "te+st@example.com", ""):
+        for address in ("not-an-address", "a@b@c", "te+st@example.com", "", "\u00e9t\u00e9@a.fr"):
             with self.subTest(address=address):
                 e = self.assertRaises(RegistryError, self.registry.create_list, address)
                 self.assertIn(repr(address), str(e))

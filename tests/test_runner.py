@@ -39,6 +39,7 @@ from mailrelay.mta.message import WireMessage
 from mailrelay.mta.pool import ConnectionPool
 from mailrelay.registry import MemoryRegistry, SQLiteRegistry
 from mailrelay.runner import CIRCUIT_STATUS_KEY, DeliveryRunner
+from mailrelay.runner.breaker import CircuitBreaker
 from mailrelay.spool import MemorySpool, SQLiteSpool
 from mailrelay.testing.fakemta import FakeMTA
 from tests.test_pool import MemorySmarthost
@@ -629,7 +630,7 @@ class ResultTests(RunnerCase):
         self.assertEqual(self.registry.bounces(LIST), ())
         (event,) = [e for e in events if e["log_level"] is LogLevel.error]
         self.assertEqual(
-            (event["recipient"], event["list"], event["message_id"]),
+            (event["recipients"], event["list"], event["message_id"]),
             ("cris@example.com", LIST, "<post@example.org>"),
         )
 
@@ -761,6 +762,104 @@ class SiteProblemTests(RunnerCase):
         self.assertIsNone(self.spool.get_status(CIRCUIT_STATUS_KEY))
 
 
+class PausedTimeTests(RunnerCase):
+    """Time the circuit breaker spends paused is not a recipient's retry time."""
+
+    runner_options = {"retry_period": 3600.0, "min_backoff": 300.0, "max_backoff": 600.0}
+
+    def test_breaker_records_paused_time(self):
+        """paused_between counts the ended pauses and the current one, clipped
+        to the interval asked about."""
+        clock = task.Clock()
+        breaker = CircuitBreaker(clock, 30.0, 600.0)
+        clock.advance(100)
+        breaker.trip("535 nope")
+        clock.advance(50)
+        self.assertEqual(breaker.paused_between(0, 150), 50)
+        self.assertTrue(breaker.succeeded(breaker.generation))
+        clock.advance(100)
+        breaker.trip("535 nope")
+        clock.advance(10)
+        self.assertEqual(breaker.paused_between(0, clock.seconds()), 60)
+        self.assertEqual(breaker.paused_between(120, 255), 30 + 5)
+
+    def test_pause_does_not_dead_letter(self):
+        """A member deferred before two hours of bad credentials (retry period one
+        hour) is still retried after the pause, not dead-lettered; nobody bounced."""
+        self.sender.replies["bart@example.com"] = [(451, b"4.2.0 greylisted")]
+        self.enqueue()
+        self.assertEqual(self.states()["bart@example.com"], EntryState.RETRY)
+        self.sender.error = AuthenticationFailed(535, b"5.7.8 bad credentials")
+        for _ in range(24):  # two hours of failing probes
+            self.advance(300)
+        self.assertIsNotNone(self.runner.paused_until)
+        self.sender.error = None
+        for _ in range(4):
+            self.advance(300)
+        self.assertIsNone(self.runner.paused_until)
+        bart = self.entries()["bart@example.com"]
+        self.assertEqual(bart.state, EntryState.RETRY, bart.last_error)
+        self.assertGreaterEqual(bart.attempts, 2)
+        self.assertEqual(self.registry.bounces(LIST), ())
+        # Without the pause the hour would be over: it runs out 1h of delivery later.
+        for _ in range(16):
+            self.advance(300)
+        bart = self.entries()["bart@example.com"]
+        self.assertEqual(bart.state, EntryState.FAILED)
+        self.assertEqual(self.registry.bounces(LIST), ())
+
+
+class UnreachableRetryTests(RunnerCase):
+    runner_options = {"retry_period": 3600.0, "max_backoff": 600.0}
+
+    def test_unreachable_never_bounces(self):
+        """A smarthost unreachable for the whole retry period dead-letters the
+        copies (counted, as in Postfix) but records no member bounce."""
+        self.sender.error = SmarthostUnreachable(444, b"Cannot connect to smtp.example:25: refused")
+        self.enqueue()
+        for _ in range(20):
+            self.advance(300)
+        self.assertEqual(set(self.states().values()), {EntryState.FAILED})
+        self.assertEqual(self.registry.bounces(LIST), ())
+
+
+class LogVolumeTests(RunnerCase):
+    """Logging is per transaction and per outcome, never per recipient."""
+
+    members = tuple(f"m{i:03d}@example.com" for i in range(200))
+
+    def test_unreachable_smarthost_logs_a_summary(self):
+        """With the smarthost down, a 200-member post logs a handful of lines (one
+        failed transaction, one summary of the deferrals with the count, the
+        reason and the next attempt), not one per member; so does each retry round."""
+        self.sender.error = SmarthostUnreachable(444, b"Cannot connect to smtp.example:25: refused")
+        with capturedLogs() as events:
+            self.enqueue()
+        self.assertEqual(set(self.states().values()), {EntryState.RETRY})
+        self.assertLess(len(events), 10, [e["log_format"] for e in events])
+        (summary,) = [e for e in events if "deferred" in e["log_format"]]
+        self.assertEqual((summary["count"], summary["code"]), (200, 444))
+        self.assertIn("Cannot connect", summary["response"])
+        self.assertIn("and 197 more", summary["recipients"])
+        self.assertRegex(summary["delay"], r"^\d+s(-\d+s)?$")
+        with capturedLogs() as events:
+            self.advance(4000)
+        self.assertLess(len(events), 20, [e["log_format"] for e in events])
+
+    def test_refusals_summarised_per_reply(self):
+        """Permanent refusals with the same reply are one line; another reply is another."""
+        for address in self.members[:50]:
+            self.sender.replies[address] = [(550, b"5.1.1 no such user")]
+        self.sender.replies[self.members[60]] = [(554, b"5.7.1 policy")]
+        with capturedLogs() as events:
+            self.enqueue()
+        refused = sorted(
+            (e["count"], e["code"]) for e in events if "refused permanently" in e["log_format"]
+        )
+        self.assertEqual(refused, [(1, 554), (50, 550)])
+        self.assertEqual(len(self.registry.bounces(LIST)), 51)
+
+
 class UnreachableTests(RunnerCase):
     runner_options = {"max_recipients": 1}
 
@@ -795,6 +894,49 @@ class PollTests(RunnerCase):
         self.assertEqual(self.sender.sent, [])
         self.advance(1)
         self.assertEqual(set(self.states().values()), {EntryState.DONE})
+
+
+class ClaimLeaseTests(RunnerCase):
+    runner_options = {"poll_interval": 30.0, "claim_lease": 300.0}
+
+    def test_unrecorded_results_are_recovered_without_restart(self):
+        """Entries whose results could not be recorded (every write failed) stay in
+        flight only until their claim's lease runs out: the next poll after that
+        returns them to the queue, and they are delivered (again) and recorded,
+        without a restart."""
+        update = self.spool.update
+        self.spool.update = lambda updates: defer.fail(SpoolError("spool: I/O error"))
+        self.enqueue()
+        for _ in range(60):  # every result write tried and given up
+            self.advance(1)
+        self.assertEqual(set(self.states().values()), {EntryState.INFLIGHT})
+        self.assertEqual(self.sender.recipients(), sorted(MEMBERS))
+        self.spool.update = update
+        for _ in range(7):  # polls every 30s, still within the lease
+            self.advance(30)
+        self.assertEqual(set(self.states().values()), {EntryState.INFLIGHT})
+        with capturedLogs() as events:
+            # Stale claims are looked for every half lease: within 1.5 leases.
+            for _ in range(8):
+                self.advance(30)
+        self.assertEqual(set(self.states().values()), {EntryState.DONE})
+        self.assertEqual(self.sender.recipients(), sorted(MEMBERS * 2))
+        (event,) = [e for e in events if "outlived" in e["log_format"]]
+        self.assertEqual(event["count"], len(MEMBERS))
+
+    def test_claims_of_running_batches_are_kept(self):
+        """A batch slower than the lease keeps its entries: they are not queued
+        again (and sent twice) while it still delivers them."""
+        self.sender.hold = True
+        self.enqueue()
+        self.advance(1000)
+        self.assertEqual(set(self.states().values()), {EntryState.INFLIGHT})
+        self.assertEqual(len(self.sender.held), 1)
+        self.sender.hold = False
+        self.sender.release()
+        self.settle()
+        self.assertEqual(set(self.states().values()), {EntryState.DONE})
+        self.assertEqual(self.sender.recipients(), sorted(MEMBERS))
 
 
 class LifecycleTests(RunnerCase):

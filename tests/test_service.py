@@ -14,7 +14,6 @@ from twisted.application.service import IServiceMaker
 from twisted.internet import defer, endpoints, reactor, task
 from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import getPlugins
-from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailrelay import cli, tap
@@ -62,18 +61,18 @@ class PluginTests(SynchronousTestCase):
         options.parseOptions(["-C", path])
         self.assertEqual(options["settings"].mta.smtp_port, 2525)
 
-    def test_bad_config_is_a_usage_error_naming_it(self):
+    def test_bad_config_stops_with_one_line_naming_it(self):
         """A bad value stops twistd with a message naming file, section, key and value."""
         path = os.path.join(tempfile.mkdtemp(), "bad.ini")
         with open(path, "w") as f:
             f.write("[mta]\nsmtp_port = abc\n")
-        e = self.assertRaises(usage.UsageError, tap.Options().parseOptions, ["-C", path])
+        e = self.assertRaises(tap.StartupFailed, tap.Options().parseOptions, ["-C", path])
         for part in (path, "[mta]", "smtp_port", "abc"):
             self.assertIn(part, str(e))
 
 
 class OutboundCheckTests(SynchronousTestCase):
-    def test_unusable_ca_file_is_a_usage_error(self):
+    def test_unusable_ca_file_stops_with_one_line(self):
         """A CA file that exists but holds no certificate stops twistd with a message naming it."""
         tmp = tempfile.mkdtemp()
         ca = os.path.join(tmp, "ca.pem")
@@ -82,10 +81,10 @@ class OutboundCheckTests(SynchronousTestCase):
         path = os.path.join(tmp, "mailrelay.ini")
         with open(path, "w") as f:
             f.write(f"[mta]\nsmtp_secure_mode = starttls\nsmtp_ca_file = {ca}\n")
-        e = self.assertRaises(usage.UsageError, tap.Options().parseOptions, ["-C", path])
+        e = self.assertRaises(tap.StartupFailed, tap.Options().parseOptions, ["-C", path])
         self.assertIn(ca, str(e))
 
-    def test_malformed_credentials_file_is_a_usage_error(self):
+    def test_malformed_credentials_file_stops_with_one_line(self):
         """A malformed authinfo line stops twistd with the file and line number."""
         tmp = tempfile.mkdtemp()
         authinfo = os.path.join(tmp, "authinfo")
@@ -95,7 +94,7 @@ class OutboundCheckTests(SynchronousTestCase):
         path = os.path.join(tmp, "mailrelay.ini")
         with open(path, "w") as f:
             f.write(f"[mta]\nsmtp_credentials_file = {authinfo}\n")
-        e = self.assertRaises(usage.UsageError, tap.Options().parseOptions, ["-C", path])
+        e = self.assertRaises(tap.StartupFailed, tap.Options().parseOptions, ["-C", path])
         self.assertIn(f"{authinfo}, line 1", str(e))
 
 
@@ -342,6 +341,38 @@ class LoopTests(RelayCase):
             self.assertEqual([r.code for r in replies], [250, 250])
             await self.delivered(2)
             self.assertEqual(len(self.smarthost.messages), 2)
+
+        return as_deferred(go())
+
+    def test_space_reserve(self):
+        """The relay holds [mta] spool_reserve bytes in var_dir/space-reserve; with a
+        reserve the file system cannot hold twice, every recipient of a post gets
+        452 4.3.1 and nothing is stored; 0 turns the reserve off."""
+
+        async def go():
+            await self.start_relay()
+            path = self.settings.paths.reserve_path
+            self.assertEqual(os.path.dirname(path), self.settings.paths.var_dir)
+            self.assertEqual(os.stat(path).st_size, 8 * 2**20)
+            await self.service.stopService()
+
+            os.unlink(path)
+            await self.start_relay(spool_reserve="100000TiB")
+            self.assertFalse(os.path.exists(path))
+            self.assertEqual(self.admin("lists", "create", "test@example.com"), 0)
+            self.assertEqual(self.admin("members", "add", "test@example.com", "b@example.com"), 0)
+            client = await connect_lmtp(endpoints.UNIXClientEndpoint(reactor, self.socket))
+            await client.lhlo("mx.example.com")
+            replies = await client.sendmail("anne@example.com", ["test@example.com"], POST)
+            self.assertEqual([(r.code, r.text.split()[0]) for r in replies], [(452, "4.3.1")])
+            spool = SQLiteSpool(self.settings.paths.spool_path, reactor)
+            self.addCleanup(spool.close)
+            self.assertEqual(spool.entries(), [])
+            await client.quit()
+            await self.service.stopService()
+
+            await self.start_relay(spool_reserve="0")
+            self.assertFalse(os.path.exists(path))
 
         return as_deferred(go())
 

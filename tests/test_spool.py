@@ -218,6 +218,20 @@ class SpoolContractMixin:
         self.assertEqual(self.spool.counts()[EntryState.QUEUED], 3)
         self.assertEqual(await self.spool.recover(), 0)
 
+    async def test_recover_stale_claims(self):
+        """recover(claimed_before, keep) returns only the INFLIGHT entries claimed
+        before that time and not kept (a claim that outlived its lease)."""
+        await self.enqueue_one(POST, POST, POST)
+        first, second = await self.spool.claim_due(0.0, 2)
+        self.assertEqual(await self.spool.recover(claimed_before=-1.0), 0)
+        moved = await self.spool.recover(claimed_before=float("inf"), keep=[first.entry_id])
+        self.assertEqual(moved, 1)
+        states = {e.entry_id: e.state for e in self.spool.entries()}
+        self.assertEqual(states[first.entry_id], EntryState.INFLIGHT)
+        self.assertEqual(states[second.entry_id], EntryState.QUEUED)
+        with self.assertRaises(TypeError):
+            await self.spool.recover(claimed_before="soon")
+
     async def test_counts_and_next_due(self):
         """counts covers every state; next_due is the earliest RETRY time."""
         self.assertEqual(self.spool.counts(), dict.fromkeys(EntryState, 0))

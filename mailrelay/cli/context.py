@@ -10,6 +10,7 @@ the same SQLite files the daemon uses.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import queue
 import time
@@ -131,11 +132,22 @@ class Context:
             )
 
     def _exists(self, path: str, missing: str) -> bool:
-        """Whether ``path`` exists; if not, says ``missing`` as a note on standard error."""
-        if os.path.exists(path):
-            return True
-        self.err(f"note: {missing}")
-        return False
+        """Whether ``path`` exists; if not, says ``missing`` as a note on standard error.
+
+        A file this user cannot reach or read is a :class:`CommandError`
+        naming it and the reason, never "nothing there yet": an operator must
+        not be told the spool is empty when it is only out of reach.
+        """
+        try:
+            os.stat(path)
+        except FileNotFoundError:
+            self.err(f"note: {missing}")
+            return False
+        except OSError as e:
+            raise CommandError(_unreachable(path, e.strerror or str(e))) from None
+        if not os.access(path, os.R_OK):
+            raise CommandError(_unreachable(path, os.strerror(errno.EACCES)))
+        return True
 
     @contextmanager
     def registry(self, *, create: bool) -> Iterator[SQLiteRegistry | MemoryRegistry]:
@@ -182,6 +194,12 @@ class Context:
         answer = self.stdin.readline()
         if answer.strip().lower() not in ("y", "yes"):
             raise CommandError("cancelled; nothing changed")
+
+
+def _unreachable(path: str, reason: str) -> str:
+    return (
+        f"cannot open {path}: {reason} (run mailrelay as the user the daemon runs as, or as root)"
+    )
 
 
 def require_list(registry: SQLiteRegistry | MemoryRegistry, address: str) -> MailingList:

@@ -191,6 +191,18 @@ SCHEMA: tuple[Key, ...] = (
     ),
     Key(
         "mta",
+        "spool_reserve",
+        "8MiB",
+        "Space kept free for delivery on the file system of [paths] var_dir, held "
+        "in the file var_dir/space-reserve while there is room.  When less is free, "
+        "that file is emptied so deliveries can still record their results, and new "
+        "messages get 452 4.3.1 until twice this much is free again.  Keep it above "
+        "4MB, the size the spool's write-ahead log grows to between checkpoints.  0 "
+        "turns the reserve off (a full disk then stops delivery until space is freed).",
+        _plain(parse_size),
+    ),
+    Key(
+        "mta",
         "lmtp_max_line_length",
         "16384",
         "Longest accepted LMTP line, in octets including CRLF (RFC 5321 requires at least 1000).",

@@ -70,6 +70,11 @@ class PathSettings:
         """The SQLite database of queued messages."""
         return os.path.join(self.var_dir, "spool.sqlite3")
 
+    @property
+    def reserve_path(self) -> str:
+        """The file holding the spool's space reserve (``[mta] spool_reserve``)."""
+        return os.path.join(self.var_dir, "space-reserve")
+
 
 @dataclass(frozen=True)
 class MTASettings:
@@ -87,6 +92,7 @@ class MTASettings:
     lmtp_max_sessions: int
     lmtp_idle_timeout: float
     lmtp_store_timeout: float
+    spool_reserve: int
     lmtp_max_line_length: int
     max_message_size: int
     lmtp_hostname: str

@@ -6,6 +6,11 @@ closes it when a transaction started after the latest trip gets through; the
 :mod:`~mailrelay.runner.scheduler` claims nothing while it is open and one
 entry at a time while it is half open.  Its state is published in the spool's
 status table under :data:`CIRCUIT_STATUS_KEY`, where ``mailrelay queue`` shows it.
+
+It also remembers how long delivery was paused (:meth:`CircuitBreaker.paused_between`):
+that time does not count toward a recipient's retry period, so a weekend of
+bad credentials does not dead-letter mail that members' servers deferred
+before it.  The record is kept in memory: a restart forgets earlier pauses.
 """
 
 from __future__ import annotations
@@ -14,6 +19,10 @@ import time
 from typing import Any
 
 __all__ = ["CIRCUIT_STATUS_KEY", "CircuitBreaker"]
+
+# Past pauses remembered, oldest forgotten first: far more than a retry
+# period's worth at the breaker's shortest cycle would be needed to matter.
+_MAX_PAUSES = 1000
 
 # The spool status key under which the circuit breaker publishes its state.
 CIRCUIT_STATUS_KEY = "circuit"
@@ -36,6 +45,8 @@ class CircuitBreaker:
         # Bumped at each trip: only a transaction started after the latest
         # trip proves the problem is gone.
         self.generation = 0
+        # (opened, closed) times of the pauses that have ended, oldest first.
+        self._pauses: list[tuple[float, float]] = []
 
     def state(self) -> str:
         if self.retry_at is None:
@@ -62,6 +73,9 @@ class CircuitBreaker:
         """Close after a transaction started at ``generation`` got through; True if it closed."""
         if self.retry_at is None or generation != self.generation:
             return False
+        assert self.opened_at is not None
+        self._pauses.append((self.opened_at, self._clock.seconds()))
+        del self._pauses[:-_MAX_PAUSES]
         self.retry_at = self.opened_at = None
         self.delay = self.min_delay
         self.reason = ""
@@ -71,6 +85,14 @@ class CircuitBreaker:
         """When an entry held back by a site problem is tried again: the next
         probe, or ``min_delay`` from ``now`` if the breaker has closed since."""
         return self.retry_at or now + self.min_delay
+
+    def paused_between(self, start: float, end: float) -> float:
+        """Seconds of ``start``..``end`` during which delivery was paused (the
+        current pause, if any, counts up to ``end``)."""
+        pauses = list(self._pauses)
+        if self.opened_at is not None:
+            pauses.append((self.opened_at, end))
+        return sum(max(0.0, min(end, closed) - max(start, opened)) for opened, closed in pauses)
 
     def describe(self) -> str:
         """One line for ``mailrelay queue`` (which prefixes "DELIVERY PAUSED"):

@@ -11,6 +11,13 @@ has drained it purges delivered entries older than ``keep_done``.
 
 It owns the bookkeeping the runner's life cycle needs: the Deferreds still
 running (awaited on stop) and the waiters of :meth:`Scheduler.when_idle`.
+
+A claim has a lease: an entry left INFLIGHT longer than ``claim_lease`` that
+no batch of this process holds (its result could not be recorded, however
+often that was tried) goes back to the queue at the next poll, without a
+restart.  Only one process delivers from a spool (the daemon locks its state
+directory), so an in-flight entry no batch holds is nobody's; the lease only
+spares claims whose results are on their way back from the spool's thread.
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ class Scheduler:
         poll_interval: float | None,
         keep_done: float | None,
         run_batch: Callable[[list[SpoolEntry], Any], Awaitable[None]],
+        claim_lease: float | None = 300.0,
     ):
         self._spool = spool
         self._clock = clock
@@ -64,6 +72,10 @@ class Scheduler:
         self._poll_interval = poll_interval
         self._keep_done = keep_done
         self._run_batch = run_batch
+        self._claim_lease = claim_lease
+        # Entry ids the running batches hold, and when stale claims were last looked for.
+        self._held: set[int] = set()
+        self._last_lease_check: float | None = None
         self._last_purge: float | None = None
         self.running = False
         self._ready = False  # recover() has run
@@ -199,15 +211,52 @@ class Scheduler:
             return
         if state == CircuitBreaker.HALF_OPEN:
             if self._batches:
-                return  # the probe is under way; its batch pumps when done
+                # The probe is under way; its batch pumps when done.  The timer
+                # that brought us here is spent: remember that work is due.
+                self._backlog = True
+                return
             limit = 1
+        self._requeue_stale_claims()
         if self._batches >= _MAX_BATCHES:
+            self._backlog = True  # as above: the next batch to finish claims
             return
         self._claiming = True
         self._rescan = False
         d = defer.maybeDeferred(self._spool.claim_due, self._clock.seconds(), limit)
         d.addCallbacks(self._claimed, self._claim_failed, callbackArgs=(limit,))
         self.track(d)
+
+    def _requeue_stale_claims(self) -> None:
+        """At most once per half lease: return to the queue the in-flight entries
+        claimed more than a lease ago that no batch of ours holds."""
+        now = self._clock.seconds()
+        lease = self._claim_lease
+        if lease is None or (
+            self._last_lease_check is not None and now - self._last_lease_check < lease / 2
+        ):
+            return
+        self._last_lease_check = now
+
+        def requeued(count: int) -> None:
+            if count:
+                _log.warn(
+                    "Returned {count} entries to the queue whose claim outlived its "
+                    "{lease}s lease (their delivery results could not be recorded); "
+                    "they are sent again",
+                    count=count,
+                    lease=lease,
+                )
+                self._backlog = True
+                self._pump()
+
+        def failed(failure: Any) -> None:
+            _log.warn(
+                "Could not return stale in-flight entries to the queue: {error}",
+                error=failure.getErrorMessage(),
+            )
+
+        d = defer.maybeDeferred(self._spool.recover, now - lease, frozenset(self._held))
+        self.track(d.addCallbacks(requeued, failed))
 
     def _claimed(self, entries: list[SpoolEntry], limit: int) -> None:
         self._claiming = False
@@ -267,20 +316,23 @@ class Scheduler:
     def start_batch(self, entries: list[SpoolEntry], just_stored: Any = None) -> None:
         """Run a batch of claimed (in flight) entries now."""
         self._batches += 1
+        ids = [entry.entry_id for entry in entries]
+        self._held.update(ids)
         d = defer.Deferred.fromCoroutine(self._run_batch(entries, just_stored))
         d.addErrback(
             lambda f: _log.failure(
                 "Delivery of a batch of {count} entries failed; they stay in flight "
-                "until the next start",
+                "until their claim's lease runs out",
                 f,
                 count=len(entries),
             )
         )
-        d.addBoth(self._batch_done)
+        d.addBoth(self._batch_done, ids)
         self.track(d)
 
-    def _batch_done(self, _: Any) -> None:
+    def _batch_done(self, _: Any, ids: list[int]) -> None:
         self._batches -= 1
+        self._held.difference_update(ids)
         if self._backlog:
             self._pump()
         self._check_idle()

@@ -297,6 +297,7 @@ class CopySender:
             paused_until=self._breaker.paused_until(now),
             policy=self._policy,
             random=self._random,
+            paused_between=self._breaker.paused_between,
         )
         self._report(list_address, updates, len(bounces))
         return GroupResult(updates, bounces, message_refusal(kind, results), mlist)

@@ -95,7 +95,9 @@ class DeliveryRunner(service.Service):
     ``max_connections``, else 1).  DONE entries (and messages no entry needs
     any more) are purged ``keep_done`` seconds after delivery (``None``: never).
     The spool is also checked every ``poll_interval`` seconds for entries
-    re-queued by another process, such as ``mailrelay queue retry``.
+    re-queued by another process, such as ``mailrelay queue retry``, and for
+    entries in flight longer than ``claim_lease`` seconds that no batch holds
+    (their results could not be recorded): those go back to the queue.
 
     The runner is also an ``IMessageStore`` (:meth:`enqueue`): given to the
     LMTP policy in place of the spool, it routes each accepted message while
@@ -148,6 +150,7 @@ class DeliveryRunner(service.Service):
         keep_done: float | None = 7 * 86400.0,
         poll_interval: float | None = 30.0,
         inline_limit: int = 1000,
+        claim_lease: float | None = 300.0,
         observer: Any = None,
         processor: Any = None,
         posting: Any = None,
@@ -184,6 +187,8 @@ class DeliveryRunner(service.Service):
             )
         if poll_interval is not None and not poll_interval > 0:
             raise ValueError(f"poll_interval must be > 0 or None, not {poll_interval!r}")
+        if claim_lease is not None and not claim_lease > 0:
+            raise ValueError(f"claim_lease must be > 0 or None, not {claim_lease!r}")
         self._keep_done = keep_done
         self._observer = observer if observer is not None else NO_OBSERVER
         self._verp = verp
@@ -199,6 +204,7 @@ class DeliveryRunner(service.Service):
             poll_interval=poll_interval,
             keep_done=keep_done,
             run_batch=self._run_batch,
+            claim_lease=claim_lease,
         )
         self._copies = CopySender(
             spool,
@@ -339,14 +345,14 @@ class DeliveryRunner(service.Service):
                 if count:
                     seen = delivered.setdefault(key[0], [0, group[0].received_at, key[1]])
                     seen[0] += count
-        if any(u.state in _PENDING for u in updates):
-            # QUEUED or RETRY again: the next claim (or next_due) must see them.
-            self._scheduler.note_backlog()
         refusals = [self._refusal(key, groups) for key, groups in refused.items()]
-        if refusals:
-            self._scheduler.note_backlog()  # the notices are QUEUED: claim them next
         if updates or refusals:
             await self._write_results(updates, refusals)
+        if refusals or any(u.state in _PENDING for u in updates):
+            # QUEUED or RETRY again (or refusal notices QUEUED): the next claim
+            # (or next_due) must see them.  Noted once written: a claim that
+            # finished meanwhile, before they were in the spool, clears the note.
+            self._scheduler.note_backlog()
         if bounces:
             self._record_bounces(bounces)
         if delivered:
@@ -423,7 +429,7 @@ class DeliveryRunner(service.Service):
                 if attempt == _RESULT_WRITE_TRIES:
                     _log.error(
                         "Could not record {count} delivery results: {error}; those entries "
-                        "stay in flight and are sent again after a restart",
+                        "stay in flight and are sent again when their claim's lease runs out",
                         count=len(updates),
                         error=str(e),
                     )

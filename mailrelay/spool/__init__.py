@@ -31,14 +31,24 @@ WAL mode lets run alongside the writer.
 The package's modules: :mod:`~mailrelay.spool.sqlite` (the SQL operations),
 :mod:`~mailrelay.spool.writer` (the group-commit writer thread),
 :mod:`~mailrelay.spool.schema` (the file's layout and migrations),
-:mod:`~mailrelay.spool.memory` (the in-memory spool) and
+:mod:`~mailrelay.spool.memory` (the in-memory spool),
+:mod:`~mailrelay.spool.reserve` (room kept on the spool's file system for
+delivery, and the refusal of new messages when it runs out) and
 :mod:`~mailrelay.spool.common` (the checks and entry builder both spools share).
 This module only re-exports the public names.
 """
 
 from mailrelay.model import EntryUpdate
 from mailrelay.spool.memory import MemorySpool
+from mailrelay.spool.reserve import ReservedStore, SpaceReserve
 from mailrelay.spool.schema import SCHEMA_VERSION
 from mailrelay.spool.sqlite import SQLiteSpool
 
-__all__ = ["EntryUpdate", "MemorySpool", "SQLiteSpool", "SCHEMA_VERSION"]
+__all__ = [
+    "EntryUpdate",
+    "MemorySpool",
+    "ReservedStore",
+    "SQLiteSpool",
+    "SCHEMA_VERSION",
+    "SpaceReserve",
+]

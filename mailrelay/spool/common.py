@@ -182,6 +182,15 @@ def check_ids(entry_ids: Iterable[int]) -> list[int]:
     return ids
 
 
+def check_recover(claimed_before: object, keep: Iterable[int]) -> tuple[float | None, frozenset]:
+    """The arguments of ``recover``: a time or ``None``, and a set of entry ids."""
+    if claimed_before is not None and (
+        isinstance(claimed_before, bool) or not isinstance(claimed_before, int | float)
+    ):
+        raise TypeError(f"claimed_before must be a time in seconds, not {claimed_before!r}")
+    return claimed_before, frozenset(check_ids(keep))
+
+
 def check_expand(
     entry_id: object, recipients: Iterable[str], kind: object
 ) -> tuple[int, list[str], EntryKind]:

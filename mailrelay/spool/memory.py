@@ -288,10 +288,22 @@ class MemorySpool:
         return self._status.get(common.check_status(key, None)[0])
 
     @common.deferred_errors
-    def recover(self) -> Deferred[int]:
+    def recover(
+        self, claimed_before: float | None = None, keep: Iterable[int] = ()
+    ) -> Deferred[int]:
         self._check_open("recover in-flight entries")
-        moved = self._move({EntryState.INFLIGHT}, None, keep_retry_time=True)
-        return succeed(moved).addCallback(common.log_recovered)
+        claimed_before, kept = common.check_recover(claimed_before, keep)
+        if claimed_before is None:
+            moved = self._move({EntryState.INFLIGHT}, None, keep_retry_time=True)
+            return succeed(moved).addCallback(common.log_recovered)
+        stale = [
+            entry_id
+            for entry_id, entry in self._entries.items()
+            if entry.state is EntryState.INFLIGHT
+            and self._updated_at[entry_id] < claimed_before
+            and entry_id not in kept
+        ]
+        return succeed(self._move({EntryState.INFLIGHT}, stale, keep_retry_time=True))
 
     def _move(
         self, states: set[EntryState], ids: list[int] | None, keep_retry_time: bool = False

@@ -460,16 +460,37 @@ class SQLiteSpool:
         rows = self._read(f"read status {key}", "SELECT value FROM status WHERE key = ?", (key,))
         return rows[0][0] if rows else None
 
-    def recover(self) -> Deferred[int]:
+    @common.deferred_errors
+    def recover(
+        self, claimed_before: float | None = None, keep: Iterable[int] = ()
+    ) -> Deferred[int]:
+        claimed_before, kept = common.check_recover(claimed_before, keep)
         now = self._reactor.seconds()
 
         def requeue(db: sqlite3.Connection) -> int:
-            return db.execute(
-                "UPDATE entries SET state = 'queued', updated_at = ? WHERE state = 'inflight'",
-                (now,),
-            ).rowcount
+            if claimed_before is None:
+                return db.execute(
+                    "UPDATE entries SET state = 'queued', updated_at = ? WHERE state = 'inflight'",
+                    (now,),
+                ).rowcount
+            # A claim's time is its updated_at; the state index finds the few
+            # in-flight entries.
+            rows = db.execute(
+                "SELECT id FROM entries WHERE state = 'inflight' AND updated_at < ?",
+                (claimed_before,),
+            ).fetchall()
+            stale = [entry_id for (entry_id,) in rows if entry_id not in kept]
+            return sum(
+                db.execute(
+                    "UPDATE entries SET state = 'queued', updated_at = ?"
+                    f" WHERE id IN ({_placeholders(ids)})",
+                    (now, *ids),
+                ).rowcount
+                for ids in _chunks(stale)
+            )
 
-        return self._submit("recover in-flight entries", requeue).addCallback(common.log_recovered)
+        d = self._submit("recover in-flight entries", requeue)
+        return d.addCallback(common.log_recovered) if claimed_before is None else d
 
     def entries(
         self, state: EntryState | None = None, limit: int | None = None
