@@ -54,7 +54,7 @@ from mailrelay.listproc.commands import (
     immediate_outcome,
     parse_commands,
 )
-from mailrelay.listproc.processor import Handled, ListMail
+from mailrelay.listproc.processor import Handled, ListMail, service_address
 from mailrelay.listproc.safety import auto_reply_allowed, autoreply_day, is_daemon_address
 from mailrelay.listproc.templating import Templates
 from mailrelay.listproc.tokens import Pending, PendingAction, check_pending, is_token, new_pending
@@ -186,10 +186,11 @@ class MembershipRequests:
         refusal = auto_reply_allowed(mail.sender, mail.message, self._is_list_address)
         if refusal is not None:
             _log.info(
-                "{message_id} to {list}-{subaddress}: not acted on and not answered ({reason})",
+                "{message_id} to {to}: not acted on and not answered ({reason})",
                 message_id=mail.entry.message_id,
                 list=mlist.posting_address,
                 subaddress=mail.subaddress,
+                to=service_address(mail.entry.destination),
                 reason=refusal,
             )
             return Handled(note=f"ignored, not answered: {refusal}")
