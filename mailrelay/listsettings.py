@@ -83,6 +83,7 @@ class ListSettings:
     bounce_info_stale_after: float | None = None
     bounce_you_are_disabled_warnings: int | None = None
     bounce_you_are_disabled_warnings_interval: float | None = None
+    bounce_notify_owner_on_disable: bool | None = None
     bounce_notify_owner_on_removal: bool | None = None
     forward_unrecognized_bounces_to: ForwardBounces | None = None
     # Largest post in KB (1024 octets), as Mailman's max_message_size; 0 = no
@@ -225,6 +226,12 @@ LIST_SETTING_KEYS: dict[str, SettingKey] = {
             "bounce_you_are_disabled_warnings_interval",
             "Time between those warnings (a duration such as 7d)" + _SITE,
             _optional(_positive_duration),
+            _format_optional,
+        ),
+        SettingKey(
+            "bounce_notify_owner_on_disable",
+            "Tell the owners when bounces disable delivery to a member (yes or no)" + _SITE,
+            _optional(parse_bool),
             _format_optional,
         ),
         SettingKey(

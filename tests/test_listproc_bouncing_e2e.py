@@ -171,14 +171,23 @@ class WarningTests(BounceCase):
     def warnings_received(self):
         return [m for m in self.received(ANNE) if "is disabled" in m["Subject"]]
 
+    def disable_notices(self):
+        return [m for m in self.received("owner@example.com") if "disabled" in m["Subject"]]
+
     def test_warnings_then_removal_with_owner_notice(self):
         """A disabled member gets a warning at the next check and every 7 days (three,
-        each with a -confirm+TOKEN to re-enable); 7 days after the last one they are
-        removed and the owner is told."""
+        each with a -confirm+TOKEN to re-enable), and the owner one notice of the disable
+        with the first warning; 7 days after the last warning the member is removed and
+        the owner is told."""
 
         async def go():
             await self.bounce_daily(5)
             self.assertFalse(self.record().delivery_enabled)
+            (disabled,) = self.disable_notices()
+            self.assertEqual(disabled["Auto-Submitted"], "auto-generated")
+            self.assertEqual(disabled["X-MailFrom"], "test-bounces@example.com")
+            self.assertIsNone(disabled["List-Id"])
+            self.assertIn(ANNE, disabled["Subject"])
             (first,) = self.warnings_received()
             self.assertEqual(first["Auto-Submitted"], "auto-generated")
             self.assertEqual(first["X-MailFrom"], "test-bounces@example.com")
@@ -196,6 +205,7 @@ class WarningTests(BounceCase):
             (notice,) = [m for m in self.received("owner@example.com") if "removed" in m["Subject"]]
             self.assertIn(ANNE, notice.get_payload(decode=True).decode())
             self.assertEqual(len(self.warnings_received()), 3)
+            self.assertEqual(len(self.disable_notices()), 1)
 
         return as_deferred(go())
 
