@@ -209,6 +209,28 @@ class WarningTests(BounceCase):
 
         return as_deferred(go())
 
+    def test_disable_notice_set_off_for_the_site_and_on_for_a_list(self):
+        """[lists] bounce_notify_owner_on_disable = no silences the owners' notice of a
+        disable (the member is still warned); `mailrelay lists set LIST
+        bounce_notify_owner_on_disable=yes` turns it on for that list; a bad value is
+        refused naming the key."""
+
+        async def go():
+            await self.start(bounce_notify_owner_on_disable="no")
+            await self.bounce_daily(5)
+            self.assertEqual(len(self.warnings_received()), 1)
+            self.assertEqual(self.disable_notices(), [])
+            code, _, err = self.admin("lists", "set", LIST, "bounce_notify_owner_on_disable=often")
+            self.assertEqual(code, 1)
+            self.assertIn("bounce_notify_owner_on_disable = 'often': not a boolean", err)
+            code, out, err = self.admin("lists", "set", LIST, "bounce_notify_owner_on_disable=yes")
+            self.assertEqual(code, 0, out + err)
+            await self.bounce_daily(5, "gone@example.org")
+            (notice,) = self.disable_notices()
+            self.assertIn("gone@example.org", notice["Subject"])
+
+        return as_deferred(go())
+
     def test_reenable_by_replying_to_a_warning(self):
         """A reply to the warning's -confirm+TOKEN address turns delivery back on; the
         member gets the next post again."""
