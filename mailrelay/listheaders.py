@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import functools
 import re
-from email.errors import HeaderParseError
+from email.errors import MessageError
 from email.header import Header, decode_header, make_header
 from email.utils import formataddr
 from urllib.parse import quote
@@ -127,7 +127,9 @@ def _decoded_subject(value: bytes) -> str | None:
         # Unfolding (RFC 5322 2.2.3): a line break before white space is removed.
         text = re.sub(r"\r?\n(?=[ \t])", "", text).strip("\r\n")
         return str(make_header(decode_header(text)))
-    except (UnicodeError, LookupError, HeaderParseError, ValueError):
+    except (UnicodeError, LookupError, MessageError, ValueError):
+        return None
+    except Exception:  # a corner of the email package: never block a post for its Subject
         return None
 
 

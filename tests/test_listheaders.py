@@ -6,6 +6,8 @@ import email
 import tracemalloc
 from email import policy
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailrelay.listheaders import add_list_headers, list_headers, member_unsubscribe_fields
@@ -191,6 +193,46 @@ class SubjectPrefixTests(SynchronousTestCase):
         head = out.split(b"\r\n\r\n")[0]
         self.assertLessEqual(max(len(line) for line in head.split(b"\r\n")), 78)
         self.assertEqual(_subject(out), "[mylist] " + words)
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.lists(
+            st.sampled_from(
+                [
+                    b" ",
+                    b"=?",
+                    b"?=",
+                    b"utf-8",
+                    b"?q?",
+                    b"?b?",
+                    b"=C3",
+                    b"\xff",
+                    b"\r\n ",
+                    b"Re:",
+                    b"[mylist]",
+                    b"abc",
+                    b"\xc3\xa9",
+                    b"=?utf-8?q?caf=C3=A9?=",
+                    b"=?unknown?b?AAA?=",
+                ]
+            ),
+            max_size=12,
+        ),
+        st.sampled_from(["[mylist]", "[Liste f\u00fcr alle]"]),
+    )
+    def test_any_subject_one_field_rest_untouched(self, chunks, prefix):
+        """Whatever the Subject holds (broken encoded words, unknown charsets, 8-bit
+        bytes, folding), the post gets exactly one Subject and every other field and
+        the body stay as they were."""
+        value = b"".join(chunks)
+        out = add_list_headers(
+            b"From: a@example.org\r\nSubject:" + value + b"\r\nX-After: y\r\n\r\nbody\r\n",
+            LIST,
+            subject_prefix=prefix,
+        )
+        self.assertTrue(out.endswith(b"\r\nX-After: y\r\n\r\nbody\r\n"), out)
+        parsed = email.message_from_bytes(out, policy=policy.compat32)
+        self.assertEqual(len(parsed.get_all("Subject")), 1, out)
 
     def test_body_copied_once(self):
         """Rewriting the Subject costs no extra copy of the body: adding the headers
