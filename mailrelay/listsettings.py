@@ -23,6 +23,8 @@ from typing import Any
 
 from mailrelay.config.values import parse_bool, parse_duration, parse_int
 
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
 __all__ = [
     "ForwardBounces",
     "LIST_SETTING_KEYS",
@@ -81,12 +83,16 @@ class ListSettings:
     bounce_info_stale_after: float | None = None
     bounce_you_are_disabled_warnings: int | None = None
     bounce_you_are_disabled_warnings_interval: float | None = None
+    bounce_notify_owner_on_disable: bool | None = None
     bounce_notify_owner_on_removal: bool | None = None
     forward_unrecognized_bounces_to: ForwardBounces | None = None
     # Largest post in KB (1024 octets), as Mailman's max_message_size; 0 = no
     # limit of the list's own (the site's [mta] max_message_size and the
     # smarthost's SIZE still apply).  Refused at LMTP DATA with 552 5.3.4.
     max_message_size: int = 0
+    # Put in front of the Subject of posts going out, with one space, once
+    # (Mailman's subject_prefix, e.g. "[mylist]"); "" for none.
+    subject_prefix: str = ""
 
 
 @dataclass(frozen=True)
@@ -119,6 +125,20 @@ def _language(text: str) -> str:
     if not re.fullmatch(r"[a-z]{2,3}(?:_[A-Z]{2})?", code):
         raise ValueError("must be a language code such as en or pt_BR")
     return code
+
+
+_MAX_PREFIX = 100
+
+
+def _subject_prefix(text: str) -> str:
+    # Stored without the white space around it: one space is put between it
+    # and the subject (so "[mylist] " and "[mylist]" mean the same, as in Mailman).
+    prefix = text.strip()
+    if _CONTROL_CHARACTERS.search(prefix):
+        raise ValueError("must be one line of text, without control characters")
+    if len(prefix) > _MAX_PREFIX:
+        raise ValueError(f"must be at most {_MAX_PREFIX} characters")
+    return prefix
 
 
 def _optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -209,6 +229,12 @@ LIST_SETTING_KEYS: dict[str, SettingKey] = {
             _format_optional,
         ),
         SettingKey(
+            "bounce_notify_owner_on_disable",
+            "Tell the owners when bounces disable delivery to a member (yes or no)" + _SITE,
+            _optional(parse_bool),
+            _format_optional,
+        ),
+        SettingKey(
             "bounce_notify_owner_on_removal",
             "Tell the owners when bounces remove a member (yes or no)" + _SITE,
             _optional(parse_bool),
@@ -225,6 +251,12 @@ LIST_SETTING_KEYS: dict[str, SettingKey] = {
             "Largest post in KB (1024 octets), refused at delivery to mailrelay with "
             "552 5.3.4; 0 for no limit of the list's own.  Mailman's max_message_size.",
             lambda text: parse_int(text, 0),
+        ),
+        SettingKey(
+            "subject_prefix",
+            "Text put in front of the Subject of posts going out, once, with one space "
+            "(e.g. [mylist]); empty for none, the default.  Mailman's subject_prefix.",
+            _subject_prefix,
         ),
     )
 }

@@ -308,7 +308,7 @@ def make_list_processing(
     moderation = Moderation(
         spool, registry, clock=clock, site=site, held_post_life=lists.held_post_life
     )
-    requests.add_action(PendingAction.MODERATE, moderation.confirm)
+    requests.add_action(PendingAction.MODERATE, moderation.confirm, spends_token=True)
     requests.add_action(PendingAction.REENABLE, ReenableAction())
     scorer = BounceScorer(registry, BounceRules.from_site(lists))
     bounces = BounceHandler(registry, scorer, template_dir=lists.template_dir)

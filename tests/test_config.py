@@ -528,6 +528,7 @@ class ErrorMessageTests(_FileMixin, SynchronousTestCase):
         ("lists", "bounce_info_stale_after", "0", "greater than zero"),
         ("lists", "bounce_you_are_disabled_warnings", "-1", "at least 0"),
         ("lists", "bounce_you_are_disabled_warnings_interval", "week", "not a duration"),
+        ("lists", "bounce_notify_owner_on_disable", "often", "not a boolean"),
         ("lists", "bounce_notify_owner_on_removal", "sometimes", "not a boolean"),
         ("lists", "forward_unrecognized_bounces_to", "administrators", "must be owners or none"),
         ("devmode", "enabled", "y", "not a boolean"),

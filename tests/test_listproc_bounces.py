@@ -7,8 +7,11 @@ that only flufl.bounce's detectors understand.
 
 from __future__ import annotations
 
+import email
 import os
 
+import flufl.bounce
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailrelay.listproc.bounces import Recognition, parse_bounce, verp_member
@@ -251,3 +254,31 @@ class FailSafeTests(SynchronousTestCase):
         )
         report = parse_bounce(LIST, BOUNCES, dsn(block), max_bytes=10_000_000)
         self.assertEqual(len(report.permanent), 1000)
+
+
+# flufl.bounce's Yale detector raises IndexError on a multipart without a boundary.
+DETECTOR_CHOKES = b"Subject: Returned mail\r\nContent-Type: multipart/mixed\r\n\r\nhello\r\n"
+
+
+class DetectorFailureTests(SynchronousTestCase):
+    def test_detector_failure_is_one_warning_of_ours(self):
+        """A detector raising on odd input: the bounce is unrecognised, mailrelay logs one
+        warning line naming the list and the error, and flufl.bounce's own traceback
+        record (logging.exception on its logger) is dropped."""
+        with self.assertNoLogs("flufl.bounce", level="ERROR"), capturedLogs() as events:
+            report = parse_bounce(LIST, BOUNCES, DETECTOR_CHOKES)
+        self.assertEqual(report.how, Recognition.UNRECOGNISED)
+        warnings = [e for e in events if e["log_level"].name in ("warn", "error", "critical")]
+        self.assertEqual(len(warnings), 1, [formatEvent(e) for e in events])
+        line = formatEvent(warnings[0])
+        self.assertIn("detectors failed on a bounce for test@example.com: IndexError", line)
+        self.assertNotIn("\n", line)
+        self.assertIsNone(warnings[0].get("log_failure"))
+
+    def test_library_logging_untouched_elsewhere(self):
+        """Outside mailrelay's reading of a bounce, flufl.bounce's records reach logging
+        as before: the filter is scoped to the calls whose errors mailrelay catches."""
+        msg = email.message_from_bytes(DETECTOR_CHOKES)
+        with self.assertLogs("flufl.bounce", level="ERROR") as logged:
+            self.assertRaises(IndexError, flufl.bounce.all_failures, msg)
+        self.assertIsNotNone(logged.records[0].exc_info)

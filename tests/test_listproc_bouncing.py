@@ -279,16 +279,76 @@ class WarningTests(Case):
         self.bounce_daily(5)
         self.assertFalse(self.record().delivery_enabled)
 
+    def warnings_to(self, address):
+        return [m for to, m in self.notices() if to == address]
+
+    def disable_notices(self):
+        return [m for m in self.warnings_to("owner@example.com") if "disabled" in m["Subject"]]
+
+    def test_owners_told_once_per_disable(self):
+        """bounce_notify_owner_on_disable (default yes): the owners get one notice per
+        disable, stored with the member's first warning, from -owner and loop-safe like
+        the other notices; later warnings, and a restart, add none; a new disable after
+        re-enabling is told again."""
+        self.disable()
+        self.start()
+        (notice,) = self.disable_notices()
+        self.assertEqual(notice["Subject"], f"Delivery to {ANNE} disabled on Test")
+        self.assertEqual(notice["Auto-Submitted"], "auto-generated")
+        self.assertIn("test-owner@example.com", notice["From"])
+        body = notice.get_payload(decode=True).decode()
+        self.assertIn(f"{ANNE}\nhas been bouncing", body.replace("\r\n", "\n"))
+        self.assertIn("bounce score 5 reached the threshold of 5", body)
+        (entry,) = [
+            e
+            for e in self.spool.entries()
+            if e.kind is EntryKind.NOTICE and e.destination.address == "owner@example.com"
+        ]
+        self.assertEqual(entry.sender, "test-bounces@example.com")
+        self.clock.advance(7 * DAY)
+        self.assertEqual(len(self.warnings_to(ANNE)), 2)
+        self.successResultOf(self.warnings.stopService())
+        again = BounceWarnings(self.registry, self.spool, self.scorer, clock=self.clock)
+        again.startService()
+        self.addCleanup(again.stopService)
+        self.assertEqual(len(self.disable_notices()), 1)
+        reenable_member(self.registry, LIST, ANNE)
+        self.disable()
+        self.clock.advance(3600)
+        self.assertEqual(len(self.disable_notices()), 2)
+
+    def test_disable_notice_off(self):
+        """bounce_notify_owner_on_disable = no, for the site or the list: the warnings
+        go, the owners hear nothing of the disable."""
+        self.registry.update_list_settings(LIST, {"bounce_notify_owner_on_disable": "no"})
+        self.disable()
+        self.start()
+        self.assertEqual(len(self.warnings_to(ANNE)), 1)
+        self.assertEqual(self.disable_notices(), [])
+        site_off = BounceScorer(self.registry, BounceRules(notify_owner_on_disable=False))
+        self.registry.update_list_settings(LIST, {"bounce_notify_owner_on_disable": ""})
+        self.assertFalse(site_off.rules(LIST).notify_owner_on_disable)
+        self.assertTrue(self.scorer.rules(LIST).notify_owner_on_disable)
+
+    def test_removed_at_once_gets_only_the_removal_notice(self):
+        """With no warnings configured the member is removed at the first check: the
+        owners get the removal notice, not a disable notice as well."""
+        self.registry.update_list_settings(LIST, {"bounce_you_are_disabled_warnings": "0"})
+        self.disable()
+        self.start()
+        self.assertIsNone(self.record())
+        (removal,) = self.warnings_to("owner@example.com")
+        self.assertIn("removed", removal["Subject"])
+
     def test_warnings_then_removal_on_the_clock(self):
         """Disabled by bounces: a warning at the next check and every 7 days, three in
         all, each with its own re-enable token; 7 days after the third the member is
         removed and the owner told."""
         self.disable()
         self.start()
-        notices = self.notices()
+        notices = self.warnings_to(ANNE)
         self.assertEqual(len(notices), 1)
-        (to, warning) = notices[0]
-        self.assertEqual(to, ANNE)
+        warning = notices[0]
         self.assertIn("test-confirm+", warning["Reply-To"])
         self.assertIn(
             "Warnings left before the address is removed from the list: 2",
@@ -296,10 +356,10 @@ class WarningTests(Case):
         )
         self.assertEqual(self.woken, 1)
         self.clock.advance(6 * DAY)
-        self.assertEqual(len(self.notices()), 1)
+        self.assertEqual(len(self.warnings_to(ANNE)), 1)
         self.clock.advance(DAY)
         self.clock.advance(7 * DAY)
-        self.assertEqual(len(self.notices()), 3)
+        self.assertEqual(len(self.warnings_to(ANNE)), 3)
         self.assertEqual(self.record().warnings_sent, 3)
         tokens = {p.token for p in self.registry.pending(LIST)}
         self.assertEqual(len(tokens), 3)
@@ -331,9 +391,9 @@ class WarningTests(Case):
         again = BounceWarnings(self.registry, self.spool, self.scorer, clock=self.clock)
         again.startService()
         self.addCleanup(again.stopService)
-        self.assertEqual(len(self.notices()), 1)
+        self.assertEqual(len(self.warnings_to(ANNE)), 1)
         self.clock.advance(7 * DAY)
-        self.assertEqual(len(self.notices()), 2)
+        self.assertEqual(len(self.warnings_to(ANNE)), 2)
 
     def test_reenable_by_token(self):
         """Confirming a warning's REENABLE token turns delivery on and clears the score;

@@ -171,14 +171,23 @@ class WarningTests(BounceCase):
     def warnings_received(self):
         return [m for m in self.received(ANNE) if "is disabled" in m["Subject"]]
 
+    def disable_notices(self):
+        return [m for m in self.received("owner@example.com") if "disabled" in m["Subject"]]
+
     def test_warnings_then_removal_with_owner_notice(self):
         """A disabled member gets a warning at the next check and every 7 days (three,
-        each with a -confirm+TOKEN to re-enable); 7 days after the last one they are
-        removed and the owner is told."""
+        each with a -confirm+TOKEN to re-enable), and the owner one notice of the disable
+        with the first warning; 7 days after the last warning the member is removed and
+        the owner is told."""
 
         async def go():
             await self.bounce_daily(5)
             self.assertFalse(self.record().delivery_enabled)
+            (disabled,) = self.disable_notices()
+            self.assertEqual(disabled["Auto-Submitted"], "auto-generated")
+            self.assertEqual(disabled["X-MailFrom"], "test-bounces@example.com")
+            self.assertIsNone(disabled["List-Id"])
+            self.assertIn(ANNE, disabled["Subject"])
             (first,) = self.warnings_received()
             self.assertEqual(first["Auto-Submitted"], "auto-generated")
             self.assertEqual(first["X-MailFrom"], "test-bounces@example.com")
@@ -196,6 +205,29 @@ class WarningTests(BounceCase):
             (notice,) = [m for m in self.received("owner@example.com") if "removed" in m["Subject"]]
             self.assertIn(ANNE, notice.get_payload(decode=True).decode())
             self.assertEqual(len(self.warnings_received()), 3)
+            self.assertEqual(len(self.disable_notices()), 1)
+
+        return as_deferred(go())
+
+    def test_disable_notice_set_off_for_the_site_and_on_for_a_list(self):
+        """[lists] bounce_notify_owner_on_disable = no silences the owners' notice of a
+        disable (the member is still warned); `mailrelay lists set LIST
+        bounce_notify_owner_on_disable=yes` turns it on for that list; a bad value is
+        refused naming the key."""
+
+        async def go():
+            await self.start(bounce_notify_owner_on_disable="no")
+            await self.bounce_daily(5)
+            self.assertEqual(len(self.warnings_received()), 1)
+            self.assertEqual(self.disable_notices(), [])
+            code, _, err = self.admin("lists", "set", LIST, "bounce_notify_owner_on_disable=often")
+            self.assertEqual(code, 1)
+            self.assertIn("bounce_notify_owner_on_disable = 'often': not a boolean", err)
+            code, out, err = self.admin("lists", "set", LIST, "bounce_notify_owner_on_disable=yes")
+            self.assertEqual(code, 0, out + err)
+            await self.bounce_daily(5, "gone@example.org")
+            (notice,) = self.disable_notices()
+            self.assertIn("gone@example.org", notice["Subject"])
 
         return as_deferred(go())
 

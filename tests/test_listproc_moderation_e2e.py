@@ -5,9 +5,12 @@ service (``makeService`` with its SQLite stores), decisions by reply mail and by
 
 from __future__ import annotations
 
+import email
 import re
+from email.header import decode_header, make_header
 
 from twisted.internet import reactor
+from twisted.logger import capturedLogs, formatEvent
 
 from mailrelay.listproc.tokens import Pending, PendingAction, new_token
 from mailrelay.model import Destination, EntryKind, EntryState, Envelope, Route
@@ -335,6 +338,104 @@ class LoopTests(ModerationCase):
             (delivered,) = self.posts_received()
             await self.post(delivered.as_bytes(), sender=MEMBER)
             self.assertEqual(len(self.posts_received()), 1)
+
+        return as_deferred(go())
+
+
+class LoopRoundTripTests(ModerationCase):
+    def as_sent(self, received) -> bytes:
+        """A message the smarthost received, without the envelope fields it recorded."""
+        copy = email.message_from_bytes(received.as_bytes())
+        del copy["X-MailFrom"], copy["X-RcptTo"]
+        return copy.as_bytes()
+
+    def test_post_back_through_another_list_is_discarded_by_x_beenthere(self):
+        """Posts going out carry X-BeenThere: LIST@DOMAIN.  A post that went out and comes
+        back through another list, which replaced the List-Id with its own but kept the
+        X-BeenThere (as Mailman and mailrelay do), is discarded and logged; nothing is
+        delivered again."""
+
+        async def go():
+            other = "other@example.com"
+            self.registry.add_members(LIST, [other])
+            self.registry.add_members(other, [LIST])
+            self.admin("lists", "set", other, "posting=open")
+            await self.post(sender=MEMBER)
+            (out,) = self.received(other)
+            self.assertEqual(out.get_all("X-BeenThere"), [LIST])
+            # The other list gets the copy and sends it on to its member, this list.
+            await self.send(other, self.as_sent(out), sender=out["X-MailFrom"])
+            (back,) = self.received(LIST)
+            self.assertEqual(back["List-Id"], "<other.example.com>")
+            self.assertEqual(back.get_all("X-BeenThere"), [other, LIST])
+            before = len(self.received())
+            with capturedLogs() as events:
+                await self.send(LIST, self.as_sent(back), sender=back["X-MailFrom"])
+            self.assertEqual(len(self.received()), before)
+            (entry,) = [
+                e
+                for e in self.entries()
+                if e.kind is EntryKind.INBOUND
+                and e.destination.address == LIST
+                and e.last_error.startswith("discarded")
+            ]
+            self.assertEqual(entry.state, EntryState.DONE)
+            self.assertEqual(
+                entry.last_error, "discarded: loop: the post carries this list's own X-BeenThere"
+            )
+            logged = [formatEvent(e) for e in events]
+            self.assertTrue(
+                any(
+                    "discarded (loop: the post carries this list's own X-BeenThere)" in line
+                    for line in logged
+                ),
+                logged,
+            )
+
+        return as_deferred(go())
+
+    def test_x_beenthere_of_a_longer_list_name_is_no_loop(self):
+        """X-BeenThere names one list exactly: a post that went through
+        alltest@example.com is no loop for test@example.com."""
+
+        async def go():
+            await self.post(post(headers="X-BeenThere: alltest@example.com\r\n"), sender=MEMBER)
+            (received,) = self.posts_received()
+            self.assertEqual(received.get_all("X-BeenThere"), [LIST, "alltest@example.com"])
+
+        return as_deferred(go())
+
+
+class SubjectPrefixTests(ModerationCase):
+    def last_subject(self) -> str:
+        """The decoded Subject of the last post a member received."""
+        return str(make_header(decode_header(self.posts_received()[-1]["Subject"])))
+
+    def test_subject_prefix_set_live_added_once(self):
+        """No prefix by default; `mailrelay lists set LIST subject_prefix=...` puts it in
+        front of the Subject of the next posts (one space, once: a reply keeps one, with
+        its Re: after it), and an encoded Subject is decoded and encoded again."""
+
+        async def go():
+            await self.post(sender=MEMBER)
+            self.assertEqual(self.last_subject(), "hello list")
+            code, out, err = self.admin("lists", "set", LIST, "subject_prefix=[test] ")
+            self.assertEqual(code, 0, out + err)
+            self.assertEqual(self.registry.list_settings(LIST).subject_prefix, "[test]")
+            _, out, _ = self.admin("lists", "show", LIST)
+            self.assertIn("subject_prefix = [test]", out)
+            await self.post(sender=MEMBER)
+            self.assertEqual(self.last_subject(), "[test] hello list")
+            await self.post(post(subject="Re: [test] hello list"), sender=MEMBER)
+            self.assertEqual(self.last_subject(), "[test] Re: hello list")
+            await self.post(post(subject="=?utf-8?q?Gr=C3=BC=C3=9Fe?="), sender=MEMBER)
+            self.assertEqual(self.last_subject(), "[test] Grüße")
+            code, _, err = self.admin("lists", "set", LIST, "subject_prefix=[a]\x07")
+            self.assertEqual(code, 1)
+            self.assertIn("subject_prefix = '[a]\\x07': must be one line of text", err)
+            self.admin("lists", "set", LIST, "subject_prefix=")
+            await self.post(sender=MEMBER)
+            self.assertEqual(self.last_subject(), "hello list")
 
         return as_deferred(go())
 

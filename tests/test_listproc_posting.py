@@ -75,12 +75,14 @@ class DecideTests(SynchronousTestCase):
 class LoopTests(SynchronousTestCase):
     def test_own_list_id_and_x_beenthere(self):
         """The list's own List-Id (any display name, any case) and an X-BeenThere naming its
-        posting address are loops; another list's are not; no headers, no loop."""
+        posting address (the whole value) are loops; another list's are not, even one whose
+        name ends in this one's; no headers, no loop."""
         for text in [
             "List-Id: Test <test.example.com>\n",
             "List-Id: <TEST.Example.COM>\n",
             "List-Id: test.example.com\n",
             "X-BeenThere: Test@Example.com\n",
+            "X-BeenThere: <test@example.com>\n",
             "List-Id: <other.example.com>\nList-Id: <test.example.com>\n",
         ]:
             self.assertIsNotNone(loop_reason(headers(text), MLIST), text)
@@ -88,6 +90,8 @@ class LoopTests(SynchronousTestCase):
             "List-Id: <other.example.com>\n",
             "List-Id: <test.example.com.evil>\n",
             "X-BeenThere: other@example.com\n",
+            "X-BeenThere: alltest@example.com\n",
+            "X-BeenThere: test@example.com.evil\n",
             "Subject: test.example.com\n",
         ]:
             self.assertIsNone(loop_reason(headers(text), MLIST), text)

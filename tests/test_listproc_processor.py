@@ -8,7 +8,7 @@ In memory, on a ``task.Clock``, with the runner tests' scripted sender.
 from __future__ import annotations
 
 from twisted.internet import defer
-from twisted.logger import capturedLogs
+from twisted.logger import capturedLogs, formatEvent
 
 from mailrelay.errors import RegistryUnavailable, SpoolError
 from mailrelay.listproc.processor import Handled, ListMail, ListProcessor
@@ -183,6 +183,28 @@ class FailureTests(ProcessorCase):
         (entry_id,) = self.enqueue(REQUEST)
         entry = self.inbound(entry_id)
         self.assertEqual((entry.state, entry.last_error), (EntryState.HELD, "kept for later"))
+
+    def test_log_names_the_address_written_to(self):
+        """The log line of a processed message names the address it was sent to: the
+        sub-address without its +suffix (a token is a credential), and for a post handed
+        to a handler (a held post) the posting address, never a "-None" sub-address."""
+        self.confirm.result = Handled(note="confirmed")
+        with capturedLogs() as events:
+            self.enqueue(CONFIRM)
+        (line,) = [formatEvent(e) for e in events if "replies" in formatEvent(e)]
+        self.assertIn(" to test-confirm@example.com: done, 0 replies", line)
+        self.assertNotIn("abc123", line)
+
+        (post_id,) = self.enqueue(wake=False)
+        entry = self.inbound(post_id)
+        held = RecordingHandler(Handled(state=EntryState.HELD, note="held for moderation"))
+        with capturedLogs() as events:
+            self.successResultOf(
+                defer.Deferred.fromCoroutine(self.processor.process(entry, handler=held))
+            )
+        (line,) = [formatEvent(e) for e in events if "replies" in formatEvent(e)]
+        self.assertIn(f" to {LIST}: held, 0 replies: held for moderation", line)
+        self.assertNotIn("None", line)
 
     def test_handler_returning_a_deferred(self):
         """A handler may answer with a Deferred (or a coroutine)."""

@@ -23,6 +23,7 @@ from mailrelay.mta.transmittable import (
     make_transmittable,
     needs_rewriting,
 )
+from mailrelay.retry import Verdict, classify_error
 from tests.test_mta_client import ScriptedServer, txn
 
 # Headers the rewriting may add or change; every other header must decode the same.
@@ -361,8 +362,12 @@ class ClientTests(SynchronousTestCase):
         self.assertEqual(s.client.size_limit, 100)
         d = s.client.transact(txn(message=HEADERS + "\n" + "x" * 100 + "\n"))
         error = self.failureResultOf(d, MessageTooLarge).value
-        self.assertEqual((error.code, error.limit), (554, 100))
+        # What a server answers for a message over its fixed maximum (RFC 1870):
+        # 552 with 5.3.4, and permanent for the whole message.
+        self.assertEqual((error.code, error.limit), (552, 100))
+        self.assertTrue(error.response.startswith(b"5.3.4 "))
         self.assertTrue(error.permanent)
+        self.assertIs(classify_error(error), Verdict.PERMANENT)
         self.assertGreater(error.size, 100)
         self.assertEqual(s.sent(), [])
         self.assertTrue(s.client.is_usable())

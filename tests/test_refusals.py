@@ -245,10 +245,17 @@ class RunnerRefusalTests(RunnerCase):
         self.assertEqual(addresses, ["boss@example.org", "owner@example.org", "poster@example.org"])
 
     def test_too_large_for_size(self):
-        """MessageTooLarge (before MAIL) is a refusal of the message too."""
+        """MessageTooLarge (before MAIL) is a permanent refusal of the message too,
+        with the reply a server gives (552 5.3.4): every copy FAILED, not retried, and
+        the poster and the owners are told once, with that reply."""
         self.sender.error = MessageTooLarge(5000, 1000)
         self.enqueue(message=self.message)
+        self.assertEqual(set(self.states().values()), {EntryState.FAILED})
+        for entry in self.entries().values():
+            self.assertTrue(entry.last_error.startswith("552 5.3.4 "), entry.last_error)
         self.assertEqual(len(self.notices()), 3)
+        (post,) = [p for p in self.spool.posts(include_done=True) if p.refusal]
+        self.assertIn(": 552 5.3.4 Message too big", post.refusal)
 
     def test_no_dsn_for_list_mail_and_none_for_auth(self):
         """No DSN for a post that is itself list mail (List-Id), only the owner

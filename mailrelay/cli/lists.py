@@ -90,7 +90,8 @@ def _show(ctx: Context) -> int:
         ctx.out(f"                 {address}")
     ctx.out("  settings:")
     for name, key in LIST_SETTING_KEYS.items():
-        text = key.format(getattr(settings, name)) or "(the site's [lists] value)"
+        value = getattr(settings, name)
+        text = "(the site's [lists] value)" if value is None else key.format(value) or "(none)"
         ctx.out(f"    {name} = {text}{'' if name in changed else '  (default)'}")
     return EXIT_OK
 

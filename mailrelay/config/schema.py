@@ -483,6 +483,14 @@ SCHEMA: tuple[Key, ...] = (
     ),
     Key(
         "lists",
+        "bounce_notify_owner_on_disable",
+        "yes",
+        "Tell a list's owners when bounces disable delivery to a member (one notice per "
+        "disable, with the first warning).  Mailman 3's bounce_notify_owner_on_disable.",
+        _plain(parse_bool),
+    ),
+    Key(
+        "lists",
         "bounce_notify_owner_on_removal",
         "yes",
         "Tell a list's owners when bounces remove a member.  Mailman 3's "

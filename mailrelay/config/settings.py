@@ -143,6 +143,7 @@ class ListsSettings:
     bounce_info_stale_after: float = 7 * 86400.0
     bounce_you_are_disabled_warnings: int = 3
     bounce_you_are_disabled_warnings_interval: float = 7 * 86400.0
+    bounce_notify_owner_on_disable: bool = True
     bounce_notify_owner_on_removal: bool = True
     forward_unrecognized_bounces_to: str = "owners"
 

@@ -22,11 +22,19 @@ Bounces are untrusted and often broken, so only the first ``max_bytes`` are
 parsed, at most :data:`MAX_PARTS` parts and :data:`MAX_ADDRESSES` addresses
 are looked at, and any failure to read them gives an UNRECOGNISED report
 rather than an exception.
+
+A detector that raises is logged by flufl.bounce itself, with a traceback,
+through :mod:`logging` (logger ``flufl.bounce``) before the error reaches us.
+While this module runs the detectors a filter on that logger drops those
+records, and the failure is logged once, as one warning line of ours; the
+library's other records, and its use by other code, are left alone.
 """
 
 from __future__ import annotations
 
+import contextvars
 import enum
+import logging
 from dataclasses import dataclass
 from email.message import Message
 
@@ -127,7 +135,7 @@ def _parse(list_address: str, recipient: str, message: bytes, max_bytes: int) ->
     dsn = _read_dsn(msg)
     if dsn is not None and (dsn[0] or dsn[1]):
         return _report(dsn[0], dsn[1], Recognition.DSN)
-    detected = _detect(msg)
+    detected = _detect(list_address, msg)
     if detected is not None:
         return _report(detected[0], detected[1], Recognition.DETECTOR)
     if dsn is not None:
@@ -230,13 +238,46 @@ def _usable(address: str) -> bool:
 # -- flufl.bounce ---------------------------------------------------------------
 
 
-def _detect(msg: Message) -> tuple[set[str], set[str]] | None:
+# True while _detect runs flufl.bounce's detectors (per thread and task).
+_detecting: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "mailrelay_detecting_bounce", default=False
+)
+
+
+class _CaughtDetectorErrors(logging.Filter):
+    """Drops flufl.bounce's record of a detector's exception (``log.exception``,
+    a traceback) while :func:`_detect` runs the detectors: the exception is
+    raised on to it, and it logs the failure itself."""
+
+    name = "mailrelay: detector errors caught by mailrelay"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and _detecting.get())
+
+
+def _install_filter(logger: logging.Logger) -> None:
+    # Once per process, however often this module is imported (or reloaded).
+    if not any(getattr(f, "name", None) == _CaughtDetectorErrors.name for f in logger.filters):
+        logger.addFilter(_CaughtDetectorErrors())
+
+
+_install_filter(logging.getLogger("flufl.bounce"))
+
+
+def _detect(list_address: str, msg: Message) -> tuple[set[str], set[str]] | None:
     """``(permanent, temporary)`` found by flufl.bounce's detectors, or ``None``."""
+    entered = _detecting.set(True)
     try:
         temporary, permanent = flufl.bounce.all_failures(msg)
     except Exception as e:  # a detector choking on odd input
-        _log.info("flufl.bounce failed on a bounce: {error}", error=repr(e)[:200])
+        _log.warn(
+            "flufl.bounce's detectors failed on a bounce for {list}: {error}",
+            list=list_address,
+            error=" ".join(repr(e).split())[:200],
+        )
         return None
+    finally:
+        _detecting.reset(entered)
     found_permanent = _decoded(permanent)
     found_temporary = _decoded(temporary)
     if not found_permanent and not found_temporary:

@@ -24,6 +24,11 @@ list's own settings win):
   token (``-confirm+TOKEN``, :data:`PendingAction.REENABLE`); one interval
   after the last warning the member is removed and, with
   ``bounce_notify_owner_on_removal``, the owners are told.
+* With ``bounce_notify_owner_on_disable`` the owners get one notice per
+  disable, stored with the first warning (so the member record, which says
+  whether that warning went, says whether the owners were told: a restart
+  loses none).  With no warnings configured the member is
+  removed at the first check, and the removal notice is the only one.
 * A bounce naming no address is never dropped: its entry is HELD (kept in the
   spool, ``mailrelay queue --state held``), counted in the log, and copied to
   the owners when ``forward_unrecognized_bounces_to = owners``.
@@ -32,6 +37,7 @@ list's own settings win):
 from __future__ import annotations
 
 import enum
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -78,6 +84,7 @@ class BounceRules:
     stale_after: float = 7 * _DAY  # bounce_info_stale_after
     warnings: int = 3  # bounce_you_are_disabled_warnings
     warnings_interval: float = 7 * _DAY  # bounce_you_are_disabled_warnings_interval
+    notify_owner_on_disable: bool = True  # bounce_notify_owner_on_disable
     notify_owner_on_removal: bool = True  # bounce_notify_owner_on_removal
     forward_unrecognised: bool = True  # forward_unrecognized_bounces_to = owners
 
@@ -89,6 +96,7 @@ class BounceRules:
             stale_after=lists.bounce_info_stale_after,
             warnings=lists.bounce_you_are_disabled_warnings,
             warnings_interval=lists.bounce_you_are_disabled_warnings_interval,
+            notify_owner_on_disable=lists.bounce_notify_owner_on_disable,
             notify_owner_on_removal=lists.bounce_notify_owner_on_removal,
             forward_unrecognised=lists.forward_unrecognized_bounces_to == ForwardBounces.OWNERS,
         )
@@ -106,6 +114,9 @@ class BounceRules:
             warnings=pick(settings.bounce_you_are_disabled_warnings, self.warnings),
             warnings_interval=pick(
                 settings.bounce_you_are_disabled_warnings_interval, self.warnings_interval
+            ),
+            notify_owner_on_disable=pick(
+                settings.bounce_notify_owner_on_disable, self.notify_owner_on_disable
             ),
             notify_owner_on_removal=pick(
                 settings.bounce_notify_owner_on_removal, self.notify_owner_on_removal
@@ -458,6 +469,7 @@ class BounceWarnings(service.Service):
         outgoing: list[Outgoing] = []
         warned: list[MemberRecord] = []
         removed: list[MemberRecord] = []
+        told: list[str] = []  # owners told of the disable
         for record in due:
             if record.warnings_sent >= rules.warnings:
                 removed.append(record)
@@ -489,6 +501,17 @@ class BounceWarnings(service.Service):
             )
             outgoing.append(warning.to_spool(list_address))
             warned.append(record)
+            if number == 1 and rules.notify_owner_on_disable and mlist.owners:
+                # The first warning of this disable: the owners hear of it once.
+                notice = replies.build_disabled_notice(
+                    mlist,
+                    record.address,
+                    templates,
+                    reason=_disabled_reason(record, rules),
+                    now=now,
+                )
+                outgoing.append(notice.to_spool(list_address))
+                told.append(record.address)
         if outgoing:
             await self._spool.store_outgoing(outgoing, [])
         for record in warned:
@@ -498,11 +521,12 @@ class BounceWarnings(service.Service):
                 {"warnings_sent": record.warnings_sent + 1, "last_warning_at": now},
             )
             _log.info(
-                "Bounce warning {number} of {total} sent to {recipient} on {list}",
+                "Bounce warning {number} of {total} sent to {recipient} on {list}{told}",
                 number=record.warnings_sent + 1,
                 total=rules.warnings,
                 recipient=record.address,
                 list=list_address,
+                told=", owners told of the disable" if record.address in told else "",
             )
         if removed:
             self._registry.remove_members(list_address, [r.address for r in removed])
@@ -518,6 +542,18 @@ class BounceWarnings(service.Service):
         if outgoing and self._wake is not None:
             self._wake()
         return len(warned) + len(removed)
+
+
+def _disabled_reason(record: MemberRecord, rules: BounceRules) -> str:
+    """Why ``record`` was disabled, for the owners' notice."""
+    when = ""
+    if record.last_bounce_at is not None:
+        when = time.strftime(", the last on %Y-%m-%d", time.gmtime(record.last_bounce_at))
+    return (
+        f"bounce score {record.bounce_score:g} reached the threshold of {rules.threshold}"
+        f"{when}; {rules.warnings} warnings go to the member, "
+        f"{rules.warnings_interval / _DAY:g} days apart"
+    )
 
 
 def _due(record: MemberRecord, now: float, rules: BounceRules) -> bool:

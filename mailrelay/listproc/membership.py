@@ -54,7 +54,7 @@ from mailrelay.listproc.commands import (
     immediate_outcome,
     parse_commands,
 )
-from mailrelay.listproc.processor import Handled, ListMail
+from mailrelay.listproc.processor import Handled, ListMail, service_address
 from mailrelay.listproc.safety import auto_reply_allowed, autoreply_day, is_daemon_address
 from mailrelay.listproc.templating import Templates
 from mailrelay.listproc.tokens import Pending, PendingAction, check_pending, is_token, new_pending
@@ -173,11 +173,27 @@ class MembershipRequests:
             PendingAction.LEAVE: self._confirm_leave,
         }
         self._actions.update(actions or {})
+        self._spends_own_token: set[PendingAction] = set()
         self._last_purge: float | None = None
 
-    def add_action(self, action: PendingAction, confirm: ConfirmAction) -> None:
-        """Let tokens of ``action`` be confirmed through ``-confirm`` and ``confirm TOKEN``."""
-        self._actions[PendingAction(action)] = confirm
+    def add_action(
+        self, action: PendingAction, confirm: ConfirmAction, *, spends_token: bool = False
+    ) -> None:
+        """Let tokens of ``action`` be confirmed through ``-confirm`` and ``confirm TOKEN``.
+
+        Normally the token is spent (atomically: of two confirmations racing,
+        one wins) before ``confirm`` runs.  With ``spends_token`` it is handed
+        over unspent and ``confirm`` spends it once its own work is recorded,
+        so that a crash in between leaves the token valid and the confirming
+        mail, processed again after the restart, carries the work out (for
+        work that lives in another store than the token, such as a held post
+        in the spool).  Such an action must be safe to run twice."""
+        action = PendingAction(action)
+        self._actions[action] = confirm
+        if spends_token:
+            self._spends_own_token.add(action)
+        else:
+            self._spends_own_token.discard(action)
 
     # -- IListMailHandler ----------------------------------------------------
 
@@ -186,10 +202,11 @@ class MembershipRequests:
         refusal = auto_reply_allowed(mail.sender, mail.message, self._is_list_address)
         if refusal is not None:
             _log.info(
-                "{message_id} to {list}-{subaddress}: not acted on and not answered ({reason})",
+                "{message_id} to {to}: not acted on and not answered ({reason})",
                 message_id=mail.entry.message_id,
                 list=mlist.posting_address,
                 subaddress=mail.subaddress,
+                to=service_address(mail.entry.destination),
                 reason=refusal,
             )
             return Handled(note=f"ignored, not answered: {refusal}")
@@ -260,7 +277,9 @@ class MembershipRequests:
         found = self._registry.get_pending(token) if is_token(token) else None
         reason = check_pending(found, session.list_address, mail.now, tuple(self._actions))
         pending = None
-        if reason is None:
+        if reason is None and found is not None and found.action in self._spends_own_token:
+            pending = found  # the action spends it once its work is recorded
+        elif reason is None:
             # Spent atomically: of two confirmations racing, one wins.
             pending = self._registry.consume_pending(session.list_address, token, mail.now)
             if pending is None:

@@ -34,6 +34,7 @@ relay must not keep spam forever.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -149,6 +150,7 @@ class Moderation:
         self._site = site if site is not None else SiteDefaults()
         self._life = float(held_post_life)
         self._policy = PostingPolicy(registry)
+        self._deciding: dict[int, defer.DeferredLock] = {}
         self.wake = wake
 
     @property
@@ -276,10 +278,28 @@ class Moderation:
     def _on_held(
         self, entry_id: int, act: Callable[[SpoolEntry], Awaitable[str]]
     ) -> defer.Deferred[str]:
-        async def run() -> str:
-            return await act(self._find(entry_id))
+        return defer.Deferred.fromCoroutine(self._decide(entry_id, act))
 
-        return defer.Deferred.fromCoroutine(run())
+    async def _decide(
+        self,
+        entry_id: int,
+        act: Callable[[SpoolEntry], Awaitable[str]],
+        list_address: str | None = None,
+    ) -> str:
+        """Run ``act`` on held post ``entry_id``, one decision at a time per
+        post: a second decision waits for the first and then finds the post
+        no longer held (:class:`NotHeld`), so two replies in this process
+        never both carry one out."""
+        if isinstance(entry_id, bool) or not isinstance(entry_id, int):
+            raise NotHeld(f"a held post is named by its entry id, not {entry_id!r}")
+        lock = self._deciding.setdefault(entry_id, defer.DeferredLock())
+        await lock.acquire()
+        try:
+            return await act(self._find(entry_id, list_address))
+        finally:
+            lock.release()
+            if not lock.locked and not lock.waiting:
+                self._deciding.pop(entry_id, None)
 
     async def _approve(self, entry: SpoolEntry, by: str) -> str:
         list_address = entry.destination.list_address
@@ -388,25 +408,29 @@ class Moderation:
         reply (``approve``, ``reject REASON``, ``discard``) on the held post
         the token names, and answer the owner with the outcome.
 
-        A reply that decides nothing does not use the token up: it is stored
-        again, so the owner can still answer properly.
+        Registered with ``spends_token=True``: the token is handed over
+        unspent and dropped only after the decision is recorded in the spool
+        (with every other token of the post).  A crash in between leaves the
+        post held and the token valid, so the reply, processed again after
+        the restart, decides it; a token whose post was decided meanwhile
+        finds it no longer held and is dropped.  A reply that decides nothing
+        leaves the token as it is, so the owner can still answer properly.
         """
         pending, mail = confirmation.pending, confirmation.mail
         decision = parse_moderation(mail.message)
         by = confirmation.requester or "a reply by mail"
         if decision is None:
-            registry.add_pending(pending)
             result = "nothing done: the reply's first line was not approve, reject or discard"
         else:
             try:
-                entry = self._find(_entry_id(pending.reference), pending.list_address)
-                if decision.action is ModerationAction.APPROVE:
-                    result = await self._approve(entry, by)
-                elif decision.action is ModerationAction.REJECT:
-                    result = await self._reject(entry, decision.reason, by)
-                else:
-                    result = await self._discard(entry, by)
+                result = await self._decide(
+                    _entry_id(pending.reference),
+                    functools.partial(self._carry_out, decision, by),
+                    pending.list_address,
+                )
             except NotHeld:
+                # Decided (perhaps by this very reply before a crash) or expired.
+                registry.discard_pending(pending.token)
                 result = "nothing done: the post is no longer held (decided or expired)"
         answer = replies.build_moderation_result(
             mail.mlist,
@@ -417,6 +441,14 @@ class Moderation:
             now=mail.now,
         )
         return ActionResult((answer,), result)
+
+    async def _carry_out(self, decision: Any, by: str, entry: SpoolEntry) -> str:
+        """Carry out an owner's ``decision`` (a parsed moderation reply) on ``entry``."""
+        if decision.action is ModerationAction.APPROVE:
+            return await self._approve(entry, by)
+        if decision.action is ModerationAction.REJECT:
+            return await self._reject(entry, decision.reason, by)
+        return await self._discard(entry, by)
 
     # -- expiry --------------------------------------------------------------
 

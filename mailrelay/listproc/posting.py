@@ -87,8 +87,9 @@ def loop_reason(headers: Message | None, mlist: MailingList) -> str | None:
     """Why the post looks like one this list already sent (a loop), or ``None``.
 
     ``List-Id`` is compared by its ``<list.id>`` (RFC 2919: the display name
-    is free text); ``X-BeenThere`` (Mailman's header) by the posting address
-    it carries.  Case-insensitive; another list's headers do not count.
+    is free text); ``X-BeenThere`` (Mailman's header, which every post mailrelay
+    sends carries too) by the posting address it holds, the whole value.
+    Case-insensitive; another list's headers do not count.
     """
     if headers is None:
         return None
@@ -100,7 +101,9 @@ def loop_reason(headers: Message | None, mlist: MailingList) -> str | None:
         if list_id.strip() == own_id:
             return "loop: the post carries this list's own List-Id"
     for value in _all(headers, "x-beenthere"):
-        if mlist.posting_address in value.lower():
+        # One address per field (Mailman's form), compared whole: a post that
+        # went through alltest@example.com is no loop for test@example.com.
+        if value.strip().strip("<>").strip().lower() == mlist.posting_address:
             return "loop: the post carries this list's own X-BeenThere"
     return None
 

@@ -35,11 +35,18 @@ from twisted.logger import Logger
 from mailrelay.addresses import VERP_DELIMITER
 from mailrelay.errors import RegistryError, RegistryUnavailable, SpoolError
 from mailrelay.interfaces import IListMailHandler
-from mailrelay.model import EntryState, EntryUpdate, MailingList, Outgoing, SpoolEntry
+from mailrelay.model import (
+    Destination,
+    EntryState,
+    EntryUpdate,
+    MailingList,
+    Outgoing,
+    SpoolEntry,
+)
 from mailrelay.observer import NO_OBSERVER
 from mailrelay.runner.outcomes import retry_after_local_trouble
 
-__all__ = ["Handled", "ListMail", "ListProcessor"]
+__all__ = ["Handled", "ListMail", "ListProcessor", "service_address"]
 
 _log = Logger()
 
@@ -173,7 +180,8 @@ class ListProcessor:
             message_id=entry.message_id,
             list=destination.list_address,
             sender=entry.sender,
-            subaddress=destination.subaddress,
+            subaddress=destination.subaddress or "",
+            to=service_address(destination),
             entry_id=entry.entry_id,
         )
         now = self._clock.seconds()
@@ -182,9 +190,7 @@ class ListProcessor:
         try:
             mlist = self._registry.get_list(destination.list_address)
             if mlist is None:
-                _log.warn(
-                    "{message_id} to {list}-{subaddress}: the list no longer exists", **fields
-                )
+                _log.warn("{message_id} to {to}: the list no longer exists", **fields)
                 return EntryUpdate(
                     entry.entry_id,
                     EntryState.FAILED,
@@ -198,17 +204,16 @@ class ListProcessor:
             return None  # deleted by an operator meanwhile
         except (RegistryUnavailable, SpoolError) as e:
             _log.warn(
-                "{message_id} to {list}-{subaddress}: cannot process it now ({error}); "
-                "trying again shortly",
+                "{message_id} to {to}: cannot process it now ({error}); trying again shortly",
                 error=str(e),
                 **fields,
             )
             return retry_after_local_trouble(entry, f"cannot process it now: {e}", now)
         except RegistryError as e:
-            _log.warn("{message_id} to {list}-{subaddress}: {error}", error=str(e), **fields)
+            _log.warn("{message_id} to {to}: {error}", error=str(e), **fields)
             return EntryUpdate(entry.entry_id, EntryState.FAILED, error=str(e), count_attempt=True)
         except Exception as e:
-            _log.failure("{message_id} to {list}-{subaddress}: the handler failed", **fields)
+            _log.failure("{message_id} to {to}: the handler failed", **fields)
             return EntryUpdate(
                 entry.entry_id,
                 EntryState.FAILED,
@@ -217,7 +222,7 @@ class ListProcessor:
             )
         if not isinstance(handled, Handled):
             _log.error(
-                "{message_id} to {list}-{subaddress}: the handler returned {result!r}",
+                "{message_id} to {to}: the handler returned {result!r}",
                 result=handled,
                 **fields,
             )
@@ -234,7 +239,7 @@ class ListProcessor:
             count_attempt=handled.state is EntryState.FAILED,
         )
         _log.info(
-            "{message_id} from {sender} to {list}-{subaddress}: {state}, {count} replies: {note}",
+            "{message_id} from {sender} to {to}: {state}, {count} replies: {note}",
             state=handled.state.value,
             count=len(handled.outgoing),
             note=handled.note,
@@ -248,7 +253,7 @@ class ListProcessor:
         except SpoolError as e:
             # Nothing was stored: the whole request is processed again.
             _log.error(
-                "{message_id} to {list}-{subaddress}: cannot store the replies ({error})",
+                "{message_id} to {to}: cannot store the replies ({error})",
                 error=str(e),
                 **fields,
             )
@@ -262,6 +267,15 @@ class ListProcessor:
         # was written (the caller writes an update returned without replies).
         if handled.state is EntryState.HELD:
             self._observer.recipients_held(list_address, 1)
+
+
+def service_address(destination: Destination) -> str:
+    """The address ``destination`` names, for the log: ``test-request@example.com``
+    for a sub-address (its ``+`` suffix left out: a token is a credential),
+    the posting address for a post (such as one being held)."""
+    if destination.subaddress is None:
+        return destination.list_address
+    return MailingList(destination.list_address).subaddress(destination.subaddress)
 
 
 async def _call(handler: Any, mail: ListMail) -> Any:

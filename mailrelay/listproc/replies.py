@@ -45,6 +45,7 @@ __all__ = [
     "build_moderation_result",
     "build_reenabled",
     "build_reject_notice",
+    "build_disabled_notice",
     "build_removal_notice",
     "build_token_rejected",
     "build_unrecognised_bounce",
@@ -315,6 +316,29 @@ def build_disabled_warning(
         from_=confirm_address(mlist, token),
         reply_to=confirm_address(mlist, token),
         fallback_subject=f"Your membership in {mlist.posting_address} is disabled",
+        in_reply_to=None,
+        now=now,
+    )
+
+
+def build_disabled_notice(
+    mlist: MailingList,
+    address: str,
+    templates: Templates,
+    *,
+    reason: str,
+    now: float | None = None,
+) -> Outgoing:
+    """The notice to the owners that bounces disabled delivery to ``address``
+    (Mailman 3's ``bounce_notify_owner_on_disable``)."""
+    return _from_template(
+        mlist,
+        templates,
+        "disabled-owner",
+        {"address": address, "reason": _one_line(reason)},
+        to=mlist.owners,
+        from_=mlist.subaddress("owner"),
+        fallback_subject=f"Delivery to {address} disabled on {mlist.posting_address}",
         in_reply_to=None,
         now=now,
     )

@@ -66,6 +66,7 @@ PLACEHOLDERS: dict[str, frozenset[str]] = {
         "reject": {"subject", "reason"},
         "moderation-result": {"result"},
         "disabled-warning": {"address", "token", "warnings_left"},
+        "disabled-owner": {"address", "reason"},
         "removed-owner": {"address", "reason"},
         "reenabled": {"address"},
         "unrecognised-bounce": {"reason", "recipient"},

@@ -91,13 +91,15 @@ class MessageTooLarge(DeliveryError):
     Found before MAIL FROM, so nothing was sent and the connection stays
     usable.  The failure is permanent: the same message will not shrink.
     ``size`` is the message's size as it would have been sent, ``limit`` the
-    server's.  The code is 554, not the 552 a server would answer, because a
-    552 is taken as temporary (see :attr:`DeliveryError.permanent`).
+    server's.  The reply is the one a server gives for a message over its
+    fixed maximum size (RFC 1870, RFC 5321 4.5.3.1.10, RFC 3463): ``552 5.3.4``,
+    which :attr:`DeliveryError.permanent` and
+    :func:`~mailrelay.retry.classify_error` take as permanent for a whole message.
     """
 
     def __init__(self, size: int, limit: int):
         super().__init__(
-            554, b"5.3.4 Message too big for the smarthost (%d octets, limit %d)" % (size, limit)
+            552, b"5.3.4 Message too big for the smarthost (%d octets, limit %d)" % (size, limit)
         )
         self.size = size
         self.limit = limit

@@ -3,7 +3,8 @@
 Place in the flow: the :mod:`~mailrelay.runner.scheduler` hands each claimed
 group of MEMBER, OWNER or NOTICE entries (one message, one list) to
 :meth:`CopySender.deliver_group`, which reads the list, builds the DATA bytes
-once per message (with the list headers, for posts), sends them through the
+once per message (with the list headers and the list's subject prefix, for
+posts), sends them through the
 ``IMessageSender`` (normally :class:`~mailrelay.mta.pool.ConnectionPool`, the
 ``mta`` package) in transactions of at most ``max_recipients`` (one per
 recipient with VERP or ``personalize``) from the list's ``-bounces`` address
@@ -195,12 +196,26 @@ class CopySender:
             raw = self._spool.get_message(message_key)
         if kind is EntryKind.MEMBER:
             list_url = None if self._urls is None else self._urls.list_url(mlist.posting_address)
-            raw = add_list_headers(raw, mlist, list_url=list_url, personal=self._member_urls)
+            raw = add_list_headers(
+                raw,
+                mlist,
+                list_url=list_url,
+                personal=self._member_urls,
+                subject_prefix=self._subject_prefix(mlist.posting_address),
+            )
         wire = prepare_message(raw)
         self._messages[key] = wire
         if len(self._messages) > _CACHED_MESSAGES:
             self._messages.popitem(last=False)
         return wire
+
+    def _subject_prefix(self, list_address: str) -> str:
+        """The list's ``subject_prefix`` setting ("" for a registry without
+        per-list settings: an embedder's own ``IListRegistry``)."""
+        read = getattr(self._registry, "list_settings", None)
+        if read is None:
+            return ""
+        return getattr(read(list_address), "subject_prefix", "") or ""
 
     async def deliver_group(
         self, key: GroupKey, entries: list[SpoolEntry], just_stored: JustStored | None = None
@@ -259,6 +274,15 @@ class CopySender:
         except SpoolError as e:
             _log.error("{message_id}: cannot read the message ({error})", error=str(e), **fields)
             return GroupResult(self._retry_all(entries, f"cannot read the message: {e}"))
+        except (RegistryError, RegistryUnavailable) as e:
+            _log.warn(
+                "{message_id}: cannot read the settings of {list} ({error}); trying again in "
+                "{delay}s",
+                error=str(e),
+                delay=LOCAL_RETRY_DELAY,
+                **fields,
+            )
+            return GroupResult(self._retry_all(entries, f"cannot read the list's settings: {e}"))
 
         by_address: dict[str, list[SpoolEntry]] = defaultdict(list)
         for entry in entries:
