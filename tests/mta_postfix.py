@@ -75,6 +75,16 @@ biff = no
 """
 
 
+def _merge(base: str, overrides: str) -> str:
+    """main.cf ``base`` with each ``name = value`` of ``overrides`` in place of its own."""
+    settings: dict[str, str] = {}
+    for line in (base + overrides).splitlines():
+        if line.strip() and not line.startswith("#"):
+            name = line.split("=", 1)[0].strip()
+            settings[name] = line
+    return "".join(line + "\n" for line in settings.values())
+
+
 def require_postfix() -> None:
     """Skip (locally) or fail (CI) unless a private Postfix can be started here."""
     require_program("postfix")
@@ -85,8 +95,8 @@ def require_postfix() -> None:
 class PrivatePostfix:
     """A Postfix master process with its own configuration under ``tmp``.
 
-    ``main_cf`` is appended to :data:`MAIN_CF` (a later line overrides an
-    earlier one); ``transport`` and ``domains`` in ``conf`` start empty.
+    ``main_cf`` lines replace those of :data:`MAIN_CF` with the same name
+    and add the others; ``transport`` and ``domains`` in ``conf`` start empty.
     """
 
     def __init__(self, tmp: str, port: int, main_cf: str = ""):
@@ -97,7 +107,7 @@ class PrivatePostfix:
             os.makedirs(os.path.join(tmp, d), exist_ok=True)
         shutil.chown(os.path.join(tmp, "data"), "postfix")
         with open(os.path.join(self.conf, "main.cf"), "w") as f:
-            f.write(MAIN_CF.format(tmp=tmp) + main_cf)
+            f.write(_merge(MAIN_CF.format(tmp=tmp), main_cf))
         with open(os.path.join(self.conf, "master.cf"), "w") as f:
             f.write(MASTER_CF.format(port=port))
         for name in ("transport", "domains"):
@@ -199,7 +209,6 @@ base_dir = {tmp}/run
 state_dir = {tmp}/state
 log_path = {tmp}/dovecot.log
 protocols =
-listen =
 ssl = no
 auth_mechanisms = plain login
 passdb {{
