@@ -71,8 +71,11 @@ class PostfixSmarthostTests(TestCase):
         require_postfix()
         require_dovecot()
 
-    async def chain(self, password: str):
-        """Members' MX, Dovecot, Postfix and a mailrelay daemon logging in with ``password``."""
+    async def chain(self, password: str, trusted: ThrowawayCA | None = None):
+        """Members' MX, Dovecot, Postfix and a mailrelay daemon logging in with ``password``.
+
+        mailrelay trusts the CA that issued Postfix's certificate, or ``trusted``.
+        """
         tmp = temp_dir(self)
         os.chmod(tmp, 0o755)
         members_mx = FakeMTA(reactor)
@@ -105,7 +108,7 @@ class PostfixSmarthostTests(TestCase):
             lmtp_hostname="lists.test",
             smtp_port=postfix.port,
             smtp_secure_mode="starttls",
-            smtp_ca_file=ca.write_ca_file(relay_dir),
+            smtp_ca_file=(trusted or ca).write_ca_file(relay_dir),
             smtp_user=USER,
             smtp_pass_file=pass_file,
         )
@@ -147,6 +150,29 @@ class PostfixSmarthostTests(TestCase):
 
         return as_deferred(go())
 
+    async def assert_paused(self, relay, postfix, dovecot, members_mx, reason: str) -> None:
+        """Delivery is paused for ``reason``; both copies wait; nothing bounced or sent."""
+
+        def paused():
+            return "DELIVERY PAUSED" in relay.cli("queue")
+
+        await poll(
+            reactor,
+            paused,
+            "the circuit breaker",
+            details=lambda: f"{relay.log()}\n{postfix.log()}\n{dovecot.log()}",
+        )
+        shown = relay.cli("queue", "--state", "all")
+        self.assertIn(reason, shown.splitlines()[0])
+        # The post was routed (done); both members' copies wait for a retry, and
+        # nothing else was queued: no DSN, no bounce notice, nothing failed.
+        self.assertEqual(
+            sorted((row["KIND"], row["RECIPIENT"], row["STATE"]) for row in _rows(shown)),
+            [("member", member, "retry") for member in MEMBERS] + [("post", LIST, "done")],
+        )
+        self.assertEqual(members_mx.messages, [])
+        self.assertIsNone(relay.process.poll())
+
     def test_wrong_password_pauses_and_bounces_nothing(self):
         """With a wrong password Postfix answers 535 5.7.8 (Dovecot refused it): mailrelay
         pauses delivery (``mailrelay queue`` says so), keeps every member's copy queued
@@ -156,26 +182,22 @@ class PostfixSmarthostTests(TestCase):
         async def go():
             relay, postfix, dovecot, members_mx = await self.chain("not the password")
             await self.post(relay, "<smarthost-badpass@elsewhere.test>")
-
-            def paused():
-                return "DELIVERY PAUSED" in relay.cli("queue")
-
-            await poll(
-                reactor,
-                paused,
-                "the circuit breaker",
-                details=lambda: f"{relay.log()}\n{postfix.log()}\n{dovecot.log()}",
-            )
-            shown = relay.cli("queue", "--state", "all")
-            self.assertIn("535 5.7.8", shown.splitlines()[0])
-            # The post was routed (done); both members' copies wait for a retry, and
-            # nothing else was queued: no DSN, no bounce notice, nothing failed.
-            self.assertEqual(
-                sorted((row["KIND"], row["RECIPIENT"], row["STATE"]) for row in _rows(shown)),
-                [("member", member, "retry") for member in MEMBERS] + [("post", LIST, "done")],
-            )
-            self.assertEqual(members_mx.messages, [])
+            await self.assert_paused(relay, postfix, dovecot, members_mx, "535 5.7.8")
             self.assertIn("authentication failed", postfix.log())
-            self.assertIsNone(relay.process.poll())
+
+        return as_deferred(go())
+
+    def test_untrusted_certificate_pauses_and_bounces_nothing(self):
+        """Verification is on: when Postfix's certificate is not from the CA mailrelay
+        trusts, mailrelay gives up on that connection before AUTH (so no password is
+        sent), pauses delivery and bounces nothing."""
+
+        async def go():
+            relay, postfix, dovecot, members_mx = await self.chain(PASSWORD, ThrowawayCA())
+            await self.post(relay, "<smarthost-badcert@elsewhere.test>")
+            await self.assert_paused(
+                relay, postfix, dovecot, members_mx, "certificate verify failed"
+            )
+            self.assertNotIn("sasl_username", postfix.log())
 
         return as_deferred(go())
