@@ -148,8 +148,13 @@ class RelayProcess:
         def listening():
             if process.poll() is not None:
                 raise AssertionError(f"twistd exited with {process.returncode}: {self.log()}")
+            # A connection, not the socket file: the file exists from bind(),
+            # a moment before listen(), and a client then gets ECONNREFUSED.
             if self.tcp_port is None:
-                return os.path.exists(self.socket)
+                if not os.path.exists(self.socket):
+                    return False
+                with socket.socket(socket.AF_UNIX) as probe:
+                    return probe.connect_ex(self.socket) == 0
             with socket.socket() as probe:
                 return probe.connect_ex(("127.0.0.1", self.tcp_port)) == 0
 

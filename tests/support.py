@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import socket
+import subprocess
 import tempfile
 
 from twisted.internet import defer, task
@@ -35,6 +37,13 @@ def require_program(name: str) -> str:
     raise SkipTest(message)
 
 
+def missing_peer(message: str):
+    """A peer a test needs is missing: skip locally, fail under ``MAILRELAY_REQUIRE_PEERS``."""
+    if peers_required():
+        raise AssertionError(message)
+    raise SkipTest(message)
+
+
 def temp_dir(case) -> str:
     """A fresh directory removed after the test.
 
@@ -43,6 +52,39 @@ def temp_dir(case) -> str:
     """
     path = tempfile.mkdtemp(prefix="mailrelay-test-")
     case.addCleanup(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+def mount_tmpfs(case, path: str, size: str) -> None:
+    """A tmpfs of ``size`` on ``path``, unmounted after the test; skip (fail in CI) if impossible."""
+    why = None
+    if os.geteuid() != 0:
+        why = "mounting a tmpfs needs root"
+    else:
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0750", "tmpfs", path],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            why = f"mount -t tmpfs failed: {result.stderr.strip()}"
+    if why is not None:
+        missing_peer(why)
+    case.addCleanup(subprocess.run, ["umount", "-l", path], check=False)
+
+
+def fill_file_system(directory: str) -> str:
+    """Write a file in ``directory`` until the file system has no byte left; its path."""
+    path = os.path.join(directory, "filler")
+    with open(path, "wb", buffering=0) as f:
+        for size in (1 << 16, 1 << 12, 1 << 8, 1):
+            try:
+                while True:
+                    f.write(b"\0" * size)
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
     return path
 
 

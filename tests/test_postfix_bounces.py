@@ -14,20 +14,15 @@ mailrelay about it.  Skipped locally without Postfix or root; never with CI=true
 
 from __future__ import annotations
 
-import io
-import os
-import tempfile
-
 from twisted.internet import reactor, task
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
-from mailrelay import cli
 from mailrelay.listproc.bounces import Recognition, parse_bounce
 from mailrelay.model import EntryState
 from mailrelay.mta import Connection
 from mailrelay.testing import FakeMTA
-from tests.support import as_deferred, free_port, peers_required, require_program, wait_for_port
-from tests.test_postfix_integration import PrivatePostfix
+from tests.mta_postfix import require_postfix, start_chain
+from tests.support import as_deferred, temp_dir
 
 LIST = "test@lists.test"
 
@@ -36,12 +31,7 @@ class PostfixDSNTests(TestCase):
     timeout = 120
 
     def setUp(self):
-        require_program("postfix")
-        if os.geteuid() != 0:
-            message = "a private Postfix master must be started as root"
-            if peers_required():
-                raise AssertionError(message)
-            raise SkipTest(message)
+        require_postfix()
 
     def test_postfix_dsn_scores_the_refused_member(self):
         """Postfix's DSN for a member the next hop refused (550 5.1.1) arrives over LMTP
@@ -49,7 +39,7 @@ class PostfixDSNTests(TestCase):
         one to the member's bounce score; the other member is untouched."""
 
         async def go():
-            tmp = tempfile.mkdtemp()
+            tmp = temp_dir(self)
             members_mx = FakeMTA(reactor)
             await members_mx.start()
             self.addCleanup(members_mx.stop)
@@ -60,42 +50,11 @@ class PostfixDSNTests(TestCase):
                 count=5,
                 match="bart@members.test",
             )
-
-            postfix = PrivatePostfix(tmp, free_port())
-            lmtp_port = free_port()
-            config = os.path.join(tmp, "mailrelay.ini")
-            with open(config, "w") as f:
-                f.write(
-                    f"[paths]\nvar_dir = {tmp}/var\n[mta]\nlmtp_port = {lmtp_port}\n"
-                    f"lmtp_hostname = lists.test\nsmtp_host = 127.0.0.1\nsmtp_port = {postfix.port}\n"
-                )
-            out = io.StringIO()
-            for argv in (
-                ["lists", "create", LIST, "--owner", "owner@members.test"],
-                # anne is not a member: the test is about bounces, not the posting policy.
-                ["lists", "set", LIST, "posting=open"],
-                ["members", "add", LIST, "bart@members.test", "cate@members.test"],
-                ["postfix-maps", "-o", os.path.join(postfix.conf, "transport")],
-                ["postfix-maps", "--domains", "-o", os.path.join(postfix.conf, "domains")],
-            ):
-                self.assertEqual(
-                    cli.main(["-C", config, *argv], stdout=out, stderr=out), 0, out.getvalue()
-                )
-            with open(os.path.join(postfix.conf, "transport"), "a") as f:
-                f.write(f"members.test smtp:[127.0.0.1]:{members_mx.port}\n")
-            postfix.postmap("transport")
-            postfix.postmap("domains")
-
-            from mailrelay.config import load_settings
-            from mailrelay.service import makeService
-
-            relay = makeService(load_settings(config), reactor)
-            relay.startService()
-            self.addCleanup(relay.stopService)
-            started = postfix.command("start")
-            self.addCleanup(postfix.command, "stop")
-            self.assertEqual(started.returncode, 0, started.stderr + postfix.log())
-            await wait_for_port(reactor, postfix.port)
+            # anne is not a member: the test is about bounces, not the posting policy.
+            chain = await start_chain(
+                self, reactor, tmp, members_mx, LIST, ["bart@members.test", "cate@members.test"]
+            )
+            postfix, relay = chain.postfix, chain.relay
 
             client = Connection("127.0.0.1", postfix.port, 0, reactor=reactor)
             self.addCleanup(client.quit)
@@ -106,8 +65,7 @@ class PostfixDSNTests(TestCase):
                 "Message-ID: <pfb1@elsewhere.test>\n\nHello.\n",
             )
 
-            registry = relay.getServiceNamed("mailrelay-stores")._registry
-            spool = relay.getServiceNamed("mailrelay-stores")._spool
+            registry, spool = chain.registry, chain.spool
             for _ in range(2500):
                 record = registry.get_member(LIST, "bart@members.test")
                 if record.bounce_score >= 1:

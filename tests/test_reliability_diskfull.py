@@ -17,13 +17,11 @@ disk is full.
 
 from __future__ import annotations
 
-import errno
 import os
-import subprocess
 import time
 
 from twisted.internet import reactor
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
 from mailrelay.testing import FakeMTA
 from mailrelay.testing.lmtp import connect_lmtp
@@ -34,7 +32,7 @@ from tests.daemon import (
     record_figures,
     wait_for_copies,
 )
-from tests.support import as_deferred, free_port, peers_required, temp_dir
+from tests.support import as_deferred, fill_file_system, free_port, mount_tmpfs, temp_dir
 
 LISTS = {
     "alpha@example.com": ["bart@members.example", "cate@members.example"],
@@ -45,41 +43,6 @@ REFUSED = 5  # posts sent while it is full
 # [mta] spool_reserve when the test wants one: above the 4 MB SQLite's WAL
 # grows to before it checkpoints and starts again from its beginning.
 RESERVE = 6 * 2**20
-
-
-def _mount_tmpfs(case, path: str, size: str) -> None:
-    """A tmpfs of ``size`` on ``path``, unmounted after the test; skip (fail in CI) if impossible."""
-    why = None
-    if os.geteuid() != 0:
-        why = "mounting a tmpfs needs root"
-    else:
-        result = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0750", "tmpfs", path],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if result.returncode != 0:
-            why = f"mount -t tmpfs failed: {result.stderr.strip()}"
-    if why is not None:
-        if peers_required():
-            raise AssertionError(why)
-        raise SkipTest(why)
-    case.addCleanup(subprocess.run, ["umount", "-l", path], check=False)
-
-
-def _fill(directory: str) -> str:
-    """Write a file in ``directory`` until the file system has no byte left; its path."""
-    path = os.path.join(directory, "filler")
-    with open(path, "wb", buffering=0) as f:
-        for size in (1 << 16, 1 << 12, 1 << 8, 1):
-            try:
-                while True:
-                    f.write(b"\0" * size)
-            except OSError as e:
-                if e.errno != errno.ENOSPC:
-                    raise
-    return path
 
 
 def _post(message_id: str, body_size: int) -> bytes:
@@ -112,7 +75,7 @@ class DiskFullTests(TestCase):
         var = os.path.join(tmp, "var")
         os.mkdir(var)
         # With a reserve, room for it twice over besides the posts sent once freed.
-        _mount_tmpfs(self, var, "24m" if reserve else "2m")
+        mount_tmpfs(self, var, "24m" if reserve else "2m")
         reserve_path = os.path.join(var, "space-reserve")
         port = free_port()
         mta = FakeMTA(reactor)
@@ -141,7 +104,7 @@ class DiskFullTests(TestCase):
         if not smarthost_down_until_full:
             await wait_for_copies(reactor, had, mta, what="delivery", details=relay.log)
 
-        filler = _fill(var)
+        filler = fill_file_system(var)
         replies = []
         client = await connect_lmtp(relay.endpoint())
         await client.lhlo("mx.example.org")
