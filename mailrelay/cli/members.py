@@ -11,10 +11,9 @@ back on after bounce processing disabled it.
 from __future__ import annotations
 
 import email.utils
-import math
 import time
 from collections.abc import Iterator
-from typing import IO, Any
+from typing import Any
 
 from mailrelay.addresses import check_mailbox, resolve_recipient
 from mailrelay.cli.context import (
@@ -25,15 +24,10 @@ from mailrelay.cli.context import (
     Context,
     require_list,
 )
-from mailrelay.cli.output import format_time, plural, report
+from mailrelay.cli.output import Progress, batches, format_time, plural, report
 from mailrelay.cli.parser import add_command, add_group, add_list_argument
 from mailrelay.errors import InvalidAddress, MailrelayError
 from mailrelay.model import Member, MemberRecord
-
-# A large import on a terminal shows a progress bar, so it is written in about
-# this many batches of one registry transaction each; otherwise in one.
-_PROGRESS_THRESHOLD = 1000
-_IMPORT_BATCHES = 10
 
 _DISABLED_MARK = "(delivery disabled)"
 
@@ -148,42 +142,14 @@ def _collect_members(ctx: Context, registry: Any) -> list[Member]:
     return members
 
 
-class _Progress:
-    """A one-line progress bar on a terminal (the standard library has none)."""
-
-    def __init__(self, stream: IO[str], total: int, label: str, enabled: bool):
-        self._stream = stream
-        self._total = total
-        self._label = label
-        self._enabled = enabled
-
-    def update(self, done: int) -> None:
-        if not self._enabled:
-            return
-        fraction = done / self._total if self._total else 1.0
-        filled = int(fraction * 30)
-        self._stream.write(
-            f"\r{self._label} [{'#' * filled}{'.' * (30 - filled)}] "
-            f"{done:,}/{self._total:,} {fraction:4.0%}"
-        )
-        self._stream.flush()
-
-    def finish(self) -> None:
-        if self._enabled:
-            self._stream.write("\n")
-            self._stream.flush()
-
-
 def _add(ctx: Context) -> int:
     _require_addresses(ctx, "add")
     with ctx.registry(create=False) as registry:
         list_address = require_list(registry, ctx.args.list).posting_address
         members = _collect_members(ctx, registry)
         total = len(members)
-        isatty = getattr(ctx.stderr, "isatty", None)
-        show_progress = total > _PROGRESS_THRESHOLD and bool(isatty and isatty())
-        progress = _Progress(ctx.stderr, total, f"Adding to {list_address}", show_progress)
-        batch_size = math.ceil(total / _IMPORT_BATCHES) if show_progress else max(total, 1)
+        progress = Progress(ctx.stderr, total, f"Adding to {list_address}")
+        batch_size = batches(total, progress)
         duplicates: list[str] = []
         done = 0
         progress.update(0)
