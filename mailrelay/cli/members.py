@@ -1,11 +1,12 @@
-"""``mailrelay members``: add, remove, list, show and re-enable the members of a list.
+"""``mailrelay members``: add, remove, list, show, change and re-enable the members of a list.
 
 Reads members from the command line and from files (``members list`` prints
 the format ``members add --file`` reads back), checks every line before
 changing anything, and writes a large import in a few registry transactions
 with a progress bar on a terminal.  ``members show`` prints one member's
-record (delivery, bounce score, warnings); ``members enable`` turns delivery
-back on after bounce processing disabled it.
+record (delivery, moderation, bounce score, warnings); ``members set`` changes
+its ``moderated`` flag and display name; ``members enable`` turns delivery back
+on after bounce processing disabled it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from mailrelay.cli.context import (
 )
 from mailrelay.cli.output import Progress, batches, format_time, plural, report
 from mailrelay.cli.parser import add_command, add_group, add_list_argument
+from mailrelay.config.values import parse_bool
 from mailrelay.errors import InvalidAddress, MailrelayError
 from mailrelay.model import Member, MemberRecord
 
@@ -281,10 +283,73 @@ def _enable(ctx: Context) -> int:
     return EXIT_OK
 
 
+def _parse_display_name(text: str) -> str:
+    if any(c in text for c in "\r\n\0"):
+        raise ValueError("cannot contain a line break or NUL")
+    return text.strip()
+
+
+# What `members set` changes: key -> (parser of its text, help).  The record's
+# other fields are bounce processing's (`members enable` resets those).
+_MEMBER_SETTINGS = {
+    "moderated": (
+        parse_bool,
+        "yes to hold every post of this member for the owners (on every list type, "
+        "as Mailman's member moderation), no to let the list's policy decide",
+    ),
+    "display_name": (_parse_display_name, "the member's name as people read it"),
+}
+
+
+def _parse_member_settings(words: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` words as checked values; a word without ``=``, an unknown key,
+    a key given twice (usage errors) or a bad value is named, and nothing is stored."""
+    known = ", ".join(_MEMBER_SETTINGS)
+    changes: dict[str, Any] = {}
+    for word in words:
+        name, equals, text = word.partition("=")
+        name = name.strip().lower()
+        if not equals or not name:
+            raise CommandError(f"not KEY=VALUE: {word!r} (keys: {known})", EXIT_USAGE)
+        if name not in _MEMBER_SETTINGS:
+            raise CommandError(f"unknown member setting {name!r} (known: {known})", EXIT_USAGE)
+        if name in changes:
+            raise CommandError(f"{name} is given twice", EXIT_USAGE)
+        parse, _help = _MEMBER_SETTINGS[name]
+        try:
+            changes[name] = parse(text.strip())
+        except ValueError as e:
+            raise CommandError(f"{name} = {text!r}: {e}") from None
+    return changes
+
+
+def _set(ctx: Context) -> int:
+    changes = _parse_member_settings(ctx.args.assignments)
+    with ctx.registry(create=False) as registry:
+        list_address = require_list(registry, ctx.args.list).posting_address
+        record = _member_record(registry, list_address, ctx.args.address)
+        record = registry.update_member(list_address, record.address, changes)
+    for name in changes:
+        value = getattr(record, name)
+        text = ("yes" if value else "no") if isinstance(value, bool) else value
+        ctx.out(f"{record.address} on {list_address}: {name} = {text}")
+    return EXIT_OK
+
+
+def _member_settings_help() -> str:
+    lines = ["settings (KEY=VALUE):"]
+    lines.extend(f"  {name}: {text}" for name, (_parse, text) in _MEMBER_SETTINGS.items())
+    lines.append("")
+    lines.append(
+        "example:\n  mailrelay members set test@example.com anne@example.org moderated=yes"
+    )
+    return "\n".join(lines)
+
+
 def add_parser(commands: Any) -> None:
     """Register ``members`` and its commands in the top-level collection ``commands``."""
     members_commands = add_group(
-        commands, "members", "add, remove, list, show and re-enable the members of a list"
+        commands, "members", "add, remove, list, show, change and re-enable the members of a list"
     )
     members_add = add_command(
         members_commands,
@@ -338,6 +403,18 @@ def add_parser(commands: Any) -> None:
     )
     add_list_argument(members_show, "list", "LIST")
     members_show.add_argument("address", metavar="ADDR", help="the member's address")
+    members_set = add_command(
+        members_commands,
+        "set",
+        _set,
+        "change a member's flags (moderated, display name); the daemon sees it at once",
+        epilog=_member_settings_help(),
+    )
+    add_list_argument(members_set, "list", "LIST")
+    members_set.add_argument("address", metavar="ADDR", help="the member's address")
+    members_set.add_argument(
+        "assignments", nargs="+", metavar="KEY=VALUE", help="settings to change"
+    )
     members_enable = add_command(
         members_commands,
         "enable",
