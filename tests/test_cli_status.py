@@ -176,3 +176,29 @@ class StatusTests(_SpoolCase):
         self.assertIn("delivered:   3 in the last minute, 3 in the last hour", text)
         row = next(line for line in text.splitlines() if line.startswith(LIST))
         self.assertEqual(row.split(), [LIST, "3", "1", "1", "2"])
+
+
+class StatusDocumentationTests(_SpoolCase):
+    def test_readme_documents_every_key(self):
+        """README.rst's `mailrelay status --json` section names every key the
+        command prints, nested ones included."""
+        import mailrelay
+
+        readme = os.path.join(os.path.dirname(os.path.dirname(mailrelay.__file__)), "README.rst")
+        with open(readme, encoding="utf-8") as f:
+            text = f.read()
+        section = text.split("``mailrelay status --json``\n---", 1)[1].split("\nList processing\n")[
+            0
+        ]
+        self.ok("lists", "create", LIST)
+        _key, copies = self.store_post(["a@x.org"])
+        self.update(EntryUpdate(copies[0].entry_id, EntryState.RETRY, 1.0, "451", True))
+        status = json.loads(self.ok("status", "--json"))
+        keys = set(status)
+        for value in status.values():
+            if isinstance(value, dict):
+                keys |= set(value)
+        keys |= set(status["lists"][0])
+        for key in sorted(keys):
+            with self.subTest(key=key):
+                self.assertIn(f"``{key}``", section)
