@@ -202,9 +202,9 @@ def _cancel_posts(ctx: Context) -> int:
                     f"no post with Message-ID {args.message} in the queue; nothing deleted"
                 )
         else:
-            wanted = set(args.post)
-            posts = [post for post in spool.posts(include_done=True) if post.message_key in wanted]
-            missing = sorted(wanted - {post.message_key for post in posts})
+            found = {key: _post_by_key(spool, key) for key in dict.fromkeys(args.post)}
+            posts = [post for post in found.values() if post is not None]
+            missing = [key for key, post in found.items() if post is None]
             if missing:
                 raise CommandError(
                     f"no post {', '.join(map(str, missing))} in the queue "
@@ -243,6 +243,16 @@ def _cancel_posts(ctx: Context) -> int:
         + "; delivered copies are kept until purged."
     )
     return EXIT_OK
+
+
+def _post_by_key(spool: Any, key: int) -> Any:
+    """The post summary of stored message ``key``, or ``None`` if it is gone (looked
+    up through its entries: the spool may hold many delivered posts)."""
+    entries = spool.message_entries(key)
+    if not entries:
+        return None
+    same_id = spool.posts(message_id=entries[0].message_id, include_done=True)
+    return next((post for post in same_id if post.message_key == key), None)
 
 
 def _posts_named(posts: list[Any]) -> str:
