@@ -8,7 +8,7 @@ import io
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailrelay.cli.output import PROGRESS_THRESHOLD, Progress, batches, table
-from tests.test_cli import _Terminal
+from tests.test_cli import CLITestCase, _Terminal
 
 
 class ProgressTests(SynchronousTestCase):
@@ -43,6 +43,34 @@ class ProgressTests(SynchronousTestCase):
         self.assertEqual(batches(100_000, Progress(_Terminal(), 100_000, "x")), 10_000)
         self.assertEqual(batches(100_000, Progress(io.StringIO(), 100_000, "x")), 100_000)
         self.assertEqual(batches(0, Progress(io.StringIO(), 0, "x")), 1)
+
+
+class MembersRemoveProgressTests(CLITestCase):
+    def test_remove_file_progress_on_terminal_only(self):
+        """members remove --file of many addresses draws a progress line on a terminal
+        (and removes them all), and none when piped."""
+        self.ok("lists", "create", "test@example.com")
+        lines = "".join(f"user{n}@example.org\n" for n in range(PROGRESS_THRESHOLD))
+        self.ok("members", "add", "test@example.com", "-f", "-", stdin=io.StringIO(lines))
+        terminal = _Terminal()
+        out = self.ok(
+            "members",
+            "remove",
+            "test@example.com",
+            "-f",
+            "-",
+            stdin=io.StringIO(lines),
+            stderr=terminal,
+        )
+        self.assertEqual(out, f"Removed {PROGRESS_THRESHOLD:,} members from test@example.com.\n")
+        self.assertIn("\rRemoving from test@example.com [", terminal.getvalue())
+        self.assertEqual(self.registry().member_count("test@example.com"), 0)
+        self.ok("members", "add", "test@example.com", "-f", "-", stdin=io.StringIO(lines))
+        code, _out, err = self.run_cli(
+            "members", "remove", "test@example.com", "-f", "-", stdin=io.StringIO(lines)
+        )
+        self.assertEqual(code, 0)
+        self.assertNotIn("\r", err)
 
 
 class TableTests(SynchronousTestCase):

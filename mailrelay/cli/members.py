@@ -192,7 +192,18 @@ def _remove(ctx: Context) -> int:
                 addresses.append(member.address)
     with ctx.registry(create=False) as registry:
         list_address = require_list(registry, args.list).posting_address
-        missing = registry.remove_members(list_address, addresses)
+        progress = Progress(ctx.stderr, len(addresses), f"Removing from {list_address}")
+        size = batches(len(addresses), progress)
+        missing: list[str] = []
+        progress.update(0)
+        try:
+            for start in range(0, len(addresses), size):
+                missing.extend(
+                    registry.remove_members(list_address, addresses[start : start + size])
+                )
+                progress.update(min(start + size, len(addresses)))
+        finally:
+            progress.finish()
     ctx.out(f"Removed {plural(len(addresses) - len(missing), 'member')} from {list_address}.")
     if missing:
         report(ctx, missing, lambda address: f"not a member of {list_address}: {address}")
