@@ -195,13 +195,19 @@ def _remove(ctx: Context) -> int:
         progress = Progress(ctx.stderr, len(addresses), f"Removing from {list_address}")
         size = batches(len(addresses), progress)
         missing: list[str] = []
+        done = 0
         progress.update(0)
         try:
             for start in range(0, len(addresses), size):
-                missing.extend(
-                    registry.remove_members(list_address, addresses[start : start + size])
-                )
-                progress.update(min(start + size, len(addresses)))
+                batch = addresses[start : start + size]
+                missing.extend(registry.remove_members(list_address, batch))
+                done += len(batch)
+                progress.update(done)
+        except MailrelayError as e:
+            removed = done - len(missing)
+            raise CommandError(
+                f"{e} (removed {removed:,} of {len(addresses):,} before the error)"
+            ) from None
         finally:
             progress.finish()
     ctx.out(f"Removed {plural(len(addresses) - len(missing), 'member')} from {list_address}.")
