@@ -307,6 +307,10 @@ class ISpool(IMessageStore):
     def delete(entry_ids):
         """Remove entries; fires with the count."""
 
+    def get_entry(entry_id):
+        """The :class:`~mailrelay.model.SpoolEntry` with ``entry_id``, in any
+        state, or ``None`` if there is none (synchronous, one indexed lookup)."""
+
     def message_entries(message_key):
         """Every entry of one stored message, by id (synchronous): its
         destinations and, once expanded, one copy per recipient."""

@@ -15,7 +15,7 @@ from typing import Any
 
 from twisted.application import service, strports
 from twisted.application.internet import TimerService
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -131,27 +131,50 @@ async def _within(d: defer.Deferred, seconds: float, clock: Any) -> bool:
     return await waited
 
 
+# Seconds between the daemon's heartbeats in its status record: `mailrelay
+# status` calls a daemon whose last one is three intervals old unresponsive.
+HEARTBEAT_INTERVAL = 60.0
+
+
 class _DaemonStatus(service.Service):
-    """Publishes the running daemon's pid, version and start time in the spool's
-    status table (under :data:`DAEMON_STATUS_KEY`) for ``mailrelay status``,
-    and removes them when it stops."""
+    """Publishes the running daemon's pid, version, start time and a heartbeat in
+    the spool's status table (under :data:`DAEMON_STATUS_KEY`, as JSON) for
+    ``mailrelay status``, every ``interval`` seconds on ``clock``, and removes
+    the record when it stops."""
 
     name = "mailrelay-status"
 
-    def __init__(self, spool: Any, clock: Any):
-        self._spool, self._clock = spool, clock
+    def __init__(self, spool: Any, clock: Any, interval: float = HEARTBEAT_INTERVAL):
+        self._spool, self._clock, self._interval = spool, clock, interval
+        self._started_at = 0.0
+        self._beat: task.LoopingCall | None = None
 
     def startService(self) -> None:  # noqa: N802
         super().startService()
+        self._started_at = self._clock.seconds()
+        self._beat = task.LoopingCall(self._heartbeat)
+        self._beat.clock = self._clock
+        self._beat.start(self._interval, now=True)
+
+    def _heartbeat(self) -> defer.Deferred[None]:
         from mailrelay import __version__
 
         text = json.dumps(
-            {"pid": os.getpid(), "version": __version__, "started_at": self._clock.seconds()}
+            {
+                # The pid after twistd's fork: services start in the daemon process.
+                "pid": os.getpid(),
+                "version": __version__,
+                "started_at": self._started_at,
+                "heartbeat_at": self._clock.seconds(),
+                "heartbeat_interval": self._interval,
+            }
         )
-        self._publish(text)
+        return self._publish(text)
 
     def stopService(self):  # noqa: N802
         super().stopService()
+        if self._beat is not None and self._beat.running:
+            self._beat.stop()
         return self._publish(None)
 
     def _publish(self, text: str | None) -> defer.Deferred[None]:
@@ -403,8 +426,8 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
     (or ``None``), where other pages can be mounted at their own paths before
     the service starts.  With ``[http] public_url`` posts carry unsubscribe
     URLs and the site serves them under ``/unsubscribe/``.  The daemon
-    publishes its pid, version and start time in the spool's status table
-    under ``"daemon"`` while it runs, and rewrites the ``[postfix]`` maps at
+    publishes its pid, version, start time and a heartbeat in the spool's
+    status table under ``"daemon"`` while it runs, and rewrites the ``[postfix]`` maps at
     start when they are set.  With the SQLite spool and ``[mta] spool_reserve``
     above 0 it keeps that much space for delivery on the spool's file system
     (:mod:`mailrelay.spool.reserve`).

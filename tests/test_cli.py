@@ -78,7 +78,7 @@ class UsageTests(CLITestCase):
     def test_help(self):
         """--help of the program and of every command exits 0 and explains it on stdout."""
         out = self.ok("--help")
-        for command in ("lists", "members", "queue", "check-config", "postfix-maps"):
+        for command in ("status", "lists", "members", "queue", "check-config", "postfix-maps"):
             self.assertIn(command, out)
         self.assertIn("3 configuration error", out)
         for argv in (
@@ -86,6 +86,10 @@ class UsageTests(CLITestCase):
             ["members", "add"],
             ["queue", "retry"],
             ["queue", "delete"],
+            ["queue", "show"],
+            ["queue", "posts"],
+            ["members", "set"],
+            ["status"],
             ["postfix-maps"],
             ["check-config"],
         ):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import io
+import json
 import os
 import stat
 import subprocess
@@ -220,6 +221,43 @@ class StateDirectoryLockTests(SynchronousTestCase):
             with self.subTest(argv=argv):
                 out, err = io.StringIO(), io.StringIO()
                 self.assertEqual(cli.main(["-C", config, *argv], stdout=out, stderr=err), 0)
+
+
+class DaemonStatusTests(SynchronousTestCase):
+    """The record `mailrelay status` tells a running daemon by."""
+
+    def test_published_with_heartbeat_and_removed_at_stop(self):
+        """A started relay publishes its pid, version, start time and heartbeat under
+        "daemon", renews the heartbeat every interval, and removes the record when
+        it stops."""
+        from mailrelay import __version__
+        from mailrelay.service import DAEMON_STATUS_KEY, HEARTBEAT_INTERVAL
+
+        memory = MemoryReactorClock()
+        memory.advance(1000)
+        spool = MemorySpool(memory)
+        settings = Settings.from_mapping({"paths": {"var_dir": tempfile.mkdtemp()}}, environ={})
+        relay = makeService(settings, memory, spool=spool)
+        relay.startService()
+        record = json.loads(spool.get_status(DAEMON_STATUS_KEY))
+        self.assertEqual(
+            record,
+            {
+                "pid": os.getpid(),
+                "version": __version__,
+                "started_at": 1000,
+                "heartbeat_at": 1000,
+                "heartbeat_interval": HEARTBEAT_INTERVAL,
+            },
+        )
+        memory.advance(HEARTBEAT_INTERVAL)
+        record = json.loads(spool.get_status(DAEMON_STATUS_KEY))
+        self.assertEqual((record["started_at"], record["heartbeat_at"]), (1000, 1060))
+        relay.getServiceNamed("mailrelay-status").stopService()
+        self.assertIsNone(spool.get_status(DAEMON_STATUS_KEY))
+        memory.advance(HEARTBEAT_INTERVAL)  # no heartbeat after the stop
+        self.assertIsNone(spool.get_status(DAEMON_STATUS_KEY))
+        relay.stopService()
 
 
 class RelayCase(TestCase):

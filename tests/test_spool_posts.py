@@ -84,6 +84,18 @@ class PostViewContractMixin:
         )
         self.assertEqual(sum(counts.values()), 3)
 
+    async def test_get_entry(self):
+        """One entry by id in any state (DONE included); None for an unknown id,
+        TypeError for a value that is no id."""
+        key = await self.post(members=("a@x.org",))
+        post, copy = self.spool.message_entries(key)
+        self.assertEqual(self.spool.get_entry(post.entry_id), post)
+        self.assertEqual(self.spool.get_entry(copy.entry_id), copy)
+        self.assertEqual(post.state, EntryState.DONE)
+        self.assertIsNone(self.spool.get_entry(9999))
+        with self.assertRaises(TypeError):
+            self.spool.get_entry("1")
+
     async def test_oldest_entry(self):
         """The entry in a state received first; None when there is none."""
         self.assertIsNone(self.spool.oldest_entry(EntryState.RETRY))

@@ -10,8 +10,9 @@ itself and nothing imports it.  Layout: :mod:`~mailrelay.cli.entry` builds the
 parser and dispatches; :mod:`~mailrelay.cli.context` holds what every command
 needs (settings, storage, streams, exit codes); :mod:`~mailrelay.cli.parser`
 and :mod:`~mailrelay.cli.output` the shared parser pieces and wording; one
-module per command group (``lists``, ``members``, ``queue``, ``check_config``,
-``postfix_maps``) registers its sub-parser and handlers.
+module per command group (``status``, ``lists``, ``members``, ``pending``,
+``held``, ``queue``, ``check_config``, ``postfix_maps``) registers its sub-parser
+and handlers.
 """
 
 from mailrelay.cli.context import (

@@ -3,7 +3,8 @@
 :func:`main` parses the command line with the sub-parsers that each group
 module registers (:mod:`~mailrelay.cli.lists`, :mod:`~mailrelay.cli.members`,
 :mod:`~mailrelay.cli.pending`, :mod:`~mailrelay.cli.held`,
-:mod:`~mailrelay.cli.queue`, :mod:`~mailrelay.cli.check_config`,
+:mod:`~mailrelay.cli.queue` (with :mod:`~mailrelay.cli.queue_show`),
+:mod:`~mailrelay.cli.status`, :mod:`~mailrelay.cli.check_config`,
 :mod:`~mailrelay.cli.postfix_maps`), hands the chosen handler a
 :class:`~mailrelay.cli.context.Context`, and turns the expected errors into
 one line on standard error and an exit status.
@@ -16,7 +17,16 @@ import sys
 from collections.abc import Sequence
 from typing import IO, Any
 
-from mailrelay.cli import check_config, held, lists, members, pending, postfix_maps, queue
+from mailrelay.cli import (
+    check_config,
+    held,
+    lists,
+    members,
+    pending,
+    postfix_maps,
+    queue,
+    status,
+)
 from mailrelay.cli.context import (
     CONFIG_ENVIRONMENT_VARIABLE,
     EXIT_CONFIG,
@@ -42,11 +52,11 @@ from mailrelay.postfix import PostfixMapError
 _EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 # The command groups in the order `mailrelay --help` lists them.
-_GROUPS = (lists, members, pending, held, queue, check_config, postfix_maps)
+_GROUPS = (status, lists, members, pending, held, queue, check_config, postfix_maps)
 
 _MAIN_DESCRIPTION = f"""\
-Administer mailrelay: mailing lists and their members, the delivery queue, the
-configuration and the Postfix maps.  Changes take effect in a running daemon
+Administer mailrelay: its status, mailing lists and their members, the delivery
+queue, the configuration and the Postfix maps.  Changes take effect in a running daemon
 at once, without a restart.
 
 exit status: 0 success, 1 the command failed (unknown list, invalid address,

@@ -1,9 +1,11 @@
 """``mailrelay lists``: create, list, show, change and delete mailing lists in the registry.
 
 Works on the registry file the daemon reads, which sees a change at the next
-RCPT (a setting changed with ``lists set``: at the next post or command);
-creating and deleting remind the operator to regenerate the Postfix maps
-(:mod:`mailrelay.cli.postfix_maps`) that route a list's addresses.
+RCPT (a setting changed with ``lists set``: at the next post or command).
+Creating and deleting a list rewrite the Postfix maps of ``[postfix]
+transport_file`` and ``domains_file`` and run postmap on them
+(:func:`mailrelay.cli.postfix_maps.sync_configured_maps`), or, when those are
+not set, remind the operator to regenerate the maps by hand.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from mailrelay.addresses import check_mailbox
 from mailrelay.cli.context import EXIT_OK, EXIT_USAGE, CommandError, Context, require_list
 from mailrelay.cli.output import plural
 from mailrelay.cli.parser import add_command, add_group, add_list_argument, add_yes_option
+from mailrelay.cli.postfix_maps import sync_configured_maps
 from mailrelay.errors import InvalidAddress
 from mailrelay.listsettings import LIST_SETTING_KEYS, parse_setting, settings_to_text
 from mailrelay.postfix import list_addresses
@@ -44,12 +47,9 @@ def _create(ctx: Context) -> int:
                     f"warning: {address} is the list {address}, so it is not "
                     f"{created.posting_address}'s sub-address"
                 )
+        lists = [mailing_list.posting_address for mailing_list in registry.lists()]
     ctx.out(f"Created list {created.posting_address}.")
-    ctx.err(
-        "note: regenerate the Postfix maps (`mailrelay postfix-maps`) so that Postfix "
-        "routes its addresses to mailrelay"
-    )
-    return EXIT_OK
+    return sync_configured_maps(ctx, lists, f"list {created.posting_address} was created")
 
 
 def _list(ctx: Context) -> int:
@@ -171,9 +171,9 @@ def _delete(ctx: Context) -> int:
         count = len(registry.members(address))
         ctx.confirm(f"delete list {address} and its {plural(count, 'member')}")
         registry.delete_list(address)
+        lists = [mailing_list.posting_address for mailing_list in registry.lists()]
     ctx.out(f"Deleted list {address} and its {plural(count, 'member')}.")
-    ctx.err("note: regenerate the Postfix maps (`mailrelay postfix-maps`)")
-    return EXIT_OK
+    return sync_configured_maps(ctx, lists, f"list {address} was deleted")
 
 
 def add_parser(commands: Any) -> None:

@@ -1,20 +1,20 @@
-"""``mailrelay members``: add, remove, list, show and re-enable the members of a list.
+"""``mailrelay members``: add, remove, list, show, change and re-enable the members of a list.
 
 Reads members from the command line and from files (``members list`` prints
 the format ``members add --file`` reads back), checks every line before
 changing anything, and writes a large import in a few registry transactions
 with a progress bar on a terminal.  ``members show`` prints one member's
-record (delivery, bounce score, warnings); ``members enable`` turns delivery
-back on after bounce processing disabled it.
+record (delivery, moderation, bounce score, warnings); ``members set`` changes
+its ``moderated`` flag and display name; ``members enable`` turns delivery back
+on after bounce processing disabled it.
 """
 
 from __future__ import annotations
 
 import email.utils
-import math
 import time
 from collections.abc import Iterator
-from typing import IO, Any
+from typing import Any
 
 from mailrelay.addresses import check_mailbox, resolve_recipient
 from mailrelay.cli.context import (
@@ -25,15 +25,11 @@ from mailrelay.cli.context import (
     Context,
     require_list,
 )
-from mailrelay.cli.output import format_time, plural, report
+from mailrelay.cli.output import Progress, batches, format_time, plural, report
 from mailrelay.cli.parser import add_command, add_group, add_list_argument
+from mailrelay.config.values import parse_bool
 from mailrelay.errors import InvalidAddress, MailrelayError
 from mailrelay.model import Member, MemberRecord
-
-# A large import on a terminal shows a progress bar, so it is written in about
-# this many batches of one registry transaction each; otherwise in one.
-_PROGRESS_THRESHOLD = 1000
-_IMPORT_BATCHES = 10
 
 _DISABLED_MARK = "(delivery disabled)"
 
@@ -148,42 +144,14 @@ def _collect_members(ctx: Context, registry: Any) -> list[Member]:
     return members
 
 
-class _Progress:
-    """A one-line progress bar on a terminal (the standard library has none)."""
-
-    def __init__(self, stream: IO[str], total: int, label: str, enabled: bool):
-        self._stream = stream
-        self._total = total
-        self._label = label
-        self._enabled = enabled
-
-    def update(self, done: int) -> None:
-        if not self._enabled:
-            return
-        fraction = done / self._total if self._total else 1.0
-        filled = int(fraction * 30)
-        self._stream.write(
-            f"\r{self._label} [{'#' * filled}{'.' * (30 - filled)}] "
-            f"{done:,}/{self._total:,} {fraction:4.0%}"
-        )
-        self._stream.flush()
-
-    def finish(self) -> None:
-        if self._enabled:
-            self._stream.write("\n")
-            self._stream.flush()
-
-
 def _add(ctx: Context) -> int:
     _require_addresses(ctx, "add")
     with ctx.registry(create=False) as registry:
         list_address = require_list(registry, ctx.args.list).posting_address
         members = _collect_members(ctx, registry)
         total = len(members)
-        isatty = getattr(ctx.stderr, "isatty", None)
-        show_progress = total > _PROGRESS_THRESHOLD and bool(isatty and isatty())
-        progress = _Progress(ctx.stderr, total, f"Adding to {list_address}", show_progress)
-        batch_size = math.ceil(total / _IMPORT_BATCHES) if show_progress else max(total, 1)
+        progress = Progress(ctx.stderr, total, f"Adding to {list_address}")
+        batch_size = batches(total, progress)
         duplicates: list[str] = []
         done = 0
         progress.update(0)
@@ -224,7 +192,24 @@ def _remove(ctx: Context) -> int:
                 addresses.append(member.address)
     with ctx.registry(create=False) as registry:
         list_address = require_list(registry, args.list).posting_address
-        missing = registry.remove_members(list_address, addresses)
+        progress = Progress(ctx.stderr, len(addresses), f"Removing from {list_address}")
+        size = batches(len(addresses), progress)
+        missing: list[str] = []
+        done = 0
+        progress.update(0)
+        try:
+            for start in range(0, len(addresses), size):
+                batch = addresses[start : start + size]
+                missing.extend(registry.remove_members(list_address, batch))
+                done += len(batch)
+                progress.update(done)
+        except MailrelayError as e:
+            removed = done - len(missing)
+            raise CommandError(
+                f"{e} (removed {removed:,} of {len(addresses):,} before the error)"
+            ) from None
+        finally:
+            progress.finish()
     ctx.out(f"Removed {plural(len(addresses) - len(missing), 'member')} from {list_address}.")
     if missing:
         report(ctx, missing, lambda address: f"not a member of {list_address}: {address}")
@@ -315,10 +300,73 @@ def _enable(ctx: Context) -> int:
     return EXIT_OK
 
 
+def _parse_display_name(text: str) -> str:
+    if any(c in text for c in "\r\n\0"):
+        raise ValueError("cannot contain a line break or NUL")
+    return text.strip()
+
+
+# What `members set` changes: key -> (parser of its text, help).  The record's
+# other fields are bounce processing's (`members enable` resets those).
+_MEMBER_SETTINGS = {
+    "moderated": (
+        parse_bool,
+        "yes to hold every post of this member for the owners (on every list type, "
+        "as Mailman's member moderation), no to let the list's policy decide",
+    ),
+    "display_name": (_parse_display_name, "the member's name as people read it"),
+}
+
+
+def _parse_member_settings(words: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` words as checked values; a word without ``=``, an unknown key,
+    a key given twice (usage errors) or a bad value is named, and nothing is stored."""
+    known = ", ".join(_MEMBER_SETTINGS)
+    changes: dict[str, Any] = {}
+    for word in words:
+        name, equals, text = word.partition("=")
+        name = name.strip().lower()
+        if not equals or not name:
+            raise CommandError(f"not KEY=VALUE: {word!r} (keys: {known})", EXIT_USAGE)
+        if name not in _MEMBER_SETTINGS:
+            raise CommandError(f"unknown member setting {name!r} (known: {known})", EXIT_USAGE)
+        if name in changes:
+            raise CommandError(f"{name} is given twice", EXIT_USAGE)
+        parse, _help = _MEMBER_SETTINGS[name]
+        try:
+            changes[name] = parse(text.strip())
+        except ValueError as e:
+            raise CommandError(f"{name} = {text!r}: {e}") from None
+    return changes
+
+
+def _set(ctx: Context) -> int:
+    changes = _parse_member_settings(ctx.args.assignments)
+    with ctx.registry(create=False) as registry:
+        list_address = require_list(registry, ctx.args.list).posting_address
+        record = _member_record(registry, list_address, ctx.args.address)
+        record = registry.update_member(list_address, record.address, changes)
+    for name in changes:
+        value = getattr(record, name)
+        text = ("yes" if value else "no") if isinstance(value, bool) else value
+        ctx.out(f"{record.address} on {list_address}: {name} = {text}")
+    return EXIT_OK
+
+
+def _member_settings_help() -> str:
+    lines = ["settings (KEY=VALUE):"]
+    lines.extend(f"  {name}: {text}" for name, (_parse, text) in _MEMBER_SETTINGS.items())
+    lines.append("")
+    lines.append(
+        "example:\n  mailrelay members set test@example.com anne@example.org moderated=yes"
+    )
+    return "\n".join(lines)
+
+
 def add_parser(commands: Any) -> None:
     """Register ``members`` and its commands in the top-level collection ``commands``."""
     members_commands = add_group(
-        commands, "members", "add, remove, list, show and re-enable the members of a list"
+        commands, "members", "add, remove, list, show, change and re-enable the members of a list"
     )
     members_add = add_command(
         members_commands,
@@ -372,6 +420,18 @@ def add_parser(commands: Any) -> None:
     )
     add_list_argument(members_show, "list", "LIST")
     members_show.add_argument("address", metavar="ADDR", help="the member's address")
+    members_set = add_command(
+        members_commands,
+        "set",
+        _set,
+        "change a member's flags (moderated, display name); the daemon sees it at once",
+        epilog=_member_settings_help(),
+    )
+    add_list_argument(members_set, "list", "LIST")
+    members_set.add_argument("address", metavar="ADDR", help="the member's address")
+    members_set.add_argument(
+        "assignments", nargs="+", metavar="KEY=VALUE", help="settings to change"
+    )
     members_enable = add_command(
         members_commands,
         "enable",

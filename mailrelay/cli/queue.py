@@ -11,9 +11,19 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from mailrelay.cli import queue_show
 from mailrelay.cli.context import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, CommandError, Context
-from mailrelay.cli.output import format_time, plural, report
+from mailrelay.cli.output import (
+    Progress,
+    batches,
+    format_time,
+    one_line,
+    plural,
+    report,
+    table,
+)
 from mailrelay.cli.parser import add_command, add_sub_commands, add_yes_option, positive_int
+from mailrelay.cli.queue_show import entry_kind, find_posts, last_reply
 from mailrelay.model import EntryState, SpoolEntry
 
 _DEFAULT_QUEUE_LIMIT = 100
@@ -21,28 +31,13 @@ _STATE_ORDER = [state for state in EntryState if state is not EntryState.DONE]
 _RETRYABLE = (EntryState.RETRY, EntryState.FAILED)
 
 
-def _kind(entry: SpoolEntry) -> str:
-    """What an entry is: ``post`` or ``-bounces`` (etc.) as received over LMTP, or
-    ``member``/``owner`` for one recipient's copy made by the delivery runner."""
-    # getattr: spools written before entry kinds existed have none.
-    kind = getattr(getattr(entry, "kind", None), "value", "inbound")
-    if kind != "inbound":
-        return kind
-    subaddress = entry.destination.subaddress
-    return "post" if subaddress is None else f"-{subaddress}"
-
-
 def _find_entries(spool: Any, entry_ids: Iterable[int]) -> dict[int, SpoolEntry]:
-    """The spool entries with these ids (ISpool has no lookup by id: scan by state,
-    leaving DONE, the bulk of a busy spool, for last)."""
-    wanted = set(entry_ids)
+    """The spool entries with these ids, each looked up by id."""
     found: dict[int, SpoolEntry] = {}
-    for state in [*_STATE_ORDER, EntryState.DONE]:
-        if not wanted - found.keys():
-            break
-        found.update(
-            (entry.entry_id, entry) for entry in spool.entries(state) if entry.entry_id in wanted
-        )
+    for entry_id in dict.fromkeys(entry_ids):
+        entry = spool.get_entry(entry_id)
+        if entry is not None:
+            found[entry_id] = entry
     return found
 
 
@@ -69,6 +64,10 @@ def _choose(
 
 def _show(ctx: Context) -> int:
     args = ctx.args
+    if args.by_post:
+        return queue_show.show_posts(
+            ctx, limit=args.limit, include_done=args.state in ("done", "all")
+        )
     limit = args.limit
     with ctx.spool() as (spool, bridge):
         get_status = getattr(spool, "get_status", None)
@@ -84,7 +83,8 @@ def _show(ctx: Context) -> int:
         for state in states:
             entries.extend(spool.entries(state, limit))
         posts = getattr(spool, "posts", None)
-        refused = [post for post in posts(limit) if post.refusal] if callable(posts) else []
+        # Every refused post is counted, whatever --limit says; only the lines are capped.
+        refused = [post for post in posts() if post.refusal] if callable(posts) else []
     if circuit:
         ctx.out(f"DELIVERY PAUSED: {circuit}")
         ctx.out()
@@ -95,11 +95,16 @@ def _show(ctx: Context) -> int:
     if refused:
         # Posts the smarthost refused as a whole, and why (issue 14).
         ctx.out()
-        for post in refused:
+        for post in refused[:limit]:
             lists = ", ".join(post.lists)
             ctx.out(
                 f"REFUSED post {post.message_id or '-'} from {post.sender or '<>'} to {lists}: "
-                f"{' '.join(post.refusal.split())}"
+                f"{one_line(post.refusal)}"
+            )
+        if len(refused) > limit:
+            ctx.out(
+                f"... and {len(refused) - limit:,} more refused posts "
+                f"(`mailrelay queue posts --refused` lists them)"
             )
     entries.sort(key=lambda entry: entry.entry_id)
     shown = entries[:limit]
@@ -112,22 +117,18 @@ def _show(ctx: Context) -> int:
         (
             str(entry.entry_id),
             entry.state.value,
-            _kind(entry),
+            entry_kind(entry),
             entry.destination.list_address,
             entry.destination.address,
             str(entry.attempts),
             format_time(entry.next_attempt_at, now),
-            # A multi-line SMTP reply stays on its row.
-            " ".join(entry.last_error.split()) or "-",
+            last_reply(entry),
         )
         for entry in shown
     )
-    # Pad every column but the last (the error, which may be long).
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
     ctx.out()
-    for *cells, last in rows:
-        padded = [cell.ljust(width) for cell, width in zip(cells, widths, strict=True)]
-        ctx.out("  ".join([*padded, last]))
+    for line in table(rows):
+        ctx.out(line)
     if matching > len(shown):
         what = "" if args.state is None else f" {args.state}"
         ctx.err(f"showing {len(shown):,} of {matching:,}{what} entries (see --limit, --state)")
@@ -150,7 +151,7 @@ def _retry(ctx: Context) -> int:
     problems: list[str] = []
     with ctx.spool() as (spool, bridge):
         if args.all:
-            count = bridge.wait(spool.retry_now(None))
+            count = _retry_all(ctx, spool, bridge)
         else:
             eligible = [
                 entry.entry_id for entry in _choose(spool, args.ids, problems, _not_retryable)
@@ -161,7 +162,109 @@ def _retry(ctx: Context) -> int:
     return EXIT_FAILURE if problems else EXIT_OK
 
 
+def _retry_all(ctx: Context, spool: Any, bridge: Any) -> int:
+    """Requeue every RETRY and FAILED entry: in one transaction, or on a terminal
+    with many entries in batches of ids, with a progress line."""
+    counts = spool.counts()
+    total = sum(counts.get(state, 0) for state in _RETRYABLE)
+    progress = Progress(ctx.stderr, total, "Retrying")
+    if not progress.enabled:
+        return bridge.wait(spool.retry_now(None))
+    ids = [entry.entry_id for state in _RETRYABLE for entry in spool.entries(state)]
+    size = batches(len(ids), progress)
+    count = 0
+    progress.update(0)
+    try:
+        for start in range(0, len(ids), size):
+            count += bridge.wait(spool.retry_now(ids[start : start + size]))
+            progress.update(start + len(ids[start : start + size]))
+    finally:
+        progress.finish()
+    return count
+
+
 def _delete(ctx: Context) -> int:
+    # The parser lets exactly one of the ids, --message and --post through.
+    if ctx.args.ids:
+        return _delete_entries(ctx)
+    return _cancel_posts(ctx)
+
+
+def _cancel_posts(ctx: Context) -> int:
+    """``queue delete --message``/``--post``: every waiting entry of the posts, in
+    one spool transaction (:meth:`~mailrelay.interfaces.ISpool.cancel_messages`)."""
+    args = ctx.args
+    with ctx.spool() as (spool, bridge):
+        if args.message is not None:
+            posts = find_posts(spool, args.message, include_done=True)
+            if not posts:
+                raise CommandError(
+                    f"no post with Message-ID {args.message} in the queue; nothing deleted"
+                )
+        else:
+            found = {key: _post_by_key(spool, key) for key in dict.fromkeys(args.post)}
+            posts = [post for post in found.values() if post is not None]
+            missing = [key for key, post in found.items() if post is None]
+            if missing:
+                raise CommandError(
+                    f"no post {', '.join(map(str, missing))} in the queue "
+                    f"(see `mailrelay queue posts`); nothing deleted"
+                )
+        waiting = [
+            post
+            for post in posts
+            if any(count for state, count in post.counts.items() if state is not EntryState.DONE)
+        ]
+        if not waiting:
+            ctx.out(f"Nothing to delete: every copy of {_posts_named(posts)} is delivered already.")
+            return EXIT_OK
+        inflight = sum(post.counts.get(EntryState.INFLIGHT, 0) for post in waiting)
+        if inflight:
+            ctx.err(
+                f"warning: {plural(inflight, 'copy', 'copies')} being delivered right now "
+                f"may still arrive"
+            )
+        undelivered = sum(
+            count
+            for post in waiting
+            for state, count in post.counts.items()
+            if state is not EntryState.DONE
+        )
+        ctx.confirm(
+            f"delete {_posts_named(waiting)} and its "
+            f"{plural(undelivered, 'undelivered entry', 'undelivered entries')}"
+        )
+        deleted = bridge.wait(spool.cancel_messages([post.message_key for post in waiting]))
+    total = sum(deleted.values())
+    by_state = ", ".join(f"{n:,} {state.value}" for state, n in deleted.items() if n)
+    ctx.out(
+        f"Deleted {_posts_named(waiting)}: {plural(total, 'entry', 'entries')}"
+        + (f" ({by_state})" if by_state else "")
+        + "; delivered copies are kept until purged."
+    )
+    return EXIT_OK
+
+
+def _post_by_key(spool: Any, key: int) -> Any:
+    """The post summary of stored message ``key``, or ``None`` if it is gone (looked
+    up through its entries: the spool may hold many delivered posts)."""
+    entries = spool.message_entries(key)
+    if not entries:
+        return None
+    same_id = spool.posts(message_id=entries[0].message_id, include_done=True)
+    return next((post for post in same_id if post.message_key == key), None)
+
+
+def _posts_named(posts: list[Any]) -> str:
+    if len(posts) == 1:
+        post = posts[0]
+        return f"post {post.message_key} {post.message_id or '(no Message-ID)'}"
+    return f"{len(posts):,} posts ({', '.join(str(post.message_key) for post in posts[:5])}" + (
+        ", ...)" if len(posts) > 5 else ")"
+    )
+
+
+def _delete_entries(ctx: Context) -> int:
     problems: list[str] = []
     with ctx.spool() as (spool, bridge):
         chosen = _choose(spool, ctx.args.ids, problems)
@@ -217,6 +320,11 @@ def add_parser(commands: Any) -> None:
         "--state", choices=[*states, "all"], help="only entries in this state ('all' includes done)"
     )
     queue_parser.add_argument(
+        "--by-post",
+        action="store_true",
+        help="one line per post with its copies by state (as `mailrelay queue posts`)",
+    )
+    queue_parser.add_argument(
         "--limit",
         type=positive_int,
         default=_DEFAULT_QUEUE_LIMIT,
@@ -233,7 +341,35 @@ def add_parser(commands: Any) -> None:
         queue_commands,
         "delete",
         _delete,
-        "delete entries from the queue (their mail is never delivered)",
+        "delete entries, or whole posts, from the queue (their mail is never delivered)",
+        description="Delete queue entries by id, or with --message or --post a whole post: "
+        "the post and every copy of it still waiting (queued, retrying, failed, held), "
+        "in one transaction.  Copies already delivered stay as history until purged; "
+        "a copy being delivered right now may still arrive.",
+        epilog="examples:\n  mailrelay queue delete 17 18\n"
+        "  mailrelay queue delete --message '<abc@example.org>'\n"
+        "  mailrelay queue delete --post 5",
     )
-    _add_ids_argument(delete, "+")
+    which = delete.add_mutually_exclusive_group(required=True)
+    which.add_argument(
+        "ids",
+        metavar="ID",
+        nargs="*",
+        type=positive_int,
+        default=[],
+        help="entry id, as `mailrelay queue` shows it",
+    )
+    which.add_argument(
+        "--message",
+        metavar="MESSAGE-ID",
+        help="the post(s) with this Message-ID (angle brackets optional)",
+    )
+    which.add_argument(
+        "--post",
+        metavar="ID",
+        type=positive_int,
+        action="append",
+        help="the post with this id, as `mailrelay queue posts` shows it (repeat for several)",
+    )
     add_yes_option(delete)
+    queue_show.add_parsers(queue_commands, add_command, positive_int)

@@ -379,6 +379,11 @@ class MemorySpool:
 
     # -- operator views: one post and its copies --------------------------------
 
+    def get_entry(self, entry_id: int) -> SpoolEntry | None:
+        self._check_open(f"read entry {entry_id}")
+        (checked,) = common.check_ids([entry_id])
+        return self._entries.get(checked)
+
     def message_entries(self, message_key: int) -> list[SpoolEntry]:
         self._check_open(f"read the entries of message {message_key}")
         key = common.check_key(message_key)

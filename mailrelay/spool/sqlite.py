@@ -557,6 +557,12 @@ class SQLiteSpool:
 
     # -- operator views: one post and its copies --------------------------------
 
+    def get_entry(self, entry_id: int) -> SpoolEntry | None:
+        """The entry ``entry_id`` in any state, or ``None``."""
+        (checked,) = common.check_ids([entry_id])
+        rows = self._read(f"read entry {checked}", ENTRY_QUERY + " WHERE e.id = ?", (checked,))
+        return entry_from_row(rows[0]) if rows else None
+
     def message_entries(self, message_key: int) -> list[SpoolEntry]:
         """Every entry of message ``message_key``, by id (``[]`` if it is gone)."""
         key = common.check_key(message_key)
