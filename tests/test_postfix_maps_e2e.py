@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import os
 import shlex
-import tempfile
 
 from twisted.internet import reactor, task
 from twisted.trial.unittest import SkipTest, TestCase
@@ -20,8 +19,15 @@ from twisted.trial.unittest import SkipTest, TestCase
 from mailrelay import cli
 from mailrelay.mta import Connection
 from mailrelay.testing import FakeMTA
-from tests.support import as_deferred, free_port, peers_required, require_program, wait_for_port
-from tests.test_postfix_integration import PrivatePostfix
+from tests.mta_postfix import PrivatePostfix
+from tests.support import (
+    as_deferred,
+    free_port,
+    peers_required,
+    require_program,
+    temp_dir,
+    wait_for_port,
+)
 
 
 class MapsFollowListsPostfixTests(TestCase):
@@ -41,21 +47,22 @@ class MapsFollowListsPostfixTests(TestCase):
         postmapped by the command itself."""
 
         async def go():
-            tmp = tempfile.mkdtemp()
+            tmp = temp_dir(self)
             members_mx = FakeMTA(reactor)
             await members_mx.start()
             self.addCleanup(members_mx.stop)
 
-            postfix = PrivatePostfix(tmp, free_port())
+            conf = os.path.join(tmp, "conf")
             # mailrelay owns "transport"; the route to the members' server is the
             # site's own map, looked up after it.
+            postfix = PrivatePostfix(
+                tmp,
+                free_port(),
+                main_cf=f"transport_maps = hash:{conf}/transport, hash:{conf}/members\n",
+            )
             with open(os.path.join(postfix.conf, "members"), "w") as f:
                 f.write(f"members.test smtp:[127.0.0.1]:{members_mx.port}\n")
             postfix.postmap("members")
-            with open(os.path.join(postfix.conf, "main.cf"), "a") as f:
-                f.write(
-                    f"transport_maps = hash:{postfix.conf}/transport, hash:{postfix.conf}/members\n"
-                )
             postmap = shlex.join([require_program("postmap"), "-c", postfix.conf])
             config = os.path.join(tmp, "mailrelay.ini")
             with open(config, "w") as f:
