@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -71,6 +72,45 @@ class DaemonizedTests(TestCase):
         self.assertEqual(code, 0, out)
         return out
 
+    def twistd(self) -> subprocess.CompletedProcess:
+        """Run ``twistd mailrelay`` without -n; returns once twistd's parent has
+        exited (after the daemon started, or failed to)."""
+        return subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "from twisted.scripts.twistd import run; run()",
+                f"--pidfile={self.pidfile}",
+                f"--logfile={self.logfile}",
+                "mailrelay",
+                "-C",
+                self.config,
+            ],
+            cwd=self.tmp,
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=60,
+            check=False,
+        )
+
+    def test_unusable_spool_fails_before_daemonizing(self):
+        """A spool that cannot be opened stops twistd without -n as with it: one
+        line naming the file on stderr, exit status 1, no traceback, and no
+        daemon left behind (no pidfile)."""
+        os.makedirs(os.path.join(self.tmp, "var", "spool.sqlite3"))
+        with open(self.config, "w") as f:
+            f.write(f"[paths]\nvar_dir = var\n[mta]\nlmtp_endpoint = unix:{self.socket}\n")
+        result = self.twistd()
+        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+        spool = os.path.join(self.tmp, "var", "spool.sqlite3")
+        self.assertRegex(
+            result.stderr,
+            rf"\Amailrelay: cannot open spool {re.escape(spool)}: [^\n]+; "
+            r"check \[paths\] var_dir and its permissions\n\Z",
+        )
+        self.assertFalse(os.path.exists(self.pidfile))
+
     def test_daemonized_relay_delivers_reports_and_stops(self):
         """Started without -n, the daemon accepts a post over LMTP, delivers it to
         the smarthost, is reported running by ``mailrelay status`` with the pid in
@@ -93,24 +133,7 @@ class DaemonizedTests(TestCase):
 
             # twistd's parent process returns once the daemon has started (or
             # failed to: it prints the daemon's error and exits non-zero).
-            started = subprocess.run(
-                [
-                    sys.executable,
-                    "-c",
-                    "from twisted.scripts.twistd import run; run()",
-                    f"--pidfile={self.pidfile}",
-                    f"--logfile={self.logfile}",
-                    "mailrelay",
-                    "-C",
-                    self.config,
-                ],
-                cwd=self.tmp,
-                capture_output=True,
-                text=True,
-                stdin=subprocess.DEVNULL,
-                timeout=60,
-                check=False,
-            )
+            started = self.twistd()
             self.assertEqual(started.returncode, 0, started.stdout + started.stderr + self.log())
             with open(self.pidfile) as f:
                 pid = int(f.read().strip())
