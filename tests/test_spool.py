@@ -775,7 +775,7 @@ reactor.run()
 """
 
 
-def _writer_threads(path: str) -> list[threading.Thread]:
+def _writer_threads_of(path: str) -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == f"mailrelay spool writer {path}"]
 
 
@@ -806,7 +806,7 @@ class SQLiteSpoolOpeningTests(TestCase):
         it the spool works; close() ends the thread and closes every file."""
         spool = SQLiteSpool(self.path, reactor, open_now=False)
         self.assertFalse(spool.is_open)
-        self.assertEqual((_writer_threads(self.path), _open_descriptors(self.path)), ([], []))
+        self.assertEqual((_writer_threads_of(self.path), _open_descriptors(self.path)), ([], []))
         with self.assertRaises(SpoolError) as raised:
             await spool.enqueue(_envelope(), b"Subject: hi\r\n\r\nbody\r\n")
         self.assertIn(f"spool {self.path} is not open", str(raised.exception))
@@ -814,12 +814,12 @@ class SQLiteSpoolOpeningTests(TestCase):
             spool.counts()
         spool.open()
         self.assertTrue(spool.is_open)
-        self.assertEqual(len(_writer_threads(self.path)), 1)
+        self.assertEqual(len(_writer_threads_of(self.path)), 1)
         (entry_id,) = await spool.enqueue(_envelope(), b"Subject: hi\r\n\r\nbody\r\n")
         self.assertEqual(spool.get_entry(entry_id).state, EntryState.QUEUED)
         await spool.close()
         self.assertFalse(spool.is_open)
-        self.assertEqual((_writer_threads(self.path), _open_descriptors(self.path)), ([], []))
+        self.assertEqual((_writer_threads_of(self.path), _open_descriptors(self.path)), ([], []))
         await spool.close()  # closing again does nothing
 
     async def test_closed_spool_opens_again(self):
@@ -853,7 +853,7 @@ class SQLiteSpoolOpeningTests(TestCase):
             self.assertEqual(db.execute("PRAGMA user_version").fetchone(), (SCHEMA_VERSION,))
         finally:
             db.close()
-        self.assertEqual((_writer_threads(self.path), _open_descriptors(self.path)), ([], []))
+        self.assertEqual((_writer_threads_of(self.path), _open_descriptors(self.path)), ([], []))
 
     def test_check_reports_an_unusable_file(self):
         """check() raises the SpoolError opening would, naming the file."""
