@@ -592,6 +592,24 @@ class MemoryRegistry(_BounceRecorder):
             raise RegistryError(f"no such list: {list_address}") from None
 
 
+class _NotOpen:
+    """The connection of an :class:`SQLiteRegistry` that is not open: every
+    statement fails as SQLite fails on a closed connection, naming the file."""
+
+    in_transaction = False
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+
+    def execute(self, *args: Any) -> Any:
+        raise sqlite3.ProgrammingError(f"list registry {self._path} is not open")
+
+    executemany = execute
+
+    def close(self) -> None:
+        pass
+
+
 @implementer(IListRegistry, IListProcessingStore)
 class SQLiteRegistry(_BounceRecorder):
     """An :class:`IListRegistry` and :class:`IListProcessingStore` stored in an
@@ -600,33 +618,60 @@ class SQLiteRegistry(_BounceRecorder):
     The file, its directory and the schema are created on first use.  Every
     method is synchronous and runs in the caller's thread.  SQLite errors are
     raised as :class:`RegistryUnavailable` (a temporary condition).
+
+    The file is opened at once, or with ``open_now=False`` only by
+    :meth:`open`: a daemon opens its registry after twistd has forked into the
+    background, since an SQLite connection must not cross a fork.  Until then
+    every method raises :class:`RegistryUnavailable` saying it is not open.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, timeout: float = 5.0) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, timeout: float = 5.0, open_now: bool = True
+    ) -> None:
         self.path = os.fspath(path)
-        try:
-            if self.path != ":memory:":
-                create_private_file(self.path)
-            # Autocommit mode: transactions are explicit (see _transaction).
-            self._db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
-        except (OSError, sqlite3.Error) as e:
-            raise RegistryUnavailable(f"cannot open list registry {self.path}: {e}") from e
-        try:
-            self._db.execute("PRAGMA foreign_keys = ON")
-            # WAL: the LMTP server's reads never wait for a CLI write.
-            self._db.execute("PRAGMA journal_mode = WAL")
-            self._migrate()
-        except sqlite3.Error as e:
-            self._db.close()
-            raise RegistryUnavailable(f"cannot open list registry {self.path}: {e}") from e
-        except RegistryError:
-            self._db.close()
-            raise
+        self._timeout = timeout
+        self._db: Any = _NotOpen(self.path)
         self._data_version: int | None = None
         self._posting_addresses: frozenset[str] = frozenset()
         # Lists and member lists read since the registry last changed (in any
         # process): the runner asks for the same list for every post.
         self._cache: dict[tuple[str, str], Any] = {}
+        self._cached_members = 0
+        if open_now:
+            self.open()
+
+    @property
+    def is_open(self) -> bool:
+        """Whether the registry is open: after :meth:`open`, until :meth:`close`."""
+        return not isinstance(self._db, _NotOpen)
+
+    def open(self) -> None:
+        """Open (creating and migrating) the file; does nothing if it is open.
+        Raises :class:`RegistryUnavailable` (or :class:`RegistryError` for a
+        newer schema) naming the file.  A closed registry may be opened again."""
+        if self.is_open:
+            return
+        try:
+            if self.path != ":memory:":
+                create_private_file(self.path)
+            # Autocommit mode: transactions are explicit (see _transaction).
+            db = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None)
+        except (OSError, sqlite3.Error) as e:
+            raise RegistryUnavailable(f"cannot open list registry {self.path}: {e}") from e
+        self._db = db
+        try:
+            db.execute("PRAGMA foreign_keys = ON")
+            # WAL: the LMTP server's reads never wait for a CLI write.
+            db.execute("PRAGMA journal_mode = WAL")
+            self._migrate()
+        except sqlite3.Error as e:
+            self.close()
+            raise RegistryUnavailable(f"cannot open list registry {self.path}: {e}") from e
+        except RegistryError:
+            self.close()
+            raise
+        self._data_version = None
+        self._cache.clear()
         self._cached_members = 0
 
     def _migrate(self) -> None:
@@ -1045,7 +1090,9 @@ class SQLiteRegistry(_BounceRecorder):
         return True
 
     def close(self) -> None:
-        self._db.close()
+        """Close the file (idempotent); :meth:`open` opens it again."""
+        db, self._db = self._db, _NotOpen(self.path)
+        db.close()
 
     def _exists(self, address: str) -> bool:
         row = self._db.execute(

@@ -33,16 +33,46 @@ DAEMON_STATUS_KEY = "daemon"
 
 
 class _StoreService(service.Service):
-    """Closes the registry and spool when the application stops (after the runner),
-    then releases the lock on the state directory, if it holds one."""
+    """Opens the stores the relay made itself (``opens``) when the application
+    starts, before any other part of it; closes the registry and spool when it
+    stops (after the runner), then releases the lock on the state directory,
+    if it holds one.
+
+    Under twistd ``makeService`` runs before the fork into the background,
+    and neither the spool's writer thread nor an SQLite connection survives
+    a fork: they are made here, in the daemon.  The stores open in
+    :meth:`privilegedStartService` when twistd calls it (before it gives up
+    root for ``--uid``, as they were opened before), else in :meth:`startService`.
+    """
 
     name = "mailrelay-stores"
 
-    def __init__(self, registry, spool, sender, lock: DirectoryLock | None = None):
+    def __init__(
+        self, registry, spool, sender, lock: DirectoryLock | None = None, opens: tuple = ()
+    ):
         self._registry, self._spool, self._sender = registry, spool, sender
         self._lock = lock
+        self._opens = opens
+
+    def _open(self) -> None:
+        opened = []
+        try:
+            for store in self._opens:
+                if not store.is_open:
+                    store.open()
+                    opened.append(store)
+        except BaseException:
+            # One clear error, and nothing left half open behind it.
+            for store in opened:
+                store.close()
+            raise
+
+    def privilegedStartService(self):  # noqa: N802
+        self._open()
+        super().privilegedStartService()
 
     def startService(self):  # noqa: N802
+        self._open()
         super().startService()
         if self._lock is not None:
             # twistd forks into the background after makeService: the pid
@@ -413,8 +443,11 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
     """Build the relay: LMTP listener, durable spool, delivery runner, SMTP pool,
     and with ``[http] endpoint`` the HTTP site serving ``/metrics``.
 
-    Opens the stores at once (so a bad path is reported before anything
-    listens) and closes them when the service stops.  Using the SQLite
+    Checks the stores it makes at once (so a bad path is reported before
+    anything listens, and before twistd forks into the background) but opens
+    them, with the spool's writer thread, only when the service starts, and
+    closes them when it stops: the returned service may be started in
+    another process than the one that made it.  Using the SQLite
     stores, it holds a lock on ``[paths] var_dir`` while it runs: a second
     relay on the same directory raises :class:`~mailrelay.errors.StateDirectoryInUse`.
     ``registry``, ``spool`` and ``sender`` replace the SQLite registry, SQLite
@@ -448,11 +481,19 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
         # One daemon per state directory (raises StateDirectoryInUse); the
         # command line never takes this lock.
         lock = DirectoryLock(settings.paths.var_dir)
+    # The stores made here are checked now (under twistd still in the
+    # foreground, so a bad file is one line and exit status 1) and opened
+    # when the service starts (in the daemon, after twistd's fork).
+    opens: list[Any] = []
     try:
         if registry is None:
-            registry = SQLiteRegistry(settings.paths.registry_path)
+            SQLiteRegistry(settings.paths.registry_path).close()
+            registry = SQLiteRegistry(settings.paths.registry_path, open_now=False)
+            opens.append(registry)
         if spool is None:
-            spool = SQLiteSpool(settings.paths.spool_path, reactor)
+            SQLiteSpool.check(settings.paths.spool_path)
+            spool = SQLiteSpool(settings.paths.spool_path, reactor, open_now=False)
+            opens.append(spool)
             # Only a spool of our own lives on the file system the reserve watches.
             if mta.spool_reserve:
                 reserve = SpaceReserve(settings.paths.reserve_path, mta.spool_reserve)
@@ -485,7 +526,7 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
     top.web_root = None
     # Children stop in reverse order, each after the previous one has finished:
     # listener first, then the runner, stores last.
-    _StoreService(registry, spool, sender, lock).setServiceParent(top)
+    _StoreService(registry, spool, sender, lock, tuple(opens)).setServiceParent(top)
     _DaemonStatus(spool, reactor).setServiceParent(top)
     if settings.postfix.enabled:
         _PostfixMaps(settings, registry).setServiceParent(top)

@@ -256,6 +256,42 @@ class SQLiteRegistryTests(RegistryContractMixin, SynchronousTestCase):
         return SQLiteRegistry(self.path)
 
 
+class SQLiteRegistryOpeningTests(SynchronousTestCase):
+    """A registry made with ``open_now=False`` holds no connection until
+    :meth:`~SQLiteRegistry.open`: a daemon opens it after twistd's fork."""
+
+    def setUp(self):
+        self.path = os.path.join(temp_dir(self), "lists", "registry.sqlite")
+
+    def test_nothing_open_until_open(self):
+        """Before open() no file is created and every method raises
+        RegistryUnavailable saying the registry is not open; after it the
+        registry works; close() makes it not open again."""
+        registry = SQLiteRegistry(self.path, open_now=False)
+        self.assertFalse(registry.is_open)
+        self.assertFalse(os.path.exists(self.path))
+        error = self.assertRaises(RegistryUnavailable, registry.lists)
+        self.assertIn(f"list registry {self.path} is not open", str(error))
+        self.assertRaises(RegistryUnavailable, registry.resolve, "test@example.com")
+        registry.open()
+        self.assertTrue(registry.is_open)
+        registry.create_list("test@example.com")
+        registry.close()
+        self.assertFalse(registry.is_open)
+        self.assertRaises(RegistryUnavailable, registry.lists)
+        registry.close()  # closing again does nothing
+
+    def test_closed_registry_opens_again(self):
+        """A closed registry may be opened again and sees what was stored."""
+        registry = SQLiteRegistry(self.path)
+        registry.create_list("test@example.com")
+        self.assertIsNotNone(registry.get_list("test@example.com"))
+        registry.close()
+        registry.open()
+        self.addCleanup(registry.close)
+        self.assertEqual([m.posting_address for m in registry.lists()], ["test@example.com"])
+
+
 class SQLiteRegistryStorageTests(SynchronousTestCase):
     """What only the SQLite store does: files, schema, sharing, errors, speed."""
 

@@ -6,10 +6,12 @@ import inspect
 import io
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
 import tempfile
+import threading
 
 from twisted.application.service import IServiceMaker
 from twisted.internet import defer, endpoints, reactor, task
@@ -19,9 +21,10 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailrelay import cli, tap
 from mailrelay.config import Settings
-from mailrelay.errors import StateDirectoryInUse
+from mailrelay.errors import SpoolError, StateDirectoryInUse
 from mailrelay.mta.connection import Connection, SecureMode
 from mailrelay.mta.tls import client_tls_options
+from mailrelay.registry import MemoryRegistry
 from mailrelay.service import connection_arguments, makeService, tls_arguments
 from mailrelay.spool import SQLiteSpool
 from mailrelay.spool.memory import MemorySpool
@@ -258,6 +261,115 @@ class DaemonStatusTests(SynchronousTestCase):
         memory.advance(HEARTBEAT_INTERVAL)  # no heartbeat after the stop
         self.assertIsNone(spool.get_status(DAEMON_STATUS_KEY))
         relay.stopService()
+
+
+class StoreOpeningTests(TestCase):
+    """twistd forks into the background between makeService and starting the
+    service: what does not survive a fork (the spool's writer thread, SQLite
+    connections) is made when the service starts, not before."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.tmp, ignore_errors=True)
+        self.var_dir = os.path.join(self.tmp, "var")
+        self.settings = Settings.from_mapping(
+            {
+                "paths": {"var_dir": self.var_dir},
+                "mta": {"lmtp_endpoint": f"unix:{os.path.join(self.tmp, 'lmtp.sock')}"},
+            },
+            environ={},
+        )
+
+    def held(self) -> tuple[list[str], list[str]]:
+        """(the spool writer threads running, the state directory's SQLite files open)."""
+        threads = [t.name for t in threading.enumerate() if t.name.startswith("mailrelay spool")]
+        files = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith(self.var_dir) and ".sqlite3" in target:
+                files.append(target)
+        return threads, files
+
+    async def test_nothing_opened_before_start(self):
+        """makeService checks the stores (it creates and migrates both files) but
+        leaves no SQLite file open and starts no thread; privilegedStartService
+        (twistd calls it in the daemon, after the fork) opens them, before the
+        LMTP listener binds; stopService closes them all again."""
+        relay = makeService(self.settings, reactor)
+        stores = relay.getServiceNamed("mailrelay-stores")
+        self.assertTrue(os.path.exists(self.settings.paths.spool_path))
+        self.assertTrue(os.path.exists(self.settings.paths.registry_path))
+        self.assertEqual(self.held(), ([], []))
+        self.assertEqual((stores._spool.is_open, stores._registry.is_open), (False, False))
+        self.addCleanup(lambda: relay.running or relay.stopService())
+
+        relay.privilegedStartService()
+        self.assertEqual((stores._spool.is_open, stores._registry.is_open), (True, True))
+        threads, files = self.held()
+        self.assertEqual(len(threads), 1)
+        self.assertIn(self.settings.paths.spool_path, files)
+        self.assertIn(self.settings.paths.registry_path, files)
+        relay.startService()
+        await relay.stopService()
+        self.assertEqual((stores._spool.is_open, stores._registry.is_open), (False, False))
+        self.assertEqual(self.held(), ([], []))
+
+    async def test_start_without_privileged_start(self):
+        """An embedder that only calls startService gets open stores too: the
+        daemon's status record is written through the spool at once."""
+        from mailrelay.service import DAEMON_STATUS_KEY
+
+        relay = makeService(self.settings, reactor)
+        relay.startService()
+        spool = relay.getServiceNamed("mailrelay-stores")._spool
+        try:
+            self.assertTrue(spool.is_open)
+            # The writer commits in order: once this write is done, so is the record.
+            await spool.set_status("probe", "x")
+            self.assertEqual(json.loads(spool.get_status(DAEMON_STATUS_KEY))["pid"], os.getpid())
+        finally:
+            await relay.stopService()
+
+    def test_stores_of_the_embedder_are_left_alone(self):
+        """A spool and registry handed to makeService are used as they are: the
+        service does not open them, only closes them when it stops."""
+        memory = MemoryReactorClock()
+        spool = MemorySpool(memory)
+        registry = MemoryRegistry()
+        relay = makeService(self.settings, memory, spool=spool, registry=registry)
+        relay.startService()
+        self.assertEqual(relay.getServiceNamed("mailrelay-stores")._opens, ())
+        self.successResultOf(relay.stopService())
+
+    def test_failed_open_closes_what_opened(self):
+        """When one store cannot be opened at start, the error is raised and the
+        stores already opened are closed again: nothing is left half open."""
+        from mailrelay.service import _StoreService
+
+        events = []
+
+        class Store:
+            def __init__(self, name, fails=False):
+                self.name, self.fails, self.is_open = name, fails, False
+
+            def open(self):
+                if self.fails:
+                    raise SpoolError(f"cannot open {self.name}")
+                self.is_open = True
+                events.append(f"open {self.name}")
+
+            def close(self):
+                self.is_open = False
+                events.append(f"close {self.name}")
+
+        stores = _StoreService(None, None, None, opens=(Store("registry"), Store("spool", True)))
+        error = self.assertRaises(SpoolError, stores.privilegedStartService)
+        self.assertEqual(str(error), "cannot open spool")
+        self.assertEqual(events, ["open registry", "close registry"])
+        self.assertFalse(stores.running)
 
 
 class RelayCase(TestCase):

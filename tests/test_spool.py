@@ -775,6 +775,93 @@ reactor.run()
 """
 
 
+def _writer_threads_of(path: str) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == f"mailrelay spool writer {path}"]
+
+
+def _open_descriptors(path: str) -> list[str]:
+    """The files under ``path``'s name (the database, its -wal and -shm) this
+    process has open."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(path):
+            found.append(target)
+    return found
+
+
+class SQLiteSpoolOpeningTests(TestCase):
+    """A spool made with ``open_now=False`` holds nothing (no thread, no open
+    file) until :meth:`~SQLiteSpool.open`: a daemon opens it after twistd's fork."""
+
+    def setUp(self):
+        self.path = os.path.join(temp_dir(self), "spool.sqlite3")
+
+    async def test_nothing_open_until_open(self):
+        """Before open() no writer thread runs and no file is open, and every
+        operation fails with a SpoolError saying the spool is not open; after
+        it the spool works; close() ends the thread and closes every file."""
+        spool = SQLiteSpool(self.path, reactor, open_now=False)
+        self.assertFalse(spool.is_open)
+        self.assertEqual((_writer_threads_of(self.path), _open_descriptors(self.path)), ([], []))
+        with self.assertRaises(SpoolError) as raised:
+            await spool.enqueue(_envelope(), b"Subject: hi\r\n\r\nbody\r\n")
+        self.assertIn(f"spool {self.path} is not open", str(raised.exception))
+        with self.assertRaises(SpoolError):
+            spool.counts()
+        spool.open()
+        self.assertTrue(spool.is_open)
+        self.assertEqual(len(_writer_threads_of(self.path)), 1)
+        (entry_id,) = await spool.enqueue(_envelope(), b"Subject: hi\r\n\r\nbody\r\n")
+        self.assertEqual(spool.get_entry(entry_id).state, EntryState.QUEUED)
+        await spool.close()
+        self.assertFalse(spool.is_open)
+        self.assertEqual((_writer_threads_of(self.path), _open_descriptors(self.path)), ([], []))
+        await spool.close()  # closing again does nothing
+
+    async def test_closed_spool_opens_again(self):
+        """A closed spool may be opened again, with what it stored; commit_count
+        goes on counting across the reopening."""
+        spool = SQLiteSpool(self.path, reactor)
+        (entry_id,) = await spool.enqueue(_envelope(), b"Subject: hi\r\n\r\nbody\r\n")
+        commits = spool.commit_count
+        await spool.close()
+        spool.open()
+        self.addCleanup(spool.close)
+        self.assertEqual(spool.get_entry(entry_id).state, EntryState.QUEUED)
+        self.assertEqual(spool.commit_count, commits)
+
+    async def test_open_while_closing_is_refused(self):
+        """open() while close() still waits for the writer thread raises a SpoolError."""
+        spool = SQLiteSpool(self.path, reactor)
+        closing = spool.close()
+        self.assertFalse(spool.is_open)
+        self.assertRaises(SpoolError, spool.open)
+        await closing
+        spool.open()
+        self.addCleanup(spool.close)
+
+    def test_check_creates_and_migrates_without_holding_anything(self):
+        """check() creates and migrates the file, then keeps nothing open: no
+        thread, no file descriptor."""
+        SQLiteSpool.check(self.path)
+        db = sqlite3.connect(self.path)
+        try:
+            self.assertEqual(db.execute("PRAGMA user_version").fetchone(), (SCHEMA_VERSION,))
+        finally:
+            db.close()
+        self.assertEqual((_writer_threads_of(self.path), _open_descriptors(self.path)), ([], []))
+
+    def test_check_reports_an_unusable_file(self):
+        """check() raises the SpoolError opening would, naming the file."""
+        os.makedirs(self.path)
+        error = self.assertRaises(SpoolError, SQLiteSpool.check, self.path)
+        self.assertIn(f"cannot open spool {self.path}", str(error))
+
+
 class SQLiteSpoolCrashTests(TestCase):
     """Killing the process loses nothing that was acknowledged."""
 

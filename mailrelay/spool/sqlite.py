@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, TypeVar
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
 from mailrelay.errors import SpoolError
@@ -50,6 +50,8 @@ from mailrelay.spool.schema import (
     STATES as _STATES,
 )
 from mailrelay.spool.writer import GroupCommitWriter, spool_error
+
+_T = TypeVar("_T")
 
 
 def _chunks(ids: list[int], size: int = 500) -> Iterator[list[int]]:
@@ -140,6 +142,12 @@ class SQLiteSpool:
     come back through ``callFromThread``.  ``max_bytes`` caps the database size;
     a write beyond it fails like a full disk.  ``commit_count`` counts the
     transactions committed so far.  Call :meth:`close` to stop the writer thread.
+
+    The file is opened and the writer thread started at once, or with
+    ``open_now=False`` only by :meth:`open`: a daemon opens its spool after
+    twistd has forked into the background, since neither the thread nor the
+    SQLite connections survive a fork.  Until then every operation fails with
+    a :class:`SpoolError` saying the spool is not open.
     """
 
     def __init__(
@@ -149,28 +157,72 @@ class SQLiteSpool:
         *,
         max_bytes: int | None = None,
         max_batch: int = 1000,
+        open_now: bool = True,
     ) -> None:
         self.path = os.fspath(path)
         self._reactor = reactor
-        self._closed = False
-        db = open_database(self.path, max_bytes)
+        self._max_bytes = max_bytes
+        self._max_batch = max_batch
+        self._reader: sqlite3.Connection | None = None
+        self._writer: GroupCommitWriter | None = None
+        self._commits_before = 0
+        self._closing = False
+        if open_now:
+            self.open()
+
+    @staticmethod
+    def check(path: str | os.PathLike[str], *, max_bytes: int | None = None) -> None:
+        """Open the spool at ``path`` as :meth:`open` would (creating and
+        migrating it), then close it again, starting no thread: raises the
+        :class:`SpoolError` that opening it would."""
+        path = os.fspath(path)
+        db = open_database(path, max_bytes)
+        try:
+            open_reader(path).close()
+        except sqlite3.Error as e:
+            raise SpoolError(f"cannot open spool {path}: {e}") from e
+        finally:
+            db.close()
+
+    @property
+    def is_open(self) -> bool:
+        """Whether the spool is open: after :meth:`open`, until :meth:`close` begins."""
+        return self._writer is not None and not self._closing
+
+    def open(self) -> None:
+        """Open (creating and migrating) the file and start the writer thread;
+        does nothing if the spool is open.  Raises :class:`SpoolError` naming
+        the file.  A closed spool may be opened again."""
+        if self._closing:
+            raise SpoolError(f"spool {self.path} is still closing: cannot open it")
+        if self._writer is not None:
+            return
+        db = open_database(self.path, self._max_bytes)
         try:
             self._reader = open_reader(self.path)
         except sqlite3.Error as e:
             db.close()
             raise SpoolError(f"cannot open spool {self.path}: {e}") from e
-        self._writer = GroupCommitWriter(db, reactor, self.path, max_batch)
+        self._writer = GroupCommitWriter(db, self._reactor, self.path, self._max_batch)
+
+    def _submit(
+        self, doing: str, operation: Callable[[sqlite3.Connection], _T], *, durable: bool = True
+    ) -> Deferred[_T]:
         # Every write goes to the writer thread as a function of its connection.
-        self._submit = self._writer.submit
+        if self._writer is None:
+            return fail(SpoolError(f"spool {self.path} is not open: cannot {doing}"))
+        # The writer refuses on its own once it is stopping.
+        return self._writer.submit(doing, operation, durable=durable)
 
     @property
     def commit_count(self) -> int:
         """How many transactions the writer thread has committed so far."""
-        return self._writer.commit_count
+        current = self._writer.commit_count if self._writer is not None else 0
+        return self._commits_before + current
 
     def _read(self, doing: str, query: str, params: Sequence[Any] = ()) -> list[Any]:
-        if self._closed:
-            raise SpoolError(f"spool {self.path} is closed: cannot {doing}")
+        if self._reader is None:
+            raise SpoolError(f"spool {self.path} is not open: cannot {doing}")
         try:
             return self._reader.execute(query, params).fetchall()
         except sqlite3.Error as e:
@@ -680,12 +732,21 @@ class SQLiteSpool:
 
     def close(self) -> Deferred[None]:
         """Commit the writes already requested, stop the writer thread and
-        close the database; refuses new writes at once."""
-        if self._closed:
+        close the database; refuses new writes at once, reads once the thread
+        is gone.  Closing a spool that is not open does nothing."""
+        writer = self._writer
+        if writer is None:
             return succeed(None)
-        return self._writer.stop().addCallback(self._close_reader)
+        first = not self._closing
+        self._closing = True
+        stopped = writer.stop()
+        if first:
+            stopped.addCallback(self._stopped, writer)
+        return stopped
 
-    def _close_reader(self, _: None) -> None:
-        if not self._closed:
-            self._closed = True
-            self._reader.close()
+    def _stopped(self, _: None, writer: GroupCommitWriter) -> None:
+        self._commits_before += writer.commit_count
+        reader, self._reader, self._writer = self._reader, None, None
+        self._closing = False
+        if reader is not None:
+            reader.close()
