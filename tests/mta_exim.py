@@ -182,7 +182,7 @@ class PrivateExim:
         def listening() -> bool:
             if self.daemon.poll() is not None:
                 raise AssertionError(f"exim -bdf exited {self.daemon.returncode}: {self.log()}")
-            return f"port {port}" in self.log("main") or f"port={port}" in self.log("main")
+            return f"listening for SMTP on [127.0.0.1]:{port}" in self.log("main")
 
         await poll(self.reactor, listening, f"Exim listening on port {port}", 20, details=self.log)
 
