@@ -171,13 +171,15 @@ class PrivateExim:
 
     async def start_daemon(self, port: int) -> None:
         """Run Exim as an SMTP server on 127.0.0.1:``port``; fires once it listens."""
-        self.daemon = subprocess.Popen(
-            [self.exim, "-C", self.config, "-bdf", "-oX", str(port)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=open(os.path.join(self.tmp, "daemon.err"), "wb"),  # noqa: SIM115
-            start_new_session=True,
-        )
+        with open(os.path.join(self.tmp, "daemon.err"), "wb") as errors:
+            self.daemon = subprocess.Popen(
+                [self.exim, "-C", self.config, "-bdf", "-oX", str(port)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=errors,
+                # Its own process group: stop_daemon ends the delivery processes too.
+                start_new_session=True,
+            )
 
         def listening() -> bool:
             if self.daemon.poll() is not None:
