@@ -178,6 +178,7 @@ class EximLMTPClientTests(TestCase):
         self.assertIn("** nolist@lists.test", log)
         self.assertIn("550 5.1.1", log)
         self.assertRegex(log, DELIVERED)
+        self.assertIn(f"T=mailrelay_lmtp_{transport}", log)
         self.assertEqual(await exim.queued(), [])
 
     def test_tcp_mixed_recipients(self):
