@@ -13,8 +13,12 @@ own in the test's temporary directory (``-C``; never ``/etc/exim4``):
 * :meth:`PrivateExim.start_daemon` runs it as an SMTP server (``-bdf``).
 
 Exim's processes run as Debian's ``Debian-exim`` user (the binary resolves that
-name at start), so the test directory must be readable by it: the constructor
-opens ``tmp`` to others (mode 0755).
+name at start; ``install_exim`` creates it), and the unpacked binary is not
+setuid, so Exim delivers as that user, never as root, and logs "exim user lost
+privilege for using -C option" (expected).  The test directory must be
+readable by it: the constructor opens ``tmp`` to others (mode 0755) and gives
+it the spool and log directories.  The configuration names the list domains
+``+mailrelay_domains``, as ``docs/mtas.rst`` does.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ local_interfaces = 127.0.0.1
 host_lookup =
 rfc1413_hosts =
 smtp_banner = $smtp_active_hostname ESMTP Exim (mailrelay tests)
-domainlist list_domains = {list_domains}
+domainlist mailrelay_domains = {list_domains}
 """
 
 _RETRY = """

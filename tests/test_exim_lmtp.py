@@ -39,13 +39,13 @@ begin routers
 # Mail for the list domains goes to mailrelay over LMTP.
 mailrelay:
   driver = accept
-  domains = +list_domains
+  domains = +mailrelay_domains
   transport = {transport}
 
 # Everything else (members, the poster's bounces) to the recording FakeMTA.
 elsewhere:
   driver = manualroute
-  domains = ! +list_domains
+  domains = ! +mailrelay_domains
   route_list = * 127.0.0.1 byname
   self = send
   transport = sink

@@ -53,7 +53,7 @@ begin routers
 # DSNs (and any mail) for the list domain go back to mailrelay over LMTP.
 mailrelay:
   driver = accept
-  domains = +list_domains
+  domains = +mailrelay_domains
   transport = mailrelay_lmtp
 
 # The member whose address "does not exist": Exim accepts the copy, then bounces it.
@@ -66,7 +66,7 @@ unknown_member:
 
 members:
   driver = manualroute
-  domains = ! +list_domains
+  domains = ! +mailrelay_domains
   route_list = * 127.0.0.1 byname
   self = send
   transport = members_smtp
