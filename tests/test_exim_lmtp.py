@@ -25,7 +25,11 @@ from mailrelay.testing import FakeMTA
 from tests.daemon import RelayProcess, delivered_copies, poll
 from tests.mta_exim import EXIM_USER, PrivateExim, require_exim
 from tests.support import as_deferred, free_port, temp_dir
-from tests.test_reliability_diskfull import _fill, _mount_tmpfs
+
+# main has these as tests.support.fill_file_system and mount_tmpfs: import them from there
+# when this branch is merged.
+from tests.test_reliability_diskfull import _fill as fill_file_system
+from tests.test_reliability_diskfull import _mount_tmpfs as mount_tmpfs
 
 LIST = "test@lists.test"
 MEMBERS = ["bart@members.test", "cate@members.test"]
@@ -104,7 +108,7 @@ class EximLMTPClientTests(TestCase):
         socket_path = os.path.join(run_dir, "lmtp.sock")
         if var_tmpfs is not None:
             os.mkdir(os.path.join(tmp, "var"))
-            _mount_tmpfs(self, os.path.join(tmp, "var"), var_tmpfs)
+            mount_tmpfs(self, os.path.join(tmp, "var"), var_tmpfs)
         relay_options = {"smtp_port": sink.port, "lmtp_hostname": "lists.test"}
         if var_tmpfs is not None:
             # No space reserve: SQLite's own disk-full error is the 452.
@@ -199,7 +203,7 @@ class EximLMTPClientTests(TestCase):
 
         async def go():
             relay, sink, exim = await self.chain("tcp", var_tmpfs="2m")
-            filler = _fill(os.path.join(relay.tmp, "var"))
+            filler = fill_file_system(os.path.join(relay.tmp, "var"))
             message_id = "<exim-full@elsewhere.test>"
             # Larger than any slack SQLite's files could still have.
             await exim.submit(POSTER, [LIST], _post(message_id, "while full", 256 * 1024))
