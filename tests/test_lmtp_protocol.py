@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -18,7 +19,7 @@ from zope.interface.verify import verifyObject
 
 from mailrelay.interfaces import IInboundHandler
 from mailrelay.lmtp import AcceptedRecipient, RecipientRejected, Reply, Transaction
-from mailrelay.lmtp.protocol import LMTPFactory
+from mailrelay.lmtp.protocol import LMTPFactory, LMTPServer
 
 HOST = b"lists.example.com"
 PEER = IPv4Address("TCP", "192.0.2.7", 40123)
@@ -495,6 +496,52 @@ class PipeliningTests(ServerTestMixin, SynchronousTestCase):
             ],
         )
         self.assertTrue(transport.disconnecting)
+
+    def test_half_close_after_pipelined_quit_still_gets_the_replies(self):
+        """A client that pipelines QUIT after the final "." and then shuts down its
+        sending side (as Exim's smtp transport does) gets every per-recipient reply and
+        the 221 before the server closes; the server is a half-closeable protocol, so
+        Twisted does not report that end of input as a lost connection."""
+        self.assertTrue(IHalfCloseableProtocol.implementedBy(LMTPServer))
+        handler = FakeHandler(hold=True)
+        server, transport = self.make_server(handler=handler)
+        self.replies(transport)
+        server.dataReceived(
+            b"LHLO x\r\n" + transaction(recipients=("a@example.com", "b@example.com")) + b"QUIT\r\n"
+        )
+        server.readConnectionLost()
+        self.assertFalse(transport.disconnecting, "closed before the replies were sent")
+        self.replies(transport)
+
+        handler.pending[0].callback(handler.accepted(handler.transactions[0]))
+        self.assertEqual(
+            self.replies(transport),
+            [
+                b"250 2.0.0 <a@example.com> delivered",
+                b"250 2.0.0 <b@example.com> delivered",
+                b"221 2.0.0 lists.example.com closing connection",
+            ],
+        )
+        self.assertTrue(transport.disconnecting)
+
+    def test_half_close_without_quit_closes_once_answered(self):
+        """A client that half-closes right after the final "." without QUIT gets its
+        per-recipient replies, then the server closes; one that half-closes between
+        commands is closed at once."""
+        handler = FakeHandler(hold=True)
+        server, transport = self.make_server(handler=handler)
+        self.replies(transport)
+        server.dataReceived(b"LHLO x\r\n" + transaction(recipients=("a@example.com",)))
+        server.readConnectionLost()
+        self.assertFalse(transport.disconnecting)
+        self.replies(transport)
+        handler.pending[0].callback(handler.accepted(handler.transactions[0]))
+        self.assertEqual(self.replies(transport), [b"250 2.0.0 <a@example.com> delivered"])
+        self.assertTrue(transport.disconnecting)
+
+        idle, idle_transport = self.make_server()
+        idle.readConnectionLost()
+        self.assertTrue(idle_transport.disconnecting)
 
     def test_reading_pauses_when_much_input_waits(self):
         """Past 64 KiB of input waiting for a delivery, reading from the client

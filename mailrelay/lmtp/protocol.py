@@ -13,6 +13,11 @@ Twisted has no LMTP and its SMTP server needs several corrections, made here:
   not fed line by line to one message object per recipient;
 * input that arrives while a delivery is being stored waits for its replies,
   so pipelined commands (even QUIT right after the final ".") stay in order;
+* a client that half-closes the connection after its last command (Exim
+  pipelines QUIT after the final "." and shuts down its sending side) still
+  gets every reply: Twisted would otherwise take the end of its input for a
+  closed connection, and drop the replies to a message it has stored, so the
+  client would defer what was accepted and send it again;
 * the idle timer stops while a delivery is being stored (the silence is
   ours, not the client's), and a store that takes longer than the store
   timeout is answered 451 4.3.0 per recipient instead of keeping the client
@@ -34,8 +39,10 @@ import os
 
 from twisted.internet import defer, protocol
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.logger import Logger
 from twisted.mail import smtp
+from zope.interface import implementer
 
 from mailrelay.addresses import check_mailbox
 from mailrelay.errors import InvalidAddress
@@ -113,6 +120,7 @@ def _describe_peer(address: object) -> str:
 _HELD_INPUT_LIMIT = 64 * 1024
 
 
+@implementer(IHalfCloseableProtocol)
 class LMTPServer(smtp.ESMTP):
     """One LMTP session, handing recipients and messages to an ``IInboundHandler``.
 
@@ -171,6 +179,8 @@ class LMTPServer(smtp.ESMTP):
         self._held_size = 0
         self._input_paused = False
         self._lost = False
+        # The client shut down its sending side: no more commands will come.
+        self._input_ended = False
         self._reset_data()
 
     # -- connection life cycle ----------------------------------------------------
@@ -196,6 +206,18 @@ class LMTPServer(smtp.ESMTP):
             self.factory._release(self)
         self._reset_data()
         super().connectionLost(reason)  # cancels the idle timer
+
+    def readConnectionLost(self):  # noqa: N802
+        """The client sent its last byte: answer what it sent, then close."""
+        self._input_ended = True
+        if self._held is None:
+            self.transport.loseConnection()
+        # Else a delivery is being stored: _release_input closes once its
+        # replies (and any command pipelined after it) have been answered.
+
+    def writeConnectionLost(self):  # noqa: N802
+        """The client reads no more: nothing we could say would arrive."""
+        self.transport.loseConnection()
 
     def greeting(self):
         return self.host + b" LMTP server ready"
@@ -416,6 +438,8 @@ class LMTPServer(smtp.ESMTP):
             self.transport.resumeProducing()
         if held:
             self.dataReceived(held)
+        if self._input_ended and self._held is None and not self.transport.disconnecting:
+            self.transport.loseConnection()
 
     @staticmethod
     def _check_replies(replies: object, count: int) -> list[Reply]:
