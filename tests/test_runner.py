@@ -450,6 +450,7 @@ class StoreTests(RunnerCase):
         self.assertEqual(len(lines), 1)
         (event,) = [e for e in events if "copies queued" in e["log_format"]]
         self.assertEqual((event["count"], event["kind"]), (3, "member"))
+        self.assertEqual((event["event"], event["list"]), ("queued", LIST))
 
     def test_spool_failure_fails_the_store(self):
         """When the spool cannot store the message, enqueue fails with its
@@ -870,6 +871,10 @@ class LogVolumeTests(RunnerCase):
         )
         self.assertEqual(refused, [(1, 554), (50, 550)])
         self.assertEqual(len(self.registry.bounces(LIST)), 51)
+        failed = [e for e in events if e.get("event") == "failed"]
+        self.assertEqual(sorted(e["count"] for e in failed), [1, 50])
+        self.assertEqual({e["outcome"] for e in failed}, {"refused"})
+        self.assertEqual(max(len(e["recipients"]) for e in failed), 10)  # bounded list
 
 
 class UnreachableTests(RunnerCase):
