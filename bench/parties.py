@@ -26,6 +26,7 @@ from harness import (
     SERVER_CPUS,
     Process,
     Sink,
+    cpu_seconds,
     free_port,
     listening,
     log,
@@ -127,6 +128,10 @@ class Relay:
 
     def peak_rss_kib(self) -> int:
         return peak_rss_kib(self.process.pid)
+
+    def cpu_seconds(self) -> float:
+        """CPU time the relay (reactor and spool writer threads) has used so far."""
+        return cpu_seconds(self.process.pid)
 
     def stop(self) -> None:
         self.process.stop(30)

@@ -474,13 +474,17 @@ def scenario_metrics(ctx: Context) -> None:
                         ctx.workdir, sink.port, {address: size[1]}, cpus=E2E_CPUS, metrics=metrics
                     )
                     with started(relay):
+                        cpu = relay.cpu_seconds()
                         total, first = _post_and_wait(sink, relay.port, address, size)
+                        # CPU time drifts less than wall time on a shared machine.
+                        cpu = relay.cpu_seconds() - cpu
                         if metrics:
                             _check_scrape(relay, size[0] * size[1])
                     rows[size].add(
                         peer,
                         size[0] * size[1] / total,
                         seconds=total,
+                        cpu_s=cpu,
                         first_delivery_s=first,
                         load1=os.getloadavg()[0],
                     )
@@ -488,18 +492,26 @@ def scenario_metrics(ctx: Context) -> None:
     finally:
         sink.stop()
     for row in rows.values():
-        ratios = [on / off for on, off in zip(*_on_off(row), strict=False) if off]
+        ratios = _ratios(row.values)
         if ratios:
+            cpu = _ratios(row.extra["cpu_s"])
             loads = _loads(row)
             ctx.notes.append(
-                f"Metrics, {row.config}: on / off {median(ratios):.3f} "
-                f"({min(ratios):.3f}-{max(ratios):.3f}) over {len(ratios)} pair(s); "
-                f"1-minute load average {min(loads):.2f}-{max(loads):.2f} after each run."
+                f"Metrics, {row.config}: throughput on / off {_median_range(ratios)}, "
+                f"relay CPU seconds on / off {_median_range(cpu)}, over {len(ratios)} "
+                f"pair(s); 1-minute load average {min(loads):.2f}-{max(loads):.2f} after "
+                "each run."
             )
 
 
-def _on_off(row: Row) -> tuple[list[float], list[float]]:
-    return row.values.get(METRICS_ON, []), row.values.get(METRICS_OFF, [])
+def _ratios(values: dict[str, list[float]]) -> list[float]:
+    """on / off in each run (each pair measured back to back)."""
+    on, off = values.get(METRICS_ON, []), values.get(METRICS_OFF, [])
+    return [a / b for a, b in zip(on, off, strict=False) if b]
+
+
+def _median_range(values: list[float]) -> str:
+    return f"{median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
 
 
 def _loads(row: Row) -> list[float]:
