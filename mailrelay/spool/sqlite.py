@@ -580,6 +580,32 @@ class SQLiteSpool:
         counts.update((_STATES[state], n) for state, n in rows)
         return counts
 
+    def delivery_progress(self, message_key: int, delivered: int) -> tuple[bool, bool]:
+        """Whether the ``delivered`` copies of ``message_key`` just recorded DONE
+        were its first (no other copy DONE) and its last (no copy waiting).
+
+        Two short index walks on the reactor thread, whatever the size of
+        the post, where :meth:`copy_counts` reads every copy: this runs after
+        each delivery batch when metrics are on.  ``+state`` keeps SQLite on
+        the message's index (the state indexes would walk the whole spool).
+        """
+        key = common.check_key(message_key)
+        done = self._read(
+            f"count the delivered copies of message {key}",
+            "SELECT count(*) FROM (SELECT 1 FROM entries WHERE message_key = ?"
+            " AND kind != 'inbound' AND +state = 'done' LIMIT ?)",
+            (key, max(0, delivered) + 1),
+        )[0][0]
+        # Copies still waiting are mostly the latest made (a large post is
+        # expanded in batches): looked for from the newest down.
+        waiting = self._read(
+            f"look for waiting copies of message {key}",
+            "SELECT 1 FROM entries WHERE message_key = ? AND kind != 'inbound'"
+            " AND +state IN ('queued', 'inflight', 'retry') ORDER BY id DESC LIMIT 1",
+            (key,),
+        )
+        return done <= delivered, not waiting
+
     def oldest_entry(self, state: EntryState) -> SpoolEntry | None:
         """The entry in ``state`` with the lowest id (received first), or ``None``."""
         checked = common.check_state(state)
