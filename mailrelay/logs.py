@@ -14,8 +14,9 @@ apply (README, "Logging"):
 ``delivered``
     One SMTP transaction the smarthost completed: ``message_id``, ``list``,
     ``count`` (recipients it accepted), ``recipients`` (the first
-    :data:`LISTED_RECIPIENTS` of them), ``refused`` (how many it refused),
-    ``code`` (250), ``duration`` (seconds).
+    :data:`LISTED_RECIPIENTS` of them), ``attempted`` (recipients in the
+    transaction), ``refused`` (how many it refused), ``code`` (250),
+    ``duration`` (seconds), ``sender`` (the envelope sender).
 ``deferred``
     Copies of one message with the same temporary failure: ``message_id``,
     ``list``, ``count``, ``recipients``, ``code``, ``response``, ``attempt``,

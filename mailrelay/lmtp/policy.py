@@ -290,8 +290,8 @@ class InboundHandler:
                 too_big[index] if index in too_big else next(accepted)
                 for index in range(len(all_recipients))
             ]
-        # One line per transaction (none when the store logs what it did with
-        # each recipient): logging is a good part of the cost of a small message.
+        # One line per transaction, not per recipient: logging is a good part
+        # of the cost of a small message.
         if self._log_accepted:
             addresses = [r.address for r in recipients]
             self._log.info(
