@@ -104,6 +104,19 @@ class StartupFailureTests(SynchronousTestCase):
             errors[0].startswith(f"mailrelay: cannot listen for LMTP on 127.0.0.1:{port}"), errors
         )
 
+    def test_logger_option_gives_json(self):
+        """twistd --logger mailrelay.logs.json_observer writes JSON lines to stdout
+        even with [log] format = text (an explicit --logger wins)."""
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            self.write_config(f"[mta]\nlmtp_port = {port}\n[log]\nformat = text\n")
+            result = self.twistd("--logger", "mailrelay.logs.json_observer")
+        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+        records = [json.loads(text) for text in result.stdout.splitlines()]
+        self.assertTrue(any("cannot listen for LMTP" in r["log_text"] for r in records), records)
+
     def test_bad_certificate_file(self):
         """A CA file that holds no certificate: one line naming the file."""
         ca = os.path.join(self.tmp, "ca.pem")
