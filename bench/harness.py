@@ -92,6 +92,23 @@ def peak_rss_kib(pid: int) -> int:
     return 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time one process's live threads have used, in nanosecond resolution
+    (``schedstat``; ``stat`` counts 10 ms ticks); 0 if it is gone."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that ended meanwhile
+    return total / 1e9
+
+
 def process_tree(pid: int) -> list[int]:
     """``pid`` and all its descendants (read from /proc)."""
     children: dict[int, list[int]] = {}

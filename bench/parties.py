@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import urllib.request
 
 from harness import (
     E2E_CPUS,
@@ -25,6 +26,7 @@ from harness import (
     SERVER_CPUS,
     Process,
     Sink,
+    cpu_seconds,
     free_port,
     listening,
     log,
@@ -37,7 +39,11 @@ from harness import (
 
 class Relay:
     """mailrelay as operators run it: ``twistd -n mailrelay -C bench.ini``, with
-    its spool on disk (durable) and ``smarthost_port`` as the smarthost."""
+    its spool on disk (durable) and ``smarthost_port`` as the smarthost.
+
+    With ``metrics`` the Prometheus endpoint is on (``[http] endpoint`` on a
+    loopback port), and :meth:`scrape` reads ``/metrics`` from it.
+    """
 
     def __init__(
         self,
@@ -48,9 +54,13 @@ class Relay:
         cpus: str | None = SERVER_CPUS,
         python: str = sys.executable,
         extra_ini: str = "",
+        metrics: bool = False,
     ):
         self.dir = tempfile.mkdtemp(prefix="relay-", dir=workdir)
         self.port = free_port()
+        self.metrics_port = free_port() if metrics else None
+        if metrics:
+            extra_ini += f"[http]\nendpoint = tcp:{self.metrics_port}:interface=127.0.0.1\n"
         config = os.path.join(self.dir, "bench.ini")
         with open(config, "w") as f:
             f.write(
@@ -98,10 +108,30 @@ class Relay:
 
     def _ready(self) -> bool:
         self.process.check(f"twistd mailrelay (log in {self.dir})")
-        return listening(self.port)
+        return listening(self.port) and (self.metrics_port is None or listening(self.metrics_port))
+
+    def scrape(self) -> str:
+        """The text of ``/metrics`` (the relay must have been started with ``metrics``)."""
+        if self.metrics_port is None:
+            raise RuntimeError("this relay was started without metrics")
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.read().decode("utf-8")
+
+    def recipients_counted(self, outcome: str) -> float:
+        """The sum over lists of ``mailrelay_recipients_total`` for ``outcome``, scraped now."""
+        total = 0.0
+        for line in self.scrape().splitlines():
+            if line.startswith("mailrelay_recipients_total{") and f'outcome="{outcome}"' in line:
+                total += float(line.rsplit(" ", 1)[1])
+        return total
 
     def peak_rss_kib(self) -> int:
         return peak_rss_kib(self.process.pid)
+
+    def cpu_seconds(self) -> float:
+        """CPU time the relay (reactor and spool writer threads) has used so far."""
+        return cpu_seconds(self.process.pid)
 
     def stop(self) -> None:
         self.process.stop(30)

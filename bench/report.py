@@ -29,6 +29,7 @@ TITLES = {
     "memory": "Memory: peak RSS of the LMTP server",
     "bounces": "Bounces: VERP bounces over LMTP until every member's score is written",
     "oneclick": "One-click unsubscribe: grouped vs personalised copies of one post",
+    "metrics": "Metrics: end to end with the Prometheus endpoint off and on, interleaved",
 }
 
 

@@ -17,6 +17,11 @@ arguments on.  Scenarios (``bench/scenarios.py``):
     accepted the last recipient.
 ``memory``
     Peak RSS of the LMTP servers with 10, 100 and 1,000 concurrent sessions.
+``metrics``
+    200 posts x 10 members and 1 post x 10,000 end to end, with the Prometheus
+    endpoint (``[http] endpoint``) off and on in turn; each relay with metrics
+    is scraped once at the end, and its delivered count must match
+    (``results/metrics.md``).
 
 Measuring before and after a change: run a subset of configurations, several
 times each, e.g. ::

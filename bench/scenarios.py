@@ -10,6 +10,7 @@ an id (``bench/run --list`` prints them) that ``bench/run --only`` selects:
 ``memory_<sessions>``            peak RSS with 10, 100 or 1,000 concurrent sessions
 ``bounces_<count>``              VERP bounces over LMTP until every member is scored
 ``oneclick_<copies>``            1 post x 10,000 members, grouped or personalised copies
+``metrics_<posts>x<members>``    e2e with the Prometheus endpoint off and on, interleaved
 
 A scenario name alone (``--only e2e``) stands for all its configurations.  In
 every run each peer is measured right after the others (their order rotating
@@ -58,6 +59,10 @@ _E2E_SMOKE_SIZES = [(3, 5), (1, 20)]
 ONECLICK_MEMBERS = 10000
 _ONECLICK_SMOKE_MEMBERS = 20
 ONECLICK_COPIES = ("grouped", "personal")
+# The e2e configurations issue 11 bounds the cost of metrics on (3% at most).
+METRICS_SIZES = [(200, 10), (1, 10000)]
+_METRICS_SMOKE_SIZES = [(3, 5)]
+METRICS_OFF, METRICS_ON = "mailrelay", "mailrelay+metrics"
 
 
 def _ingest_configs(smoke: bool) -> list[tuple[int, int]]:
@@ -80,7 +85,16 @@ def configurations(smoke: bool) -> dict[str, list[str]]:
         "memory": [f"memory_{sessions}" for sessions in _memory_levels(smoke)],
         "bounces": [f"bounces_{_bounce_count(smoke)}"],
         "oneclick": [f"oneclick_{copies}" for copies in ONECLICK_COPIES],
+        "metrics": [_metrics_id(size) for size in _metrics_sizes(smoke)],
     }
+
+
+def _metrics_sizes(smoke: bool) -> list[tuple[int, int]]:
+    return _METRICS_SMOKE_SIZES if smoke else METRICS_SIZES
+
+
+def _metrics_id(size: tuple[int, int]) -> str:
+    return f"metrics_{size[0]}x{size[1]}"
 
 
 def _ingest_id(size: int, sessions: int) -> str:
@@ -437,6 +451,80 @@ def scenario_oneclick(ctx: Context) -> None:
         )
 
 
+def scenario_metrics(ctx: Context) -> None:
+    """What the Prometheus endpoint costs end to end: the same posts with
+    ``[http] endpoint`` unset and set, measured in turn (off, on, then on,
+    off, ...: the machine's drift hits both alike).  Each relay with metrics
+    is scraped once at the end, and its delivered counter must match."""
+    sizes = [s for s in _metrics_sizes(ctx.smoke) if ctx.wanted(_metrics_id(s))]
+    if not sizes:
+        return
+    rows = {
+        size: ctx.row("metrics", f"{size[0]:,} posts x {size[1]:,} members", "recipients/s")
+        for size in sizes
+    }
+    sink = Sink(ctx.workdir)
+    try:
+        for run in range(ctx.runs):
+            for size in sizes:
+                address = f"metrics-{size[0]}x{size[1]}@{LIST_DOMAIN}"
+                for peer in rotated([METRICS_OFF, METRICS_ON], run):
+                    metrics = peer == METRICS_ON
+                    relay = Relay(
+                        ctx.workdir, sink.port, {address: size[1]}, cpus=E2E_CPUS, metrics=metrics
+                    )
+                    with started(relay):
+                        cpu = relay.cpu_seconds()
+                        total, first = _post_and_wait(sink, relay.port, address, size)
+                        # CPU time drifts less than wall time on a shared machine.
+                        cpu = relay.cpu_seconds() - cpu
+                        if metrics:
+                            _check_scrape(relay, size[0] * size[1])
+                    rows[size].add(
+                        peer,
+                        size[0] * size[1] / total,
+                        seconds=total,
+                        cpu_s=cpu,
+                        first_delivery_s=first,
+                        load1=os.getloadavg()[0],
+                    )
+                log(f"metrics {rows[size].config} run {run + 1}: " + _last(rows[size]))
+    finally:
+        sink.stop()
+    for row in rows.values():
+        ratios = _ratios(row.values)
+        if ratios:
+            cpu = _ratios(row.extra["cpu_s"])
+            loads = _loads(row)
+            ctx.notes.append(
+                f"Metrics, {row.config}: throughput on / off {_median_range(ratios)}, "
+                f"relay CPU seconds on / off {_median_range(cpu)}, over {len(ratios)} "
+                f"pair(s); 1-minute load average {min(loads):.2f}-{max(loads):.2f} after "
+                "each run."
+            )
+
+
+def _ratios(values: dict[str, list[float]]) -> list[float]:
+    """on / off in each run (each pair measured back to back)."""
+    on, off = values.get(METRICS_ON, []), values.get(METRICS_OFF, [])
+    return [a / b for a, b in zip(on, off, strict=False) if b]
+
+
+def _median_range(values: list[float]) -> str:
+    return f"{median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+
+
+def _loads(row: Row) -> list[float]:
+    return [load for loads in row.extra.get("load1", {}).values() for load in loads]
+
+
+def _check_scrape(relay: Relay, expected: int) -> None:
+    """Scrape ``/metrics`` once: proof that the endpoint was on and counting."""
+    delivered = relay.recipients_counted("delivered")
+    if delivered != expected:
+        raise RuntimeError(f"/metrics counted {delivered:g} delivered recipients, not {expected}")
+
+
 SCENARIOS: dict[str, Callable[[Context], None]] = {
     "ingest": scenario_ingest,
     "outbound": scenario_outbound,
@@ -444,4 +532,5 @@ SCENARIOS: dict[str, Callable[[Context], None]] = {
     "memory": scenario_memory,
     "bounces": scenario_bounces,
     "oneclick": scenario_oneclick,
+    "metrics": scenario_metrics,
 }

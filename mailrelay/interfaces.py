@@ -319,6 +319,13 @@ class ISpool(IMessageStore):
         """Mapping of every EntryState to the number of MEMBER and OWNER copies
         of one message in that state (synchronous, one indexed query)."""
 
+    def delivery_progress(message_key, delivered):
+        """``(first, last)`` for the ``delivered`` copies of one message just
+        recorded DONE: whether no other copy was DONE before them, and whether
+        no copy is left waiting (QUEUED, INFLIGHT or RETRY).  Synchronous and
+        cheap whatever the post's size (the runner asks after every batch
+        when metrics are on)."""
+
     def oldest_entry(state):
         """The entry in ``state`` received first (lowest id), or ``None``
         (synchronous, one indexed lookup)."""

@@ -578,7 +578,9 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
         store,
         hostname=hostname,
         clock=reactor,
-        log_accepted=False,
+        # One "accepted" event per LMTP transaction; the runner logs one
+        # "queued" (or held, ...) line per list it routes the message to.
+        log_accepted=True,
         observer=observer,
         # Posts larger than the smarthost or the list takes are refused at DATA.
         size_limit=SizeLimits(registry, sender),

@@ -5,6 +5,11 @@ a spool that cannot be opened, another relay on the same state directory)
 ends twistd with one line naming what failed and how to fix it, and exit
 status 1, never a traceback: :class:`StartupFailed`.  A failure that is a bug
 still shows its traceback.
+
+With ``[log] format = json`` twistd's log (the file of ``--logfile``, or
+standard output with ``-n`` or ``--logfile=-``) gets one JSON object per line
+(:func:`mailrelay.logs.json_observer`) instead of text lines; an explicit
+``twistd --logger`` still wins.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import os
 
 from twisted.application import service
 from twisted.internet.error import CannotListenError
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
 from mailrelay.config import CONFIG_ENVIRONMENT_VARIABLE, load_settings
@@ -105,10 +110,19 @@ class _Guarded(service.MultiService):
     twistd passes to the waiting parent to print.
     """
 
-    def __init__(self, relay: service.IService, foreground: bool):
+    def __init__(self, relay: service.IService, foreground: bool, log_observer=None):
         super().__init__()
         self._foreground = foreground
+        self._log_observer = log_observer
         relay.setServiceParent(self)
+
+    def setServiceParent(self, parent):  # noqa: N802
+        # twistd adds the service to its Application, then starts logging to
+        # the application's ILogObserver component if it has one (as a .tac
+        # file's setComponent would), unless --logger names another.
+        if self._log_observer is not None and hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, self._log_observer)
+        super().setServiceParent(parent)
 
     def privilegedStartService(self):  # noqa: N802
         self._guard(super().privilegedStartService)
@@ -147,4 +161,49 @@ def makeService(options):  # noqa: N802
         raise StartupFailed(reason) from None
     parent = getattr(options, "parent", None)
     foreground = bool(parent is None or parent.get("nodaemon"))
-    return _Guarded(relay, foreground)
+    observer = None
+    if options["settings"].log.format == "json" and parent is not None:
+        observer = json_log_observer(parent)
+    return _Guarded(relay, foreground, observer)
+
+
+def json_log_observer(twistd_options):
+    """The JSON observer for ``[log] format = json``, writing where twistd's
+    text log would go with the same options: standard output with ``-n``
+    and no ``--logfile`` or with ``--logfile=-``, otherwise the file (default
+    ``twistd.log``), rotated as twistd rotates it (by size, and on SIGUSR1).
+    ``None`` when ``--logger`` names an observer of its own."""
+    import signal
+    import sys
+
+    from twisted.python.logfile import LogFile
+
+    from mailrelay.logs import json_observer
+
+    if twistd_options.get("logger"):
+        return None
+    if twistd_options.get("syslog"):
+        raise StartupFailed(
+            "[log] format = json writes to twistd's log file or standard output, not "
+            "to syslog: drop --syslog, or set [log] format = text"
+        )
+    path = twistd_options.get("logfile") or ""
+    nodaemon = bool(twistd_options.get("nodaemon"))
+    if path == "-" or (nodaemon and not path):
+        if not nodaemon:
+            raise StartupFailed("a daemon cannot log to standard output: use -n or --logfile")
+        return json_observer(sys.stdout)
+    path = path or "twistd.log"
+    try:
+        log_file = LogFile.fromFullPath(path)
+    except OSError as e:
+        raise StartupFailed(f"cannot open the log file {path}: {e.strerror or e}") from None
+    if not signal.getsignal(signal.SIGUSR1):
+        # As twistd does for its text log (it never sees this file).
+        def rotate(signum, frame):
+            from twisted.internet import reactor
+
+            reactor.callFromThread(log_file.rotate)
+
+        signal.signal(signal.SIGUSR1, rotate)
+    return json_observer(log_file)

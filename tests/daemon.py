@@ -88,11 +88,21 @@ class RelayProcess:
     """A ``twistd -n mailrelay`` process listening on a unix socket in ``tmp``.
 
     ``mta`` holds the ``[mta]`` keys written to the configuration file besides
-    the LMTP socket (change it and call :meth:`write_config` before a restart).
+    the LMTP socket, ``sections`` any other sections (change them and call
+    :meth:`write_config` before a restart).
     The process's output goes to ``tmp/twistd.log``, kept across restarts.
     """
 
-    def __init__(self, case, reactor, tmp: str, *, tcp_port: int | None = None, **mta: object):
+    def __init__(
+        self,
+        case,
+        reactor,
+        tmp: str,
+        *,
+        tcp_port: int | None = None,
+        sections: str = "",
+        **mta: object,
+    ):
         self.reactor = reactor
         self.tmp = tmp
         self.socket = os.path.join(tmp, "lmtp.sock")
@@ -103,6 +113,7 @@ class RelayProcess:
             f"unix:{self.socket}" if tcp_port is None else f"tcp:{tcp_port}:interface=127.0.0.1"
         )
         self.mta = {"lmtp_endpoint": endpoint, "smtp_host": "127.0.0.1", **mta}
+        self.sections = sections  # INI text written after [mta], e.g. "[log]\nformat = json\n"
         self.process: subprocess.Popen | None = None
         self.starts = 0
         self.write_config()
@@ -112,7 +123,7 @@ class RelayProcess:
         lines = ["[paths]", "var_dir = var", "[mta]"]
         lines += [f"{key} = {value}" for key, value in self.mta.items()]
         with open(self.config, "w") as f:
-            f.write("\n".join(lines) + "\n")
+            f.write("\n".join(lines) + "\n" + self.sections)
 
     def cli(self, *argv: str) -> str:
         """Run a ``mailrelay`` command on this relay's files; its output (it must succeed)."""

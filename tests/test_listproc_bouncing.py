@@ -12,6 +12,7 @@ import email
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet import task
+from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailrelay.listproc.bouncing import (
@@ -247,6 +248,26 @@ class RunnerFailureTests(Case):
             self.scorer.register_failures([Bounce(LIST, ANNE, 550, "again", at + 60)])
         self.assertEqual(self.record().bounce_score, 5.0)
         self.assertFalse(self.record().delivery_enabled)
+
+    def test_bounced_event(self):
+        """Scoring a refusal logs event "bounced" with the list, the member, what
+        scoring did, the score, and the smarthost's code and one-line response."""
+        with capturedLogs() as events:
+            self.scorer.register_failures([Bounce(LIST, ANNE, 550, "5.1.1 no\r\n such", START)])
+        (event,) = [e for e in events if e.get("event") == "bounced"]
+        self.assertEqual(
+            (event["list"], event["recipient"], event["result"], event["score"]),
+            (LIST, ANNE, "counted", 1.0),
+        )
+        self.assertEqual((event["code"], event["response"]), (550, "5.1.1 no such"))
+
+    def test_bounce_message_event(self):
+        """A bounce message to -bounces logs event "bounced" too, without a code."""
+        with capturedLogs() as events:
+            self.bounce()
+        (event,) = [e for e in events if e.get("event") == "bounced"]
+        self.assertEqual((event["recipient"], event["list"]), (ANNE, LIST))
+        self.assertNotIn("code", event)
 
     def test_registry_trouble_is_logged_not_raised(self):
         """A refusal for a list deleted meanwhile is logged; delivery goes on."""

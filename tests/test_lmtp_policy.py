@@ -333,7 +333,9 @@ class InboundHandlerTests(SynchronousTestCase):
             self.successResultOf(self.handler.deliver(make_transaction()))
         (event,) = [e for e in events if e.get("code") == 250]
         self.assertEqual(event["sender"], "anne.person@example.com")
-        self.assertEqual(event["recipients"], "mylist@example.com")
+        self.assertEqual(event["event"], "accepted")
+        self.assertEqual(event["recipients"], ["mylist@example.com"])
+        self.assertEqual((event["lists"], event["count"]), (["mylist@example.com"], 1))
         self.assertEqual(event["entry_ids"], [1])
         self.assertEqual(event["message_id"], "<badger@example.com>")
         self.assertFalse(any("interesting message" in repr(e) for e in events))

@@ -356,7 +356,7 @@ class StoreTests(RunnerCase):
             self.store()
         self.assertEqual((len(counts), len(lookups), len(expands)), (1, 2, 2))
         self.assertEqual(len(self.sender.recipients()), 2 * len(MEMBERS))
-        (stored,) = [e for e in events if e.get("code") == 250]
+        (stored,) = [e for e in events if e.get("code") == 250 and e.get("event") != "delivered"]
         self.assertIn("to be expanded by a delivery batch", stored["log_format"])
 
     def test_registry_without_member_count(self):
@@ -450,6 +450,7 @@ class StoreTests(RunnerCase):
         self.assertEqual(len(lines), 1)
         (event,) = [e for e in events if "copies queued" in e["log_format"]]
         self.assertEqual((event["count"], event["kind"]), (3, "member"))
+        self.assertEqual((event["event"], event["list"]), ("queued", LIST))
 
     def test_spool_failure_fails_the_store(self):
         """When the spool cannot store the message, enqueue fails with its
@@ -631,7 +632,10 @@ class ResultTests(RunnerCase):
         (event,) = [e for e in events if e["log_level"] is LogLevel.error]
         self.assertEqual(
             (event["recipients"], event["list"], event["message_id"]),
-            ("cris@example.com", LIST, "<post@example.org>"),
+            (["cris@example.com"], LIST, "<post@example.org>"),
+        )
+        self.assertEqual(
+            (event["event"], event["outcome"], event["count"]), ("failed", "dead-lettered", 1)
         )
 
     def test_refusal_of_the_whole_message_is_not_a_bounce(self):
@@ -667,8 +671,15 @@ class ResultTests(RunnerCase):
         self.assertEqual(
             {(e["message_id"], e["list"]) for e in logged}, {("<post@example.org>", LIST)}
         )
-        self.assertEqual(sum(e["count"] for e in logged), 3)
+        self.assertEqual(sum(e["attempted"] for e in logged), 3)
         self.assertEqual(sum(e["refused"] for e in logged), 1)
+        # The "delivered" event counts (and lists) the recipients the smarthost took.
+        self.assertEqual({e["event"] for e in logged}, {"delivered"})
+        self.assertEqual(sum(e["count"] for e in logged), 2)
+        self.assertEqual(
+            sorted(r for e in logged for r in e["recipients"]),
+            ["anne@example.com", "cris@example.com"],
+        )
         self.assertTrue(all(isinstance(e["duration"], float) for e in logged))
         self.assertFalse(any(b"Body line" in repr(e).encode() for e in events))
 
@@ -840,7 +851,9 @@ class LogVolumeTests(RunnerCase):
         (summary,) = [e for e in events if "deferred" in e["log_format"]]
         self.assertEqual((summary["count"], summary["code"]), (200, 444))
         self.assertIn("Cannot connect", summary["response"])
-        self.assertIn("and 197 more", summary["recipients"])
+        self.assertIn("and 197 more", summary["names"])
+        self.assertEqual(summary["event"], "deferred")
+        self.assertEqual(summary["recipients"], list(self.members[:10]))  # bounded
         self.assertRegex(summary["delay"], r"^\d+s(-\d+s)?$")
         with capturedLogs() as events:
             self.advance(4000)
@@ -858,6 +871,10 @@ class LogVolumeTests(RunnerCase):
         )
         self.assertEqual(refused, [(1, 554), (50, 550)])
         self.assertEqual(len(self.registry.bounces(LIST)), 51)
+        failed = [e for e in events if e.get("event") == "failed"]
+        self.assertEqual(sorted(e["count"] for e in failed), [1, 50])
+        self.assertEqual({e["outcome"] for e in failed}, {"refused"})
+        self.assertEqual(max(len(e["recipients"]) for e in failed), 10)  # bounded list
 
 
 class UnreachableTests(RunnerCase):

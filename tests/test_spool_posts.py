@@ -96,6 +96,25 @@ class PostViewContractMixin:
         with self.assertRaises(TypeError):
             self.spool.get_entry("1")
 
+    async def test_delivery_progress(self):
+        """(first, last) for copies just delivered: first while no other copy was
+        DONE before them, last once no copy waits (QUEUED, INFLIGHT, RETRY);
+        FAILED and DONE copies do not wait, and the post's own entry never counts."""
+        key = await self.post(members=("a@x.org", "b@x.org", "c@x.org"))
+        a, b, c = self.copies(key)
+        await self.spool.update([EntryUpdate(a.entry_id, EntryState.DONE, count_attempt=True)])
+        self.assertEqual(self.spool.delivery_progress(key, 1), (True, False))
+        await self.spool.update(
+            [
+                EntryUpdate(b.entry_id, EntryState.DONE, count_attempt=True),
+                EntryUpdate(c.entry_id, EntryState.RETRY, next_attempt_at=5.0, error="451"),
+            ]
+        )
+        self.assertEqual(self.spool.delivery_progress(key, 1), (False, False))
+        await self.spool.update([EntryUpdate(c.entry_id, EntryState.FAILED, error="550")])
+        self.assertEqual(self.spool.delivery_progress(key, 1), (False, True))
+        self.assertEqual(self.spool.delivery_progress(key, 2), (True, True))
+
     async def test_oldest_entry(self):
         """The entry in a state received first; None when there is none."""
         self.assertIsNone(self.spool.oldest_entry(EntryState.RETRY))

@@ -3,6 +3,7 @@ and how to fix it, a non-zero exit status, never a traceback."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -83,6 +84,38 @@ class StartupFailureTests(SynchronousTestCase):
             f"cannot listen for LMTP on 127.0.0.1:{port}: Address already in use",
             "change [mta] lmtp_endpoint or lmtp_port",
         )
+
+    def test_port_in_use_with_json_log(self):
+        """With [log] format = json the failure is still one line and no traceback:
+        twistd has started logging, so the line is one JSON record (twistd's
+        "stderr" namespace) among the JSON lines on stdout (-n)."""
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            self.write_config(f"[mta]\nlmtp_port = {port}\n[log]\nformat = json\n")
+            result = self.twistd()
+        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+        self.assertNotIn("Traceback", result.stdout + result.stderr)
+        records = [json.loads(text) for text in result.stdout.splitlines()]
+        errors = [r["log_text"] for r in records if r["log_level"]["name"] in ("error", "critical")]
+        self.assertEqual(len(errors), 1, records)
+        self.assertTrue(
+            errors[0].startswith(f"mailrelay: cannot listen for LMTP on 127.0.0.1:{port}"), errors
+        )
+
+    def test_logger_option_gives_json(self):
+        """twistd --logger mailrelay.logs.json_observer writes JSON lines to stdout
+        even with [log] format = text (an explicit --logger wins)."""
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            self.write_config(f"[mta]\nlmtp_port = {port}\n[log]\nformat = text\n")
+            result = self.twistd("--logger", "mailrelay.logs.json_observer")
+        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+        records = [json.loads(text) for text in result.stdout.splitlines()]
+        self.assertTrue(any("cannot listen for LMTP" in r["log_text"] for r in records), records)
 
     def test_bad_certificate_file(self):
         """A CA file that holds no certificate: one line naming the file."""

@@ -546,9 +546,10 @@ SCHEMA: tuple[Key, ...] = (
         "log",
         "format",
         "text",
-        "text (twistd's usual lines) or json (one JSON object per event, as "
-        "twisted.logger's jsonFileLogObserver writes them, with stable field names "
-        "such as event, message_id, list, recipient, count, code and response).",
+        "text (twistd's usual lines) or json: twistd's log file (or standard output "
+        "with -n) gets one JSON object per line, twisted.logger's eventAsJSON of each "
+        "event, with stable field names such as event, message_id, list, recipient, "
+        "count, code and response (README, Logging).",
         _plain(_log_format),
     ),
     Key(

@@ -56,6 +56,7 @@ from mailrelay.listproc.processor import Handled, ListMail
 from mailrelay.listproc.safety import autoreply_day
 from mailrelay.listproc.tokens import PendingAction, new_pending
 from mailrelay.listsettings import ForwardBounces, ListSettings
+from mailrelay.logs import BOUNCED
 from mailrelay.model import Bounce, DisabledReason, EntryState, MemberRecord, Outgoing
 
 __all__ = [
@@ -204,8 +205,13 @@ class BounceScorer:
         now: float,
         reason: str = "",
         rules: BounceRules | None = None,
+        *,
+        code: int | None = None,
+        response: str | None = None,
     ) -> Scored:
-        """Count one permanent failure of ``address`` on ``list_address``."""
+        """Count one permanent failure of ``address`` on ``list_address``, and
+        log it (event ``bounced``, with the smarthost's ``code`` and
+        ``response`` when it refused the member)."""
         record = self._registry.get_member(list_address, address)
         if record is None:
             result, changes = Scored.NOT_A_MEMBER, {}
@@ -216,13 +222,16 @@ class BounceScorer:
             if changes:
                 record = self._registry.update_member(list_address, address, changes)
         log = _log.warn if result is Scored.DISABLED else _log.info
+        smarthost = {} if code is None else {"code": code, "response": response or ""}
         log(
             "Bounce of {recipient} on {list} ({reason}): {result}, score {score}",
+            event=BOUNCED,
             recipient=address,
             list=list_address,
             reason=reason or "permanent failure",
             result=result.value,
             score=None if record is None else record.bounce_score,
+            **smarthost,
         )
         return result
 
@@ -231,11 +240,14 @@ class BounceScorer:
         Registry trouble is logged, never raised (delivery goes on)."""
         for bounce in bounces:
             try:
+                response = " ".join(bounce.response.split())
                 self.register(
                     bounce.list_address,
                     bounce.address,
                     bounce.at,
-                    f"refused by the smarthost: {bounce.code} {' '.join(bounce.response.split())}",
+                    f"refused by the smarthost: {bounce.code} {response}",
+                    code=bounce.code,
+                    response=response,
                 )
             except (RegistryError, RegistryUnavailable) as e:
                 _log.warn(

@@ -31,6 +31,7 @@ from zope.interface import implementer
 from mailrelay.errors import RegistryUnavailable, SpoolError
 from mailrelay.interfaces import IInboundHandler
 from mailrelay.lmtp import RecipientRejected, Reply, Transaction
+from mailrelay.logs import ACCEPTED, listed
 from mailrelay.model import Envelope
 from mailrelay.observer import NO_OBSERVER
 
@@ -145,8 +146,8 @@ class InboundHandler:
     (an ``IReactorTime``) dates the spooled envelopes.  ``on_stored``, if
     given, is called with no arguments after each message is spooled (the
     delivery runner's ``wake``), before the replies are sent.  Each accepted
-    transaction is logged unless ``log_accepted`` is false (the delivery
-    runner, used as the store, logs what became of every recipient).
+    transaction is logged (event ``accepted``, :mod:`mailrelay.logs`) unless
+    ``log_accepted`` is false.
     ``observer`` (an :class:`~mailrelay.interfaces.IRelayObserver`) is told of
     each accepted transaction and of each refusal, with its reason.
     ``size_limit(destination)``, if given, is the largest message in octets
@@ -289,14 +290,19 @@ class InboundHandler:
                 too_big[index] if index in too_big else next(accepted)
                 for index in range(len(all_recipients))
             ]
-        # One line per transaction (none when the store logs what it did with
-        # each recipient): logging is a good part of the cost of a small message.
+        # One line per transaction, not per recipient: logging is a good part
+        # of the cost of a small message.
         if self._log_accepted:
+            addresses = [r.address for r in recipients]
             self._log.info(
-                "Accepted message {message_id} from {sender} for {recipients}",
+                "Accepted message {message_id} from {sender} for {names}",
+                event=ACCEPTED,
                 message_id=prepared.message_id,
                 sender=sender,
-                recipients=", ".join(r.address for r in recipients),
+                lists=list(dict.fromkeys(_list_of(r) for r in recipients)),
+                count=len(recipients),
+                recipients=listed(addresses),
+                names=", ".join(addresses),
                 entry_ids=ids,
                 code=250,
             )
@@ -335,6 +341,12 @@ class InboundHandler:
             )
             self._observer.message_refused("too_big", len(refused))
         return refused
+
+
+def _list_of(recipient) -> str:
+    """The list address of an accepted recipient (the address itself when the
+    registry's answer names no list)."""
+    return getattr(recipient.token, "list_address", None) or recipient.address
 
 
 __all__ = [

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 from twisted.logger import Logger
 
+from mailrelay.logs import DEFERRED, FAILED, listed
 from mailrelay.model import Bounce, EntryKind, EntryState, EntryUpdate, MailingList, SpoolEntry
 from mailrelay.retry import RetryPolicy, Verdict, classify
 
@@ -196,14 +197,19 @@ class _Summary:
             self.delays.append(delay)
 
     def log(self, outcome: str, mlist: MailingList, code: int, text: str) -> None:
+        """One line: event ``deferred`` or ``failed`` (:mod:`mailrelay.logs`),
+        with the recipients' count and the first of them."""
         named = ", ".join(self.recipients[:_NAMED_RECIPIENTS])
         if len(self.recipients) > _NAMED_RECIPIENTS:
             named += f" and {len(self.recipients) - _NAMED_RECIPIENTS} more"
         fields = dict(
+            event=DEFERRED if outcome == _DEFERRED else FAILED,
+            outcome=outcome,
             message_id=self.message_id,
             list=mlist.posting_address,
             count=len(self.recipients),
-            recipients=named,
+            recipients=listed(self.recipients),
+            names=named,
             code=code,
             response=text,
             attempt=_span(self.attempts, "{:d}"),
@@ -211,20 +217,20 @@ class _Summary:
         if outcome == _DEFERRED:
             _log.info(
                 "{message_id} to {count} recipient(s) of {list} deferred: {code} {response}; "
-                "attempt {attempt}, next in {delay} ({recipients})",
+                "attempt {attempt}, next in {delay} ({names})",
                 delay=_span(self.delays, "{:.0f}s"),
                 **fields,
             )
         elif outcome == _REFUSED:
             _log.warn(
                 "{message_id} to {count} recipient(s) of {list} refused permanently: "
-                "{code} {response} ({recipients})",
+                "{code} {response} ({names})",
                 **fields,
             )
         else:
             _log.error(
                 "{message_id} to {count} recipient(s) of {list} dead-lettered: gave up "
-                "after the retry period, attempt {attempt}: {code} {response} ({recipients})",
+                "after the retry period, attempt {attempt}: {code} {response} ({names})",
                 **fields,
             )
 

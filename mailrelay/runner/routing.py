@@ -41,6 +41,7 @@ from twisted.logger import Logger
 
 from mailrelay.errors import RegistryError, RegistryUnavailable, SpoolError
 from mailrelay.listproc.posting import PostAction, PostDecision
+from mailrelay.logs import FAILED, QUEUED
 from mailrelay.model import (
     Destination,
     EntryKind,
@@ -71,7 +72,7 @@ class _RouteLogLine:
 
     level: str
     format: str
-    fields: tuple[tuple[str, str], ...] = ()
+    fields: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,9 @@ _STORED_FOR_BATCH = _RouteLogLine(
     "info", "{message_id} from {sender} to {list}: stored, to be expanded by a delivery batch"
 )
 _DUPLICATE_LINE = _RouteLogLine("info", _DUPLICATE)
-_GONE = _RouteLogLine("warn", "{message_id} to {list}: the list no longer exists")
+# The message itself is dead-lettered: no copy is made.
+_DEAD_LETTER = (("event", FAILED), ("outcome", "dead-lettered"), ("count", 1))
+_GONE = _RouteLogLine("warn", "{message_id} to {list}: the list no longer exists", _DEAD_LETTER)
 # Mail to a sub-address the list processor handles.
 _STORED_FOR_PROCESSING = _RouteLogLine(
     "info", "{message_id} from {sender} to {list} -{subaddress}: stored for list processing"
@@ -106,7 +109,7 @@ def _one_copy_per_address(destination: Destination) -> bool:
 
 def _log_route(line: _RouteLogLine, route: Route, fields: dict[str, Any]) -> None:
     if route.kind is not None:
-        fields = dict(fields, count=len(route.recipients), kind=route.kind.value)
+        fields = dict(fields, event=QUEUED, count=len(route.recipients), kind=route.kind.value)
     if line.fields:
         fields = dict(fields, **dict(line.fields))
     getattr(_log, line.level)(line.format, **fields)
@@ -221,7 +224,9 @@ class Router:
             recipients = tuple(mlist.owners)
             if not recipients:
                 line = _RouteLogLine(
-                    "error", "{message_id} to {list}-owner: the list has no owners; dead-lettered"
+                    "error",
+                    "{message_id} to {list}-owner: the list has no owners; dead-lettered",
+                    _DEAD_LETTER,
                 )
                 return _Plan(Route(EntryState.FAILED, error="the list has no owners"), line, mlist)
         line = _RouteLogLine(

@@ -40,6 +40,7 @@ from twisted.logger import Logger
 from mailrelay.addresses import is_valid_mailbox, split_mailbox
 from mailrelay.errors import InvalidAddress, RegistryError, RegistryUnavailable, SpoolError
 from mailrelay.listheaders import add_list_headers, member_unsubscribe_fields
+from mailrelay.logs import DELIVERED, FAILED, listed
 from mailrelay.model import Bounce, EntryKind, EntryState, EntryUpdate, MailingList, SpoolEntry
 from mailrelay.mta.bulk import INVALID_ADDRESS, chunkify
 from mailrelay.mta.errors import (
@@ -252,7 +253,11 @@ class CopySender:
         if mlist is None:
             _log.warn(
                 "{message_id}: list {list} no longer exists; {count} copies dead-lettered",
+                event=FAILED,
+                outcome="dead-lettered",
                 count=len(entries),
+                recipients=listed([e.destination.address for e in entries]),
+                response="the list no longer exists",
                 **fields,
             )
             self._observer.recipients_done(list_address, 0, 0, len(entries), 0)
@@ -403,12 +408,24 @@ class CopySender:
         if self._devmode_recipient is not None and refused:
             # One real recipient per devmode transaction: its result is the only one.
             refused = {chunk[0]: next(iter(refused.values()))}
-        _log.info(
-            "{message_id} smtp to {list} for {count} recips, completed in {duration:.3f} "
-            "seconds, {refused} refused",
-            duration=duration,
+        # The event is about the recipients the smarthost took; the refused
+        # ones are logged as deferred or failed once their entries are updated.
+        delivered = [address for address in chunk if address not in refused]
+        line = dict(
+            fields,
+            count=len(delivered),
+            recipients=listed(delivered),
+            attempted=len(chunk),
             refused=len(refused),
-            **fields,
+            code=250,
+            duration=duration,
+        )
+        if delivered:
+            line["event"] = DELIVERED
+        _log.info(
+            "{message_id} smtp to {list} for {attempted} recips, completed in {duration:.3f} "
+            "seconds, {refused} refused",
+            **line,
         )
         results, site_problem = results_for_refusals(chunk, refused)
         if site_problem is not None:

@@ -398,18 +398,24 @@ class DeliveryRunner(service.Service):
         and whether they were the first or the last waiting ones (read from the
         spool once the batch's results are written; two batches finishing one
         message at once may both report it last)."""
-        copy_counts = getattr(self._spool, "copy_counts", None)
-        if copy_counts is None:
-            return
+        progress = getattr(self._spool, "delivery_progress", None)
+        if progress is None:
+            if getattr(self._spool, "copy_counts", None) is None:
+                return
+            progress = self._progress_from_counts
         now = self._clock.seconds()
         for message_key, (count, received_at, list_address) in delivered.items():
             try:
-                counts = copy_counts(message_key)
+                first, last = progress(message_key, count)
             except SpoolError:
                 continue
-            first = counts.get(EntryState.DONE, 0) <= count
-            last = not any(counts.get(state, 0) for state in _WAITING)
             self._observer.post_delivered(list_address, now - received_at, first, last)
+
+    def _progress_from_counts(self, message_key: int, delivered: int) -> tuple[bool, bool]:
+        """``delivery_progress`` for a spool that only has ``copy_counts``."""
+        counts = self._spool.copy_counts(message_key)
+        first = counts.get(EntryState.DONE, 0) <= delivered
+        return first, not any(counts.get(state, 0) for state in _WAITING)
 
     async def _write_results(
         self, updates: list[EntryUpdate], refusals: list[Refusal] = ()

@@ -399,6 +399,11 @@ class MemorySpool:
                 counts[entry.state] += 1
         return counts
 
+    def delivery_progress(self, message_key: int, delivered: int) -> tuple[bool, bool]:
+        counts = self.copy_counts(message_key)
+        waiting = counts[EntryState.QUEUED] + counts[EntryState.INFLIGHT] + counts[EntryState.RETRY]
+        return counts[EntryState.DONE] <= delivered, not waiting
+
     def oldest_entry(self, state: EntryState) -> SpoolEntry | None:
         self._check_open("find the oldest entry")
         checked = common.check_state(state)

@@ -638,6 +638,33 @@ class SQLiteSpool:
         counts.update((_STATES[state], n) for state, n in rows)
         return counts
 
+    def delivery_progress(self, message_key: int, delivered: int) -> tuple[bool, bool]:
+        """Whether the ``delivered`` copies of ``message_key`` just recorded DONE
+        were its first (no other copy DONE) and its last (no copy waiting).
+
+        One statement of two short index walks on the reactor thread, where
+        :meth:`copy_counts` reads every copy: this runs after each delivery
+        batch when metrics are on.  ``+state`` keeps SQLite on
+        the message's index (the state indexes would walk the whole spool).
+        """
+        key = common.check_key(message_key)
+        # One statement (each costs a round through sqlite3): DONE copies,
+        # counted no further than needed, and whether any copy waits, looked
+        # for from the newest down (a large post is expanded in batches, so
+        # its waiting copies are mostly the latest made).
+        ((done, waiting),) = self._read(
+            f"read the delivery progress of message {key}",
+            "SELECT (SELECT count(*) FROM (SELECT 1 FROM entries WHERE message_key = ?1"
+            " AND kind != 'inbound' AND +state = 'done' LIMIT ?2)),"
+            # Not EXISTS: SQLite drops an ORDER BY inside EXISTS, and would walk
+            # the delivered copies first.
+            " (SELECT 1 FROM entries WHERE message_key = ?1 AND kind != 'inbound'"
+            " AND +state IN ('queued', 'inflight', 'retry') ORDER BY id DESC LIMIT 1)"
+            " IS NOT NULL",
+            (key, max(0, delivered) + 1),
+        )
+        return done <= delivered, not waiting
+
     def oldest_entry(self, state: EntryState) -> SpoolEntry | None:
         """The entry in ``state`` with the lowest id (received first), or ``None``."""
         checked = common.check_state(state)
