@@ -257,6 +257,11 @@ class Router:
     def _processes(self, subaddress: str | None) -> bool:
         return self._processor is not None and self._processor.handles(subaddress)
 
+    def processes(self, entry: SpoolEntry) -> bool:
+        """Whether a claimed INBOUND entry goes to the list processor as it is
+        (mail to a handled sub-address; a post held by moderation does not)."""
+        return self._processes(entry.destination.subaddress)
+
     # -- routing claimed inbound entries ----------------------------------------
 
     async def route(
@@ -375,7 +380,11 @@ class Router:
             len(route.recipients) if route.kind is not None else route.state is EntryState.QUEUED
             for route in routes
         )
-        claim = bool(waiting) and self._has_room(waiting)
+        # Mail for list processing alone is left QUEUED for a claim, not
+        # processed here one message at a time: a burst of bounces is then
+        # claimed and processed in batches (one registry transaction each).
+        for_processing = sum(line is _STORED_FOR_PROCESSING for _, line in plans)
+        claim = waiting > for_processing and self._has_room(waiting)
         stored = await self._spool.store(envelope, message, routes, claim)
         for index, (destination, (route, line)) in enumerate(
             zip(envelope.destinations, plans, strict=True)

@@ -314,8 +314,11 @@ class DeliveryRunner(service.Service):
         bounces: list[Bounce] = []
         deliveries: dict[GroupKey, list[SpoolEntry]] = defaultdict(list)
         posts_seen: dict[tuple[int, str, str | None], int] = {}
+        to_process: list[SpoolEntry] = []
         for entry in entries:
-            if entry.kind is EntryKind.INBOUND:
+            if entry.kind is EntryKind.INBOUND and self._router.processes(entry):
+                to_process.append(entry)
+            elif entry.kind is EntryKind.INBOUND:
                 update = await self._router.route(entry, posts_seen)
                 if update is None:
                     self._scheduler.note_backlog()  # the copies are QUEUED: claim them next
@@ -329,6 +332,16 @@ class DeliveryRunner(service.Service):
             defer.Deferred.fromCoroutine(self._copies.deliver_group(key, group, just_stored))
             for key, group in deliveries.items()
         ]
+        if to_process:
+            # After the copies are handed to the sender: delivery goes first.
+            # Mail to one list's sub-address is processed together (a burst
+            # of bounces in one registry transaction); the updates are
+            # written with the batch's other results, in one transaction.
+            processed = await self._processor.process_batch(to_process)
+            if len(processed) < len(to_process):
+                # Some were stored with their replies, QUEUED: claim them next.
+                self._scheduler.note_backlog()
+            updates.extend(processed)
         # Copies delivered in this batch, by message: (count, received_at, list).
         delivered: dict[int, list[Any]] = {}
         # Messages the smarthost refused as a whole: the lists and the reply.
