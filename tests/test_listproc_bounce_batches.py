@@ -13,6 +13,7 @@ from mailrelay.errors import RegistryUnavailable
 from mailrelay.listproc.bouncing import BounceHandler, BounceScorer, Scored
 from mailrelay.listproc.processor import Handled, ListProcessor
 from mailrelay.model import Destination, EntryKind, EntryState, Envelope
+from mailrelay.runner.service import DELIVERY_QUIET
 from tests.test_listproc_processor import RecordingHandler
 from tests.test_runner import LIST, MEMBERS, POST, RunnerCase
 
@@ -244,3 +245,96 @@ class ScorerBatchTests(BatchCase):
         )
         self.assertEqual(results, [Scored.NOT_A_MEMBER, Scored.COUNTED, Scored.COUNTED])
         self.assertEqual(self.scores(), dict.fromkeys(MEMBERS[1:], 1.0))
+
+
+class DeliveryFirstTests(BatchCase):
+    """New list-processing mail waits while copies are being delivered."""
+
+    def post_in_flight(self):
+        """A post whose copies are handed to the sender and not yet answered."""
+        self.sender.hold = True
+        envelope = Envelope("poster@example.org", (POST,), self.clock.seconds())
+        self.successResultOf(self.runner.enqueue(envelope, b"Subject: post\r\n\r\nHi\r\n"))
+        self.settle()
+        self.assertTrue(self.sender.held)
+        self.addCleanup(self.release_all)
+
+    def release_all(self):
+        self.sender.hold = False
+        while self.sender.held:
+            self.sender.release()
+        self.settle()
+
+    def test_bounce_waits_for_delivery_in_progress(self):
+        """A bounce arriving while copies go out is neither stored nor acknowledged
+        until that delivery is done and DELIVERY_QUIET has passed without
+        another; then it is stored and scored."""
+        self.post_in_flight()
+        envelope = Envelope("", (verp(MEMBERS[0]),), self.clock.seconds())
+        stored = self.runner.enqueue(envelope, BOUNCE)
+        self.advance(0.5)
+        self.assertNoResult(stored)
+        self.assertEqual(self.inbound_states(), [EntryState.DONE])  # the post, expanded
+        while self.sender.held:
+            self.sender.release()
+        self.settle()
+        self.advance(DELIVERY_QUIET * 0.9)
+        self.assertNoResult(stored)
+        self.advance(DELIVERY_QUIET * 0.1)
+        self.assertEqual(len(self.successResultOf(stored)), 1)
+        self.assertEqual(self.scores()[MEMBERS[0]], 1.0)
+
+    def test_posts_one_after_another_keep_bounces_waiting(self):
+        """Posts delivered one after another, less than DELIVERY_QUIET apart, keep
+        a bounce waiting (up to processing_yield); it is stored once they stop."""
+        stored = None
+        for n in range(5):
+            envelope = Envelope("poster@example.org", (POST,), self.clock.seconds())
+            self.successResultOf(self.runner.enqueue(envelope, b"Subject: %d\r\n\r\n" % n))
+            self.settle()
+            if stored is None:
+                stored = self.runner.enqueue(
+                    Envelope("", (verp(MEMBERS[0]),), self.clock.seconds()), BOUNCE
+                )
+            self.advance(DELIVERY_QUIET / 2)
+            self.assertNoResult(stored)
+        self.assertEqual(len(self.sender.sent), 5)
+        self.advance(DELIVERY_QUIET / 2)
+        self.assertEqual(len(self.successResultOf(stored)), 1)
+
+    def test_wait_is_bounded(self):
+        """However long a delivery takes, a bounce waits at most processing_yield
+        seconds (1 by default) before it is stored."""
+        self.post_in_flight()
+        stored = self.runner.enqueue(
+            Envelope("", (verp(MEMBERS[0]),), self.clock.seconds()), BOUNCE
+        )
+        self.clock.advance(0.9)
+        self.assertNoResult(stored)
+        self.advance(0.1)
+        self.assertEqual(len(self.successResultOf(stored)), 1)
+        self.assertEqual(self.scores()[MEMBERS[0]], 1.0)
+        self.assertTrue(self.sender.held)  # the delivery is still under way
+
+    def test_posts_do_not_wait(self):
+        """Posts (and mail with a post among its recipients) are stored at once."""
+        self.post_in_flight()
+        both = Envelope("poster@example.org", (POST, verp(MEMBERS[0])), self.clock.seconds())
+        self.assertEqual(len(self.successResultOf(self.runner.enqueue(both, b"x"))), 2)
+
+    def test_no_wait_when_turned_off(self):
+        """With processing_yield = 0 a bounce is stored at once, delivery or not."""
+        self.stop()
+        self.runner = self.make_runner(processing_yield=0)
+        self.runner.startService()
+        self.post_in_flight()
+        stored = self.runner.enqueue(
+            Envelope("", (verp(MEMBERS[0]),), self.clock.seconds()), BOUNCE
+        )
+        self.assertEqual(len(self.successResultOf(stored)), 1)
+
+    def test_bad_processing_yield(self):
+        """processing_yield must be a number of seconds >= 0."""
+        for value in (-1, True, "1", float("inf")):
+            with self.subTest(value=value):
+                self.assertRaises(ValueError, self.make_runner, processing_yield=value)
