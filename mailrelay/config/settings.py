@@ -145,6 +145,8 @@ class ListsSettings:
     bounce_you_are_disabled_warnings_interval: float = 7 * 86400.0
     bounce_notify_owner_on_removal: bool = True
     forward_unrecognized_bounces_to: str = "owners"
+    # How long list-processing mail waits for member delivery (the runner's).
+    processing_yield: float = 1.0
 
 
 @dataclass(frozen=True)
