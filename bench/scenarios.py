@@ -398,7 +398,7 @@ def scenario_bounceload(ctx: Context) -> None:
         slowdowns = [ratio - 1 for ratio in pairwise(row, QUIET, BURST)]
         loads = row.extra["load"][QUIET] + row.extra["load"][BURST]
         ctx.notes.append(
-            f"Bounce burst: member delivery {median(slowdowns):+.1%} slower during it "
+            f"Bounce burst: member delivery took {median(slowdowns):+.1%} longer during it "
             f"(median of {len(slowdowns)} pairs, {min(slowdowns):+.1%} to {max(slowdowns):+.1%}); "
             f"bounces {median(row.extra['bounces_per_s'][BURST]):,.0f}/s meanwhile; "
             f"load average {min(loads):.2f}-{max(loads):.2f} at the starts."
