@@ -3,8 +3,11 @@
 Place in the flow: LMTP → routing → spool → scheduler → **processor** →
 handler → (registry changes, replies) → spool → sending → mta.  Routing
 (:mod:`mailrelay.runner.routing`) stores mail to a sub-address that has a
-handler QUEUED, like a post, and the runner hands each claimed entry to
-:meth:`ListProcessor.process` instead of expanding it.  The processor reads
+handler QUEUED, like a post, and the runner hands the claimed entries to
+:meth:`ListProcessor.process_batch` instead of expanding them (a handler
+that provides ``IBatchListMailHandler``, such as the bounce handler, gets
+those of one list and sub-address together; the others go through
+:meth:`ListProcessor.process` one by one).  The processor reads
 the list, calls the sub-address's :class:`~mailrelay.interfaces.IListMailHandler`
 with a :class:`ListMail`, and records what the handler's :class:`Handled`
 says: the replies it wrote are stored as NOTICE entries (delivered exactly as
