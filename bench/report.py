@@ -249,8 +249,8 @@ def _other_targets(ctx: Context) -> list[str]:
             if ratios:
                 slowdown = median(ratios) - 1
                 lines.append(
-                    f"| bounces: member delivery slowed by <= 5% during a burst "
-                    f"| {slowdown:+.1%} | {'yes' if slowdown <= 0.05 else 'NO'} |"
+                    f"| bounces: delivery of {row.config.partition(', ')[0]} slowed by <= 5% "
+                    f"during a burst | {slowdown:+.1%} | {'yes' if slowdown <= 0.05 else 'NO'} |"
                 )
         if row.scenario == "memory" and row.config.startswith("1,000 "):
             peak = median(row.values.get("mailrelay", []))
