@@ -17,6 +17,13 @@ arguments on.  Scenarios (``bench/scenarios.py``):
     accepted the last recipient.
 ``memory``
     Peak RSS of the LMTP servers with 10, 100 and 1,000 concurrent sessions.
+``bounces``
+    10,000 VERP bounces over 10 LMTP sessions until every member is scored.
+``oneclick``
+    One post to 10,000 members, grouped vs personalised copies.
+``bounceload``
+    200 posts to a 10-member list delivered alone and during a burst of
+    10,000 bounces to another list (the two alternate): the slowdown.
 ``metrics``
     200 posts x 10 members and 1 post x 10,000 end to end, with the Prometheus
     endpoint (``[http] endpoint``) off and on in turn; each relay with metrics

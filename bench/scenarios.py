@@ -9,6 +9,7 @@ an id (``bench/run --list`` prints them) that ``bench/run --only`` selects:
 ``e2e_<posts>x<members>``        posts over LMTP until smtp-sink has every recipient
 ``memory_<sessions>``            peak RSS with 10, 100 or 1,000 concurrent sessions
 ``bounces_<count>``              VERP bounces over LMTP until every member is scored
+``bounceload_<posts>x<members>`` posts delivered alone and during a burst of bounces
 ``oneclick_<copies>``            1 post x 10,000 members, grouped or personalised copies
 ``metrics_<posts>x<members>``    e2e with the Prometheus endpoint off and on, interleaved
 
@@ -41,6 +42,7 @@ from harness import (
     free_port,
     log,
     median,
+    pairwise,
     pinned,
     rotated,
     run_timed,
@@ -86,6 +88,7 @@ def configurations(smoke: bool) -> dict[str, list[str]]:
         "bounces": [f"bounces_{_bounce_count(smoke)}"],
         "oneclick": [f"oneclick_{copies}" for copies in ONECLICK_COPIES],
         "metrics": [_metrics_id(size) for size in _metrics_sizes(smoke)],
+        "bounceload": [_bounceload_id(size) for size in _bounceload_sizes(smoke)],
     }
 
 
@@ -353,22 +356,129 @@ def scenario_bounces(ctx: Context) -> None:
     try:
         for run in range(ctx.runs):
             relay = Relay(ctx.workdir, sink.port, {BOUNCE_LIST: count})
+            load = os.getloadavg()[0]
             with started(relay):
-                seconds = _bounce_burst(relay, count)
-            row.add("mailrelay", count / seconds, seconds=seconds)
-            log(f"bounces run {run + 1}: {count / seconds:,.0f} bounces/s")
+                _, seconds = _bounce_burst(relay, count)
+            row.add("mailrelay", count / seconds, seconds=seconds, load=load)
+            log(f"bounces run {run + 1}: {count / seconds:,.0f} bounces/s (load {load:.2f})")
     finally:
         sink.stop()
 
 
-def _bounce_burst(relay: Relay, count: int) -> float:
+def _bounceload_sizes(smoke: bool) -> list[tuple[int, int]]:
+    return [(3, 5)] if smoke else BOUNCELOAD_SIZES
+
+
+def _bounceload_id(size: tuple[int, int]) -> str:
+    return f"bounceload_{size[0]}x{size[1]}"
+
+
+# (posts, members) whose delivery is measured with and without a bounce burst.
+BOUNCELOAD_SIZES = [(200, 10), (1, 10000)]
+QUIET, BURST = "mailrelay", "mailrelay + bounce burst"
+BOUNCELOAD_SETTLE = 1.0  # seconds between the relay listening and the measurement
+
+
+def scenario_bounceload(ctx: Context) -> None:
+    """What a burst of bounces does to member delivery: posts to another list
+    over LMTP until smtp-sink has every copy, alone ("mailrelay") and while
+    10,000 VERP bounces to another list arrive over 10 LMTP sessions, the
+    posting starting once a tenth of them was accepted.  The two alternate
+    (their order rotating), each with a fresh relay holding both lists,
+    measured after it has settled for BOUNCELOAD_SETTLE seconds."""
+    count = _bounce_count(ctx.smoke)
+    for size in _bounceload_sizes(ctx.smoke):
+        if ctx.wanted(_bounceload_id(size)):
+            _bounceload(ctx, size, count)
+
+
+def _bounceload(ctx: Context, size: tuple[int, int], count: int) -> None:
+    row = ctx.row(
+        "bounceload",
+        f"{size[0]:,} posts x {size[1]:,} members, {count:,} bounces in the burst",
+        "recipients/s",
+    )
+    address = f"delivery-{size[0]}x{size[1]}@{LIST_DOMAIN}"
+    sink = Sink(ctx.workdir)
+    try:
+        for run in range(ctx.runs):
+            for peer in rotated([QUIET, BURST], run):
+                load = os.getloadavg()[0]
+                relay = Relay(
+                    ctx.workdir, sink.port, {BOUNCE_LIST: count, address: size[1]}, cpus=E2E_CPUS
+                )
+                with started(relay):
+                    # Both start from a settled relay: its start-up work (the
+                    # bounce warnings' first check reads every member) is done.
+                    time.sleep(BOUNCELOAD_SETTLE)
+                    extra: dict[str, float] = {}
+                    if peer == BURST:
+                        total, extra = _deliver_during_burst(sink, relay, address, size, count)
+                    else:
+                        total, _ = _post_and_wait(sink, relay.port, address, size)
+                row.add(peer, size[0] * size[1] / total, seconds=total, load=load, **extra)
+            log(f"bounceload {row.config} run {run + 1}: " + _last(row))
+    finally:
+        sink.stop()
+    if len(row.values.get(BURST, [])) and len(row.values.get(QUIET, [])):
+        slowdowns = [ratio - 1 for ratio in pairwise(row, QUIET, BURST)]
+        loads = row.extra["load"][QUIET] + row.extra["load"][BURST]
+        ctx.notes.append(
+            f"Bounce burst, {size[0]:,} posts x {size[1]:,} members: delivery took "
+            f"{median(slowdowns):+.1%} longer during it (median of {len(slowdowns)} pairs, "
+            f"{min(slowdowns):+.1%} to {max(slowdowns):+.1%}); "
+            f"bounces {median(row.extra['bounces_per_s'][BURST]):,.0f}/s meanwhile; "
+            f"load average {min(loads):.2f}-{max(loads):.2f} at the starts."
+        )
+
+
+def _deliver_during_burst(
+    sink: Sink, relay: Relay, address: str, size: tuple[int, int], count: int
+) -> tuple[float, dict[str, float]]:
+    """Start a bounce burst, post once it is under way, and wait for both: the
+    delivery's seconds, and the burst's rate and how long it outlasted the delivery."""
+    under_way = threading.Event()
+    burst: list[Any] = []
+
+    def bounce() -> None:
+        try:
+            burst.append(_bounce_burst(relay, count, under_way))
+        except BaseException as e:
+            burst.append(e)
+
+    thread = threading.Thread(target=bounce)
+    start = time.perf_counter()
+    thread.start()
+    under_way.wait(300)
+    posted = time.perf_counter()
+    total, _ = _post_and_wait(sink, relay.port, address, size)
+    thread.join(900)
+    if not burst or isinstance(burst[0], BaseException):
+        raise RuntimeError(f"the bounce burst failed: {burst[0] if burst else 'timed out'!r}")
+    sent, scored = burst[0]
+    return total, {
+        "bounces_per_s": count / scored,
+        # > 0: the burst went on after the last copy was delivered (it covered the delivery).
+        "burst_after_s": start + sent - (posted + total),
+    }
+
+
+def _bounce_burst(
+    relay: Relay, count: int, under_way: threading.Event | None = None
+) -> tuple[float, float]:
+    """Send ``count`` VERP bounces over LMTP and wait until every member is
+    scored: the seconds until the last was accepted and until all were scored.
+    ``under_way`` is set once a tenth of them were accepted."""
     local, _, domain = BOUNCE_LIST.partition("@")
     errors: list[BaseException] = []
+    accepted: list[int] = []
 
     def send(first: int) -> None:
         try:
             client = smtplib.LMTP("127.0.0.1", relay.port)
             for i in range(first, count, BOUNCE_SESSIONS):
+                if under_way is not None and len(accepted) * 10 >= count:
+                    under_way.set()
                 rcpt = f"{local}-bounces+m{i}=members.example@{domain}"
                 client.sendmail(
                     "",
@@ -377,9 +487,13 @@ def _bounce_burst(relay: Relay, count: int) -> float:
                     f"Subject: Undeliverable\r\nMessage-ID: <b{i}@mx.members.example>\r\n"
                     "\r\nThe mailbox does not exist.\r\n",
                 )
+                accepted.append(i)
             client.quit()
         except BaseException as e:
             errors.append(e)
+        finally:
+            if under_way is not None:
+                under_way.set()  # also on failure: nobody waits for a burst that died
 
     start = time.perf_counter()
     threads = [threading.Thread(target=send, args=(n,)) for n in range(BOUNCE_SESSIONS)]
@@ -387,6 +501,7 @@ def _bounce_burst(relay: Relay, count: int) -> float:
         thread.start()
     for thread in threads:
         thread.join()
+    sent = time.perf_counter() - start
     if errors:
         raise RuntimeError(f"sending bounces over LMTP failed: {errors[0]!r}")
     registry = sqlite3.connect(os.path.join(relay.dir, "var", "registry.sqlite3"), timeout=30)
@@ -401,7 +516,7 @@ def _bounce_burst(relay: Relay, count: int) -> float:
         wait_until(scored, "every member to be scored", 600, step=0.05)
     finally:
         registry.close()
-    return time.perf_counter() - start
+    return sent, time.perf_counter() - start
 
 
 def scenario_oneclick(ctx: Context) -> None:
@@ -533,4 +648,5 @@ SCENARIOS: dict[str, Callable[[Context], None]] = {
     "bounces": scenario_bounces,
     "oneclick": scenario_oneclick,
     "metrics": scenario_metrics,
+    "bounceload": scenario_bounceload,
 }

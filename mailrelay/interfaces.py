@@ -128,6 +128,14 @@ class IListProcessingStore(Interface):
         the new ``MemberRecord``.  ``RegistryError`` if it is not a member, a
         key is unknown or a value is of the wrong kind (then nothing changes)."""
 
+    def update_members(list_address, changes):
+        """Change several members of one list in one transaction: ``changes``
+        maps a member address to its field changes (as for
+        :meth:`update_member`).  Returns ``{address: new MemberRecord}``
+        (lower-cased addresses) for those that are members; the others are
+        left out (removed meanwhile: nothing to change).  ``RegistryError`` for
+        an unknown list, key or value, and then nothing changes at all."""
+
     def add_pending(pending):
         """Store a :class:`~mailrelay.listproc.tokens.Pending`; ``RegistryError``
         if its token is already in use or its list does not exist."""
@@ -179,6 +187,23 @@ class IListMailHandler(Interface):
         for ``mailrelay queue``).  A handler may see the same mail twice
         after a crash, so what it changes must be safe to repeat.
         """
+
+
+class IBatchListMailHandler(IListMailHandler):
+    """A handler that can also take many messages to one list's sub-address
+    at once, so that what it changes is written in one registry transaction
+    (the bounce handler, in a burst of bounces)."""
+
+    def handle_batch(mails):
+        """Handle a sequence of :class:`~mailrelay.listproc.processor.ListMail`
+        of one list and sub-address; returns one
+        :class:`~mailrelay.listproc.processor.Handled` per mail, in order (or
+        a Deferred or coroutine of that list).  Exceptions mean what they mean
+        for :meth:`IListMailHandler.handle`, for the whole batch: with
+        ``RegistryUnavailable`` every mail is tried again shortly; with any
+        other the processor hands the mails to :meth:`handle` one by one, so
+        that one bad message fails alone.  Nothing may have changed when it
+        raises (changes are written in one transaction, last)."""
 
 
 class IMessageStore(Interface):

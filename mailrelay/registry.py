@@ -281,6 +281,26 @@ def _check_member_changes(member: MemberRecord, changes: Any) -> MemberRecord:
     return replace(member, **checked)
 
 
+def _check_batch(changes: Any) -> dict[str, Any]:
+    """``{member address: changes}`` keyed by lookup key (a later spelling of
+    the same address wins), or ``RegistryError``."""
+    if not hasattr(changes, "items"):
+        raise RegistryError(f"member changes must be a mapping of addresses, not {changes!r}")
+    return {_lookup_key(address, "member address"): c for address, c in changes.items()}
+
+
+# The member fields that the cached member lists (``Member`` values) show.
+_LISTED_FIELDS = frozenset({"display_name", "delivery_enabled"})
+
+
+def _member_lists_changed(list_address: str, changes: Iterable[Any]) -> list[tuple[str, str]]:
+    """The read-cache keys that member ``changes`` of ``list_address`` make
+    stale: its member lists, if a change touches what they show."""
+    if any(_LISTED_FIELDS.intersection(c) for c in changes if hasattr(c, "keys")):
+        return [("members", list_address), ("enabled", list_address)]
+    return []
+
+
 def _check_pending(pending: object) -> Pending:
     """A validated, normalised copy of ``pending``, or ``RegistryError``."""
     if not isinstance(pending, Pending):
@@ -536,6 +556,20 @@ class MemoryRegistry(_BounceRecorder):
         current[key] = record.member
         return record
 
+    def update_members(self, list_address: str, changes: Any) -> dict[str, MemberRecord]:
+        list_address = _lookup_key(list_address)
+        current = self._require(list_address)
+        # Every change is checked before any is made: all or nothing.
+        updated = {
+            key: _check_member_changes(self._record(list_address, current[key]), member_changes)
+            for key, member_changes in _check_batch(changes).items()
+            if key in current
+        }
+        for key, record in updated.items():
+            self._records[(list_address, key)] = record
+            current[key] = record.member
+        return updated
+
     def add_pending(self, pending: Pending) -> None:
         pending = _check_pending(pending)
         self._require(pending.list_address)
@@ -691,10 +725,10 @@ class SQLiteRegistry(_BounceRecorder):
                 self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
 
     @contextmanager
-    def _transaction(self, *, cached: bool = True) -> Iterator[None]:
-        """A write transaction.  ``cached=False`` for one that writes only
-        tables the read cache does not hold (pending confirmations, reply
-        counts), so that it does not empty the cache of member lists."""
+    def _transaction(self, *, stale: Iterable[tuple[str, str]] | None = None) -> Iterator[None]:
+        """A write transaction, after which the read cache is emptied; with
+        ``stale``, only those cache keys are dropped (``()``: none, for a
+        transaction that writes only tables the cache does not hold)."""
         # IMMEDIATE takes the write lock up front, so a check-then-write (such
         # as "not yet a member, so insert") cannot race another writer.
         self._db.execute("BEGIN IMMEDIATE")
@@ -705,9 +739,21 @@ class SQLiteRegistry(_BounceRecorder):
                 self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
-        if cached:
+        if stale is None:
             # Our own commits do not change our connection's data_version.
             self._data_version = None
+            return
+        # The rest of the cache stays valid: our commit changed nothing else,
+        # and another process's commit still changes data_version, which the
+        # next read sees (and then empties the whole cache).
+        self._forget(stale)
+
+    def _forget(self, keys: Iterable[tuple[str, str]]) -> None:
+        """Drop ``keys`` from the read cache."""
+        for key in keys:
+            value = self._cache.pop(key, None)
+            if key[0] in ("members", "enabled") and value is not None:
+                self._cached_members -= len(value)
 
     @contextmanager
     def _errors(self, doing: str) -> Iterator[None]:
@@ -871,7 +917,7 @@ class SQLiteRegistry(_BounceRecorder):
         checked = [_check_bounce(bounce) for bounce in bounces]
         if not checked:
             return
-        with self._errors("recording bounces"), self._transaction():
+        with self._errors("recording bounces"), self._transaction(stale=()):
             for list_address in {bounce.list_address for bounce in checked}:
                 self._require(list_address)
             self._db.executemany(
@@ -931,7 +977,10 @@ class SQLiteRegistry(_BounceRecorder):
 
     def update_list_settings(self, list_address: str, changes: Any) -> ListSettings:
         list_address = _lookup_key(list_address)
-        with self._errors(f"changing the settings of {list_address}"), self._transaction():
+        with (
+            self._errors(f"changing the settings of {list_address}"),
+            self._transaction(stale=[("settings", list_address)]),
+        ):
             self._require(list_address)
             settings = _check_settings(stored_settings(self._settings_rows(list_address)), changes)
             self._db.execute("DELETE FROM list_settings WHERE list_address = ?", (list_address,))
@@ -951,7 +1000,10 @@ class SQLiteRegistry(_BounceRecorder):
         list_address, display_name, owner_addresses = _check_list_update(
             list_address, display_name, owners
         )
-        with self._errors(f"changing list {list_address}"), self._transaction():
+        with (
+            self._errors(f"changing list {list_address}"),
+            self._transaction(stale=[("list", list_address)]),
+        ):
             self._require(list_address)
             if display_name is not None:
                 self._db.execute(
@@ -994,7 +1046,10 @@ class SQLiteRegistry(_BounceRecorder):
     def update_member(self, list_address: str, address: str, changes: Any) -> MemberRecord:
         list_address = _lookup_key(list_address)
         key = _lookup_key(address, "member address")
-        with self._errors(f"changing a member of {list_address}"), self._transaction():
+        with (
+            self._errors(f"changing a member of {list_address}"),
+            self._transaction(stale=_member_lists_changed(list_address, [changes])),
+        ):
             self._require(list_address)
             record = self._member(list_address, key)
             if record is None:
@@ -1003,9 +1058,29 @@ class SQLiteRegistry(_BounceRecorder):
             self._db.execute(_UPDATE_MEMBER, (*_record_row(record), list_address, key))
         return record
 
+    def update_members(self, list_address: str, changes: Any) -> dict[str, MemberRecord]:
+        list_address = _lookup_key(list_address)
+        keyed = _check_batch(changes)
+        with (
+            self._errors(f"changing members of {list_address}"),
+            self._transaction(stale=_member_lists_changed(list_address, keyed.values())),
+        ):
+            self._require(list_address)
+            updated: dict[str, MemberRecord] = {}
+            rows = []
+            for key, member_changes in keyed.items():
+                record = self._member(list_address, key)
+                if record is None:
+                    continue  # removed meanwhile: nothing to change
+                record = _check_member_changes(record, member_changes)
+                updated[key] = record
+                rows.append((*_record_row(record), list_address, key))
+            self._db.executemany(_UPDATE_MEMBER, rows)
+        return updated
+
     def add_pending(self, pending: Pending) -> None:
         pending = _check_pending(pending)
-        with self._errors("storing a pending confirmation"), self._transaction(cached=False):
+        with self._errors("storing a pending confirmation"), self._transaction(stale=()):
             self._require(pending.list_address)
             try:
                 self._db.execute(
@@ -1033,7 +1108,7 @@ class SQLiteRegistry(_BounceRecorder):
         list_address, token = _lookup_key(list_address), _check_token(token)
         # One write transaction: of two processes spending the same token,
         # exactly one gets it.
-        with self._errors("spending a confirmation token"), self._transaction(cached=False):
+        with self._errors("spending a confirmation token"), self._transaction(stale=()):
             pending = self._pending_row(token)
             if pending is None or pending.list_address != list_address:
                 return None
@@ -1047,7 +1122,7 @@ class SQLiteRegistry(_BounceRecorder):
 
     def discard_pending(self, token: str) -> Pending | None:
         token = _check_token(token)
-        with self._errors("discarding a pending confirmation"), self._transaction(cached=False):
+        with self._errors("discarding a pending confirmation"), self._transaction(stale=()):
             pending = self._pending_row(token)
             if pending is not None:
                 self._db.execute("DELETE FROM pending WHERE token = ?", (token,))
@@ -1065,13 +1140,13 @@ class SQLiteRegistry(_BounceRecorder):
         return tuple(_pending_from_row(row) for row in rows)
 
     def purge_pending(self, now: float) -> int:
-        with self._errors("purging expired confirmations"), self._transaction(cached=False):
+        with self._errors("purging expired confirmations"), self._transaction(stale=()):
             return self._db.execute("DELETE FROM pending WHERE expires_at <= ?", (now,)).rowcount
 
     def claim_autoreply(self, list_address: str, address: str, day: str, limit: int) -> bool:
         list_address = _lookup_key(list_address)
         address, day, limit = _check_autoreply(address, day, limit)
-        with self._errors("counting automatic replies"), self._transaction(cached=False):
+        with self._errors("counting automatic replies"), self._transaction(stale=()):
             self._require(list_address)
             # Only today's counts matter; older ones go as soon as a day turns.
             self._db.execute("DELETE FROM autoreplies WHERE day <> ?", (day,))

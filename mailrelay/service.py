@@ -548,6 +548,7 @@ def makeService(  # noqa: N802 - Twisted's naming for service factories
         personalize=mta.personalize,
         unsubscribe_urls=unsubscribe_urls,
         notices=make_refusal_notices(settings, registry, reactor),
+        processing_yield=settings.lists.processing_yield,
     )
     runners.append(runner)
     runner.setName("mailrelay-delivery")

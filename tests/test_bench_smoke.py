@@ -35,7 +35,14 @@ class BenchSmokeTests(SynchronousTestCase):
         self.assertEqual(done.returncode, 0, done.stderr.decode("utf-8", "replace")[-3000:])
         with open(os.path.join(out, "latest.md"), encoding="utf-8") as f:
             table = f.read()
-        for heading in ("## LMTP ingest", "## Outbound", "## End to end", "## Memory"):
+        for heading in (
+            "## LMTP ingest",
+            "## Outbound",
+            "## End to end",
+            "## Memory",
+            "## Bounces",
+            "## Member delivery alone and during a burst",
+        ):
             self.assertIn(heading, table)
         # Every configuration row has a mailrelay figure (a number, not "-").
         rows = [
@@ -77,6 +84,8 @@ class BenchCommandLineTests(SynchronousTestCase):
             "e2e_200x10",
             "e2e_1x10000",
             "memory_1000",
+            "bounces_10000",
+            "bounceload_200x10",
         ):
             self.assertIn(config_id, listing)
 

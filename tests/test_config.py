@@ -531,6 +531,7 @@ class ErrorMessageTests(_FileMixin, SynchronousTestCase):
         ("lists", "bounce_notify_owner_on_disable", "often", "not a boolean"),
         ("lists", "bounce_notify_owner_on_removal", "sometimes", "not a boolean"),
         ("lists", "forward_unrecognized_bounces_to", "administrators", "must be owners or none"),
+        ("lists", "processing_yield", "-1s", "not a duration"),
         ("devmode", "enabled", "y", "not a boolean"),
         ("devmode", "recipient", "not-a-mailbox", "not a valid mailbox"),
         ("http", "endpoint", "tcp:abc", "not a port number"),

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import email
 import os
+from unittest.mock import patch
 
 import flufl.bounce
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
+from mailrelay.listproc._mail import parse_prefix
 from mailrelay.listproc.bounces import Recognition, parse_bounce, verp_member
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "bounces")
@@ -94,6 +96,22 @@ class VerpTests(SynchronousTestCase):
         self.assertEqual(report.how, Recognition.VERP)
         self.assertEqual(report.permanent, set())
         self.assertEqual(report.temporary, {"slow@example.org"})
+
+    def test_verp_without_report_is_not_parsed(self):
+        """A VERP bounce whose bytes never mention delivery-status is permanent
+        without being parsed at all (the cheap path of a bounce burst); one that
+        does (in any case) is parsed, so a delay report stays temporary."""
+        recipient = "test-bounces+slow=example.org@example.com"
+        with patch("mailrelay.listproc.bounces.parse_prefix", wraps=parse_prefix) as parse:
+            report = parse_bounce(LIST, recipient, b"Subject: x\r\n\r\nNo such user.\r\n")
+            self.assertEqual(parse.call_count, 0)
+            self.assertEqual(report.permanent, {"slow@example.org"})
+            delayed = fixture("postfix-delayed.eml").replace(
+                b"message/delivery-status", b"Message/Delivery-Status"
+            )
+            report = parse_bounce(LIST, recipient, delayed)
+            self.assertEqual(parse.call_count, 1)
+        self.assertEqual((report.permanent, report.temporary), (set(), {"slow@example.org"}))
 
 
 class DsnTests(SynchronousTestCase):

@@ -579,6 +579,57 @@ class ListProcessingContractMixin:
             {"moderated": True},
         )
 
+    def test_update_members_in_one_go(self):
+        """update_members changes several members of one list, returns their new
+        records keyed by lower-cased address, leaves out addresses that are not
+        members, and changes nothing at all when any change is bad."""
+        self.registry.add_members("test@example.com", ["a@example.org", "b@example.org"])
+        self.registry.add_members("other@example.com", ["a@example.org"])
+        updated = self.registry.update_members(
+            "TEST@example.com",
+            {
+                "A@example.org": {"bounce_score": 1, "last_bounce_at": T0},
+                "b@example.org": {"delivery_enabled": False, "disabled_reason": "by_bounces"},
+                "gone@example.org": {"bounce_score": 1},
+            },
+        )
+        self.assertEqual(sorted(updated), ["a@example.org", "b@example.org"])
+        self.assertEqual(
+            updated["a@example.org"],
+            MemberRecord("a@example.org", "", True, bounce_score=1.0, last_bounce_at=T0),
+        )
+        self.assertEqual(
+            self.registry.member_records("test@example.com"),
+            (updated["a@example.org"], updated["b@example.org"]),
+        )
+        self.assertEqual(
+            [m.address for m in self.registry.members("test@example.com", enabled_only=True)],
+            ["a@example.org"],
+        )
+        # Another list's member of the same address is untouched.
+        self.assertEqual(
+            self.registry.get_member("other@example.com", "a@example.org"),
+            MemberRecord("a@example.org"),
+        )
+        self.assertEqual(self.registry.update_members("test@example.com", {}), {})
+        before = self.registry.member_records("test@example.com")
+        for changes in (
+            {"a@example.org": {"bounce_score": 5}, "b@example.org": {"bounce_score": -1}},
+            {"a@example.org": {"bounce_score": 5}, "b@example.org": {"colour": "red"}},
+            [("a@example.org", {"bounce_score": 5})],
+        ):
+            with self.subTest(changes=changes):
+                self.assertRaises(
+                    RegistryError, self.registry.update_members, "test@example.com", changes
+                )
+        self.assertEqual(self.registry.member_records("test@example.com"), before)
+        self.assertRaises(
+            RegistryError,
+            self.registry.update_members,
+            "nolist@example.com",
+            {"a@example.org": {"bounce_score": 1}},
+        )
+
     def test_flags_go_with_the_membership(self):
         """A member removed and added again starts with the default flags."""
         self.registry.add_members("test@example.com", ["a@example.org"])
@@ -692,6 +743,54 @@ class SQLiteListProcessingTests(ListProcessingContractMixin, SynchronousTestCase
         self.assertEqual(self.registry.list_settings("test@example.com").language, "de")
         cli.update_list("test@example.com", owners=["owner@example.org"])
         self.assertEqual(self.registry.get_list("test@example.com").owners, ("owner@example.org",))
+
+    def test_own_writes_keep_unrelated_cache(self):
+        """The registry's own writes drop only the cached reads they change:
+        scoring a member keeps the list, its settings and its member lists;
+        disabling one drops that list's member lists only; a settings change
+        drops the settings only (a kept read is the very object read before)."""
+        registry = self.registry
+        registry.add_members("test@example.com", ["a@example.org", "b@example.org"])
+        registry.add_members("other@example.com", ["a@example.org"])
+        mlist = registry.get_list("test@example.com")
+        settings = registry.list_settings("test@example.com")
+        enabled = registry.members("test@example.com", enabled_only=True)
+        others = registry.members("other@example.com")
+        registry.update_members("test@example.com", {"a@example.org": {"bounce_score": 1}})
+        registry.update_member("test@example.com", "b@example.org", {"last_bounce_at": T0})
+        registry.record_bounce("test@example.com", "a@example.org", 550, "no", T0)
+        self.assertIs(registry.get_list("test@example.com"), mlist)
+        self.assertIs(registry.list_settings("test@example.com"), settings)
+        self.assertIs(registry.members("test@example.com", enabled_only=True), enabled)
+        registry.update_members("test@example.com", {"a@example.org": {"delivery_enabled": False}})
+        self.assertEqual(
+            [m.address for m in registry.members("test@example.com", enabled_only=True)],
+            ["b@example.org"],
+        )
+        self.assertIs(registry.members("other@example.com"), others)
+        self.assertIs(registry.list_settings("test@example.com"), settings)
+        registry.update_member("test@example.com", "b@example.org", {"display_name": "Bart"})
+        self.assertEqual(registry.members("test@example.com")[1].display_name, "Bart")
+        new = registry.update_list_settings("test@example.com", {"language": "de"})
+        self.assertEqual(registry.list_settings("test@example.com"), new)
+        self.assertIs(registry.get_list("test@example.com"), mlist)
+        renamed = registry.update_list("test@example.com", display_name="Renamed")
+        self.assertEqual(registry.get_list("test@example.com"), renamed)
+        self.assertIs(registry.members("other@example.com"), others)
+
+    def test_own_writes_then_another_connection(self):
+        """After an own write that keeps the cache, a change committed by another
+        connection is still seen by the next read."""
+        self.registry.add_members("test@example.com", ["a@example.org"])
+        self.registry.list_settings("test@example.com")
+        self.registry.members("test@example.com")
+        cli = SQLiteRegistry(self.path)
+        self.addCleanup(cli.close)
+        cli.update_list_settings("test@example.com", {"language": "de"})
+        cli.add_members("test@example.com", ["b@example.org"])
+        self.registry.update_members("test@example.com", {"a@example.org": {"bounce_score": 1}})
+        self.assertEqual(self.registry.list_settings("test@example.com").language, "de")
+        self.assertEqual(len(self.registry.members("test@example.com")), 2)
 
     def test_upgrade_from_version_2_keeps_members(self):
         """A version 2 registry is upgraded in place: members keep their delivery flag

@@ -379,6 +379,7 @@ class RelayCase(TestCase):
         self.tmp = getattr(self, "tmp", None) or tempfile.mkdtemp()
         self.socket = os.path.join(self.tmp, "lmtp.sock")
         self.config = os.path.join(self.tmp, "mailrelay.ini")
+        lists = mta.pop("lists", {})
         values = {
             "lmtp_endpoint": f"unix:{self.socket}",
             "smtp_host": "127.0.0.1",
@@ -389,6 +390,8 @@ class RelayCase(TestCase):
             f.write(
                 "[paths]\nvar_dir = var\n[mta]\n"
                 + "".join(f"{k} = {v}\n" for k, v in values.items())
+                + "[lists]\n"
+                + "".join(f"{k} = {v}\n" for k, v in lists.items())
             )
         from mailrelay.config import load_settings
 
@@ -533,6 +536,16 @@ class LoopTests(RelayCase):
             await self.start_relay(keep_delivered="2h", verp_delivery="yes")
             runner = self.service.getServiceNamed("mailrelay-delivery")
             self.assertEqual((runner._keep_done, runner._verp), (7200.0, True))
+
+        return as_deferred(go())
+
+    def test_processing_yield_reaches_the_runner(self):
+        """[lists] processing_yield is how long list-processing mail waits for delivery."""
+
+        async def go():
+            await self.start_relay(lists={"processing_yield": "0"})
+            runner = self.service.getServiceNamed("mailrelay-delivery")
+            self.assertEqual(runner._router._processing_yield, 0.0)
 
         return as_deferred(go())
 

@@ -507,6 +507,15 @@ SCHEMA: tuple[Key, ...] = (
         _plain(_forward_choice),
     ),
     Key(
+        "lists",
+        "processing_yield",
+        "1s",
+        "How long new mail to -bounces and the command addresses may wait, before it is "
+        "stored and acknowledged, while member copies are being delivered (so that a "
+        "burst of bounces does not slow delivery); 0 never waits.",
+        _plain(parse_duration),
+    ),
+    Key(
         "devmode",
         "enabled",
         "no",

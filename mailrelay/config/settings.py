@@ -146,6 +146,8 @@ class ListsSettings:
     bounce_notify_owner_on_disable: bool = True
     bounce_notify_owner_on_removal: bool = True
     forward_unrecognized_bounces_to: str = "owners"
+    # How long list-processing mail waits for member delivery (the runner's).
+    processing_yield: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ Recognition, in Mailman 3's order:
 1. VERP: ``LIST-bounces+LOCAL=DOMAIN@host`` (as the runner's
    ``_verp_sender`` writes it) names the member ``LOCAL@DOMAIN``.  It counts as
    permanent unless the message is a DSN reporting only delays (Mailman
-   ignores temporary failures of VERP bounces too).
+   ignores temporary failures of VERP bounces too); a VERP bounce whose bytes
+   do not even mention ``delivery-status`` is not parsed at all.
 2. RFC 3464: a ``message/delivery-status`` part, read with :mod:`email`; per
    recipient, ``Original-Recipient`` (else ``Final-Recipient``), ``Action:
    failed`` = permanent and ``delayed`` = temporary, the ``Status`` class
@@ -35,6 +36,7 @@ from __future__ import annotations
 import contextvars
 import enum
 import logging
+import re
 from dataclasses import dataclass
 from email.message import Message
 
@@ -51,6 +53,9 @@ _log = Logger()
 MAX_BYTES = 128 * 1024  # the report parts come first; the returned message may follow
 MAX_PARTS = 50
 MAX_ADDRESSES = 1000
+# A part the parser takes for message/delivery-status names that type in its
+# Content-Type field (the type itself cannot be encoded or folded).
+_DELIVERY_STATUS = re.compile(rb"delivery-status", re.IGNORECASE)
 
 
 class Recognition(str, enum.Enum):
@@ -120,6 +125,10 @@ def parse_bounce(
 
 def _parse(list_address: str, recipient: str, message: bytes, max_bytes: int) -> BounceReport:
     member = verp_member(list_address, recipient)
+    if member is not None and _DELIVERY_STATUS.search(message, 0, max_bytes) is None:
+        # The address names the member, and without a delivery-status part
+        # the bounce cannot say "only delayed": permanent, with no parsing.
+        return _report({member}, set(), Recognition.VERP)
     try:
         msg = parse_prefix(message, max_bytes)
     except Exception:

@@ -38,8 +38,8 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from twisted.application import service
@@ -48,7 +48,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailrelay.errors import RegistryError, RegistryUnavailable, SpoolError
-from mailrelay.interfaces import IListMailHandler
+from mailrelay.interfaces import IBatchListMailHandler
 from mailrelay.listproc import replies
 from mailrelay.listproc.bounces import MAX_BYTES, parse_bounce
 from mailrelay.listproc.membership import ActionResult, Confirmation, list_templates
@@ -212,28 +212,70 @@ class BounceScorer:
         """Count one permanent failure of ``address`` on ``list_address``, and
         log it (event ``bounced``, with the smarthost's ``code`` and
         ``response`` when it refused the member)."""
-        record = self._registry.get_member(list_address, address)
-        if record is None:
-            result, changes = Scored.NOT_A_MEMBER, {}
-        else:
+        smarthost = {} if code is None else {"code": code, "response": response or ""}
+        return self.register_many(
+            list_address, [(address, reason)], now, rules, log_fields=smarthost
+        )[0]
+
+    def register_many(
+        self,
+        list_address: str,
+        failures: Sequence[tuple[str, str]],
+        now: float,
+        rules: BounceRules | None = None,
+        *,
+        quiet: bool = False,
+        log_fields: dict[str, Any] | None = None,
+    ) -> list[Scored]:
+        """Count permanent failures ``(address, reason)`` on ``list_address``,
+        in order, written in one registry transaction; one result each (a
+        second failure of the same member is SAME_DAY, as it would be later).
+        Raises before anything is written when the registry fails.  Each
+        result is logged (event ``bounced``, plus ``log_fields``); with
+        ``quiet`` only a disabling is (the caller logs the others, as the list
+        processor does with each bounce's note)."""
+        records: dict[str, MemberRecord | None] = {}
+        changes: dict[str, dict[str, Any]] = {}
+        results: list[Scored] = []
+        for address, _ in failures:
+            if address not in records:
+                records[address] = self._registry.get_member(list_address, address)
+            record = records[address]
+            if record is None:
+                results.append(Scored.NOT_A_MEMBER)
+                continue
             if rules is None:
                 rules = self.rules(list_address)
-            result, changes = score_bounce(record, now, rules)
-            if changes:
-                record = self._registry.update_member(list_address, address, changes)
-        log = _log.warn if result is Scored.DISABLED else _log.info
-        smarthost = {} if code is None else {"code": code, "response": response or ""}
-        log(
-            "Bounce of {recipient} on {list} ({reason}): {result}, score {score}",
-            event=BOUNCED,
-            recipient=address,
-            list=list_address,
-            reason=reason or "permanent failure",
-            result=result.value,
-            score=None if record is None else record.bounce_score,
-            **smarthost,
-        )
-        return result
+            result, change = score_bounce(record, now, rules)
+            if change:
+                records[address] = replace(record, **change)
+                changes.setdefault(address, {}).update(change)
+            results.append(result)
+        if changes:
+            written = self._registry.update_members(list_address, changes)
+            for address in changes:
+                # Removed meanwhile (by another process): not a member after all.
+                records[address] = written.get(address.lower())
+        final: list[Scored] = []
+        for (address, reason), result in zip(failures, results, strict=True):
+            record = records[address]
+            if record is None:
+                result = Scored.NOT_A_MEMBER
+            final.append(result)
+            if quiet and result is not Scored.DISABLED:
+                continue
+            log = _log.warn if result is Scored.DISABLED else _log.info
+            log(
+                "Bounce of {recipient} on {list} ({reason}): {result}, score {score}",
+                event=BOUNCED,
+                recipient=address,
+                list=list_address,
+                reason=reason or "permanent failure",
+                result=result.value,
+                score=None if record is None else record.bounce_score,
+                **(log_fields or {}),
+            )
+        return final
 
     def register_failures(self, bounces: Iterable[Bounce]) -> None:
         """Score the permanent SMTP refusals the delivery runner recorded.
@@ -258,7 +300,7 @@ class BounceScorer:
                 )
 
 
-@implementer(IListMailHandler)
+@implementer(IBatchListMailHandler)
 class BounceHandler:
     """The handler of ``-bounces`` mail.
 
@@ -266,7 +308,8 @@ class BounceHandler:
     (at most ``max_bytes`` of it), scores the permanent failures of members
     through ``scorer``, and keeps what names nobody: HELD, counted, and
     copied to the owners if the list's rules say so.  ``template_dir`` is the
-    site's ``[lists] template_dir``.
+    site's ``[lists] template_dir``.  A batch of bounces of one list
+    (:meth:`handle_batch`) is scored in one registry transaction.
     """
 
     SUBADDRESSES = ("bounces",)
@@ -286,27 +329,50 @@ class BounceHandler:
         self.unrecognised = 0  # since start; each one is also logged with the count
 
     def handle(self, mail: ListMail) -> Handled:
-        mlist = mail.mlist
-        report = parse_bounce(mlist.posting_address, mail.recipient, mail.message, self._max_bytes)
-        if not report.recognised:
-            return self._unrecognised(mail, report.detail)
-        rules = self._scorer.rules(mlist.posting_address)
-        notes = []
-        for address in sorted(report.permanent):
-            result = self._scorer.register(
-                mlist.posting_address, address, mail.now, report.how.value, rules
+        return self.handle_batch([mail])[0]
+
+    def handle_batch(self, mails: Sequence[ListMail]) -> list[Handled]:
+        """Handle bounces of one list: every member's score is written in one
+        registry transaction (see ``IBatchListMailHandler``)."""
+        if not mails:
+            return []
+        list_address = mails[0].mlist.posting_address
+        reports = [
+            parse_bounce(list_address, mail.recipient, mail.message, self._max_bytes)
+            for mail in mails
+        ]
+        failures = [
+            (address, report.how.value)
+            for report in reports
+            if report.recognised
+            for address in sorted(report.permanent)
+        ]
+        scored = iter(
+            # Not quiet: each scored member is its own "bounced" event, which
+            # a log shipper follows (README, Logging).
+            self._scorer.register_many(
+                list_address, failures, mails[0].now, self._scorer.rules(list_address)
             )
-            notes.append(f"{address}: {result.value}")
-        for address in sorted(report.temporary):
-            _log.info(
-                "{message_id}: temporary failure of {recipient} on {list} ({how}), not counted",
-                message_id=mail.entry.message_id,
-                recipient=address,
-                list=mlist.posting_address,
-                how=report.how.value,
-            )
-            notes.append(f"{address}: temporary, not counted")
-        return Handled(note=f"{report.how.value} bounce: " + "; ".join(notes))
+            if failures
+            else ()
+        )
+        handled = []
+        for mail, report in zip(mails, reports, strict=True):
+            if not report.recognised:
+                handled.append(self._unrecognised(mail, report.detail))
+                continue
+            notes = [f"{address}: {next(scored).value}" for address in sorted(report.permanent)]
+            for address in sorted(report.temporary):
+                _log.info(
+                    "{message_id}: temporary failure of {recipient} on {list} ({how}), not counted",
+                    message_id=mail.entry.message_id,
+                    recipient=address,
+                    list=list_address,
+                    how=report.how.value,
+                )
+                notes.append(f"{address}: temporary, not counted")
+            handled.append(Handled(note=f"{report.how.value} bounce: " + "; ".join(notes)))
+        return handled
 
     def _unrecognised(self, mail: ListMail, detail: str) -> Handled:
         mlist = mail.mlist

@@ -3,8 +3,11 @@
 Place in the flow: LMTP → routing → spool → scheduler → **processor** →
 handler → (registry changes, replies) → spool → sending → mta.  Routing
 (:mod:`mailrelay.runner.routing`) stores mail to a sub-address that has a
-handler QUEUED, like a post, and the runner hands each claimed entry to
-:meth:`ListProcessor.process` instead of expanding it.  The processor reads
+handler QUEUED, like a post, and the runner hands the claimed entries to
+:meth:`ListProcessor.process_batch` instead of expanding them (a handler
+that provides ``IBatchListMailHandler``, such as the bounce handler, gets
+those of one list and sub-address together; the others go through
+:meth:`ListProcessor.process` one by one).  The processor reads
 the list, calls the sub-address's :class:`~mailrelay.interfaces.IListMailHandler`
 with a :class:`ListMail`, and records what the handler's :class:`Handled`
 says: the replies it wrote are stored as NOTICE entries (delivered exactly as
@@ -25,13 +28,14 @@ token" reply; a repeated join request sends a second confirmation request).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from mailrelay._checks import check_count
 from mailrelay.addresses import VERP_DELIMITER
 from mailrelay.errors import RegistryError, RegistryUnavailable, SpoolError
 from mailrelay.interfaces import IListMailHandler
@@ -116,8 +120,8 @@ class ListProcessor:
     ``handlers`` maps a canonical sub-address (``request``, ``join``,
     ``leave``, ``confirm``, ``bounces``) to an ``IListMailHandler``.
     ``registry`` supplies the list; ``spool`` (an ``ISpool``) stores the
-    replies; ``clock`` gives the time handlers see.  ``wake`` (optional) is
-    called after replies were stored, so the runner claims them at once.
+    replies; ``clock`` gives the time handlers see.  ``batch_limit`` bounds
+    how many messages :meth:`process_batch` hands a batch handler at once.
     """
 
     def __init__(
@@ -128,6 +132,7 @@ class ListProcessor:
         clock: Any,
         handlers: Mapping[str, Any],
         observer: Any = NO_OBSERVER,
+        batch_limit: int = 500,
     ) -> None:
         for subaddress, handler in handlers.items():
             if not IListMailHandler.providedBy(handler) and not callable(
@@ -139,6 +144,7 @@ class ListProcessor:
         self._clock = clock
         self._handlers = dict(handlers)
         self._observer = observer
+        self._batch_limit = check_count("batch_limit", batch_limit)
 
     @property
     def subaddresses(self) -> frozenset[str]:
@@ -261,6 +267,146 @@ class ListProcessor:
         self._count_held(handled, destination.list_address)
         return None
 
+    async def process_batch(self, entries: Sequence[SpoolEntry]) -> list[EntryUpdate]:
+        """Process claimed INBOUND entries for the sub-addresses handled here.
+
+        Entries of one list and sub-address whose handler provides
+        ``IBatchListMailHandler`` are handed to it together (in chunks of at
+        most ``batch_limit``), so that a burst of bounces is scored in one
+        registry transaction, and their replies are stored with their new
+        states in one spool transaction; the others go through
+        :meth:`process` one by one.  Returns the updates for the caller to
+        write (in one transaction of its own); those stored here with replies
+        are left out.
+        """
+        groups: dict[tuple[str, str], list[SpoolEntry]] = {}
+        for entry in entries:
+            destination = entry.destination
+            groups.setdefault((destination.list_address, destination.subaddress or ""), []).append(
+                entry
+            )
+        updates: list[EntryUpdate] = []
+        for (_, subaddress), group in groups.items():
+            handler = self._handlers[subaddress]
+            if len(group) == 1 or not callable(getattr(handler, "handle_batch", None)):
+                for entry in group:
+                    update = await self.process(entry)
+                    if update is not None:
+                        updates.append(update)
+                continue
+            for start in range(0, len(group), self._batch_limit):
+                chunk = group[start : start + self._batch_limit]
+                updates.extend(await self._process_together(chunk, handler))
+        return updates
+
+    async def _process_together(self, entries: list[SpoolEntry], handler: Any) -> list[EntryUpdate]:
+        """Entries of one list and sub-address, through ``handler.handle_batch``."""
+        first = entries[0]
+        destination = first.destination
+        fields = dict(
+            list=destination.list_address,
+            subaddress=destination.subaddress,
+            count=len(entries),
+        )
+        now = self._clock.seconds()
+        mails: list[ListMail] = []
+        try:
+            mlist = self._registry.get_list(destination.list_address)
+            if mlist is None:
+                raise _OneByOne()  # each gets its own "no longer exists"
+            for entry in entries:
+                try:
+                    message = self._spool.get_message(entry.message_key)
+                except KeyError:
+                    continue  # deleted by an operator meanwhile
+                mails.append(ListMail(entry, message, mlist, now))
+            if not mails:
+                return []
+            results = await _call_batch(handler, mails)
+            if not isinstance(results, list | tuple) or len(results) != len(mails):
+                raise TypeError(f"handle_batch returned {results!r:.100}")
+            if not all(isinstance(handled, Handled) for handled in results):
+                raise TypeError("handle_batch returned something else than Handled")
+        except _OneByOne:
+            return await self._one_by_one(entries, handler)
+        except (RegistryUnavailable, SpoolError) as e:
+            _log.warn(
+                "{count} messages to {list}-{subaddress}: cannot process them now ({error}); "
+                "trying again shortly",
+                error=str(e),
+                **fields,
+            )
+            return [
+                retry_after_local_trouble(entry, f"cannot process it now: {e}", now)
+                for entry in entries
+            ]
+        except Exception as e:
+            # One bad message must not fail the others: each on its own.
+            _log.warn(
+                "{count} messages to {list}-{subaddress}: processing them together failed "
+                "({error}); processing them one by one",
+                error=f"{type(e).__name__}: {e}",
+                **fields,
+            )
+            return await self._one_by_one(entries, handler)
+        updates: list[EntryUpdate] = []
+        with_replies: list[EntryUpdate] = []
+        outgoing: list[Outgoing] = []
+        for mail, handled in zip(mails, results, strict=True):
+            entry = mail.entry
+            update = EntryUpdate(
+                entry.entry_id,
+                handled.state,
+                error=handled.note,
+                count_attempt=handled.state is EntryState.FAILED,
+            )
+            _log.info(
+                "{message_id} from {sender} to {to}: {state}, {count} replies: {note}",
+                **{
+                    "message_id": entry.message_id,
+                    "sender": entry.sender,
+                    "to": service_address(destination),
+                    "list": destination.list_address,
+                    "entry_id": entry.entry_id,
+                    "state": handled.state.value,
+                    "count": len(handled.outgoing),
+                    "note": handled.note,
+                },
+            )
+            if handled.outgoing:
+                outgoing.extend(handled.outgoing)
+                with_replies.append(update)
+            else:
+                updates.append(update)
+        if outgoing:
+            try:
+                await self._spool.store_outgoing(outgoing, with_replies)
+            except SpoolError as e:
+                # Nothing was stored: those requests are processed again.
+                _log.error(
+                    "{count} messages to {list}-{subaddress}: cannot store the replies ({error})",
+                    error=str(e),
+                    **dict(fields, count=len(with_replies)),
+                )
+                by_id = {mail.entry.entry_id: mail.entry for mail in mails}
+                updates.extend(
+                    retry_after_local_trouble(
+                        by_id[u.entry_id], f"cannot store the replies: {e}", now
+                    )
+                    for u in with_replies
+                )
+        for handled in results:
+            self._count_held(handled, destination.list_address)
+        return updates
+
+    async def _one_by_one(self, entries: list[SpoolEntry], handler: Any) -> list[EntryUpdate]:
+        updates = []
+        for entry in entries:
+            update = await self.process(entry, handler=handler)
+            if update is not None:
+                updates.append(update)
+        return updates
+
     def _count_held(self, handled: Handled, list_address: str) -> None:
         # Held here (a post for moderation, an unrecognised bounce), not at
         # routing: the observer hears of it once the state is about to be or
@@ -276,6 +422,18 @@ def service_address(destination: Destination) -> str:
     if destination.subaddress is None:
         return destination.list_address
     return MailingList(destination.list_address).subaddress(destination.subaddress)
+
+
+class _OneByOne(Exception):
+    """Internal: process these entries one by one after all."""
+
+
+async def _call_batch(handler: Any, mails: list[ListMail]) -> Any:
+    """``handler.handle_batch(mails)``: a value, a Deferred or a coroutine."""
+    result = handler.handle_batch(mails)
+    if isinstance(result, defer.Deferred) or inspect.isawaitable(result):
+        result = await result
+    return result
 
 
 async def _call(handler: Any, mail: ListMail) -> Any:

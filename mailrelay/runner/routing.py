@@ -131,6 +131,10 @@ class Router:
     the mail to the sub-addresses it handles.  ``posting`` (a
     :class:`~mailrelay.listproc.moderation.Moderation`, or ``None``: every
     post is accepted) decides each post; it needs ``processor``.
+    ``delivery_settled(max_wait)`` (optional) returns a Deferred that fires
+    once no copies are being delivered, or after ``max_wait``: mail for list
+    processing alone waits for it up to ``processing_yield`` seconds before
+    it is stored.
     """
 
     def __init__(
@@ -146,6 +150,8 @@ class Router:
         observer: Any = NO_OBSERVER,
         processor: Any = None,
         posting: Any = None,
+        delivery_settled: Callable[[float], Any] | None = None,
+        processing_yield: float = 0.0,
     ):
         if posting is not None and processor is None:
             raise TypeError("a posting policy needs the list processor to hold posts")
@@ -159,6 +165,8 @@ class Router:
         self._observer = observer
         self._processor = processor
         self._posting = posting
+        self._delivery_settled = delivery_settled
+        self._processing_yield = processing_yield
         # Member counts seen when routing: posts to lists known to be larger
         # than inline_limit are not expanded while being stored.
         self._list_sizes: dict[str, int] = {}
@@ -261,6 +269,11 @@ class Router:
 
     def _processes(self, subaddress: str | None) -> bool:
         return self._processor is not None and self._processor.handles(subaddress)
+
+    def processes(self, entry: SpoolEntry) -> bool:
+        """Whether a claimed INBOUND entry goes to the list processor as it is
+        (mail to a handled sub-address; a post held by moderation does not)."""
+        return self._processes(entry.destination.subaddress)
 
     # -- routing claimed inbound entries ----------------------------------------
 
@@ -380,7 +393,21 @@ class Router:
             len(route.recipients) if route.kind is not None else route.state is EntryState.QUEUED
             for route in routes
         )
-        claim = bool(waiting) and self._has_room(waiting)
+        # Mail for list processing alone is left QUEUED for a claim, not
+        # processed here one message at a time: a burst of bounces is then
+        # claimed and processed in batches (one registry transaction each).
+        for_processing = sum(line is _STORED_FOR_PROCESSING for _, line in plans)
+        if (
+            for_processing
+            and for_processing == waiting
+            and self._delivery_settled is not None
+            and self._processing_yield > 0
+        ):
+            # Delivery first: while copies go out, list-processing mail waits
+            # (not yet stored nor acknowledged, so nothing is at risk) and its
+            # sender with it; a burst of bounces then takes no CPU from them.
+            await self._delivery_settled(self._processing_yield)
+        claim = waiting > for_processing and self._has_room(waiting)
         stored = await self._spool.store(envelope, message, routes, claim)
         for index, (destination, (route, line)) in enumerate(
             zip(envelope.destinations, plans, strict=True)

@@ -76,6 +76,9 @@ __all__ = ["DeliveryRunner"]
 _log = Logger()
 
 _RESULT_WRITE_TRIES = 5
+# Delivery counts as under way this long after a batch of copies started or
+# ended: posts arriving one after another keep list processing waiting.
+DELIVERY_QUIET = 0.05
 _PENDING = frozenset({EntryState.QUEUED, EntryState.RETRY})
 _WAITING = (EntryState.QUEUED, EntryState.INFLIGHT, EntryState.RETRY)
 
@@ -121,6 +124,12 @@ class DeliveryRunner(service.Service):
     unsubscribe URLs in posts, as :class:`~mailrelay.runner.sending.CopySender`
     describes.
 
+    ``processing_yield``: new mail for list processing alone (bounces,
+    commands) waits up to this many seconds, before it is stored and
+    acknowledged, while copies are being delivered (see
+    :meth:`delivery_settled`): member delivery goes first in a burst of
+    bounces (0: never wait).
+
     ``notices`` (an :class:`~mailrelay.interfaces.IRefusalNotices`) writes what
     the poster and the owners are told of a post the smarthost refused as a
     whole (default: :class:`~mailrelay.listproc.refusals.RefusalNotices` with
@@ -158,6 +167,7 @@ class DeliveryRunner(service.Service):
         personalize: bool = False,
         unsubscribe_urls: Any = None,
         notices: Any = None,
+        processing_yield: float = 1.0,
     ):
         if not callable(getattr(sender, "sendmail", None)):
             raise TypeError(f"sender must provide sendmail(), not {sender!r}")
@@ -165,6 +175,14 @@ class DeliveryRunner(service.Service):
         policy = RetryPolicy(retry_period, min_backoff, max_backoff)
         if not isinstance(verp, bool):
             raise TypeError(f"verp must be a bool, not {verp!r}")
+        if (
+            isinstance(processing_yield, bool)
+            or not isinstance(processing_yield, int | float)
+            or not 0 <= processing_yield < float("inf")
+        ):
+            raise ValueError(
+                f"processing_yield must be a number of seconds >= 0, not {processing_yield!r}"
+            )
         if not isinstance(personalize, bool):
             raise TypeError(f"personalize must be a bool, not {personalize!r}")
         if devmode_recipient is not None:
@@ -235,9 +253,14 @@ class DeliveryRunner(service.Service):
             observer=self._observer,
             processor=processor,
             posting=posting,
+            delivery_settled=self.delivery_settled,
+            processing_yield=processing_yield,
         )
         self._processor = processor
         self._on_bounces = on_bounces
+        # Batches delivering copies now, and when one last started or ended.
+        self._delivering = 0
+        self._delivery_seen = float("-inf")
         if notices is None:
             notices = RefusalNotices(
                 is_list_address=lambda address: _resolves(registry, address), clock=clock
@@ -305,17 +328,54 @@ class DeliveryRunner(service.Service):
 
     # -- one batch ----------------------------------------------------------------
 
+    def delivery_settled(self, max_wait: float) -> defer.Deferred[None]:
+        """Fires once delivery has been quiet for a moment (no batch delivering
+        copies, none started or finished in the last :data:`DELIVERY_QUIET`
+        seconds; at once if so), or after ``max_wait`` seconds at the latest.
+        New list-processing mail waits for it before it is stored, so that a
+        burst of bounces yields to posts being received and delivered."""
+        return defer.Deferred.fromCoroutine(self._settled(max_wait))
+
+    async def _settled(self, max_wait: float) -> None:
+        deadline = self._clock.seconds() + max_wait
+        while True:
+            now = self._clock.seconds()
+            if now >= deadline:
+                return
+            if self._delivering:
+                wait = DELIVERY_QUIET
+            else:
+                wait = self._delivery_seen + DELIVERY_QUIET - now
+                if wait <= 0:
+                    return
+            await task.deferLater(self._clock, min(wait, deadline - now), lambda: None)
+
     async def _run_batch(self, entries: list[SpoolEntry], just_stored: JustStored | None) -> None:
         """Route the INBOUND entries, deliver the copies, record every result.
 
         ``just_stored`` comes with entries that routing stored in flight.
         """
+        delivering = any(entry.kind is not EntryKind.INBOUND for entry in entries)
+        if delivering:
+            self._delivering += 1
+            self._delivery_seen = self._clock.seconds()
+        try:
+            await self._run_entries(entries, just_stored)
+        finally:
+            if delivering:
+                self._delivering -= 1
+                self._delivery_seen = self._clock.seconds()
+
+    async def _run_entries(self, entries: list[SpoolEntry], just_stored: JustStored | None) -> None:
         updates: list[EntryUpdate] = []
         bounces: list[Bounce] = []
         deliveries: dict[GroupKey, list[SpoolEntry]] = defaultdict(list)
         posts_seen: dict[tuple[int, str, str | None], int] = {}
+        to_process: list[SpoolEntry] = []
         for entry in entries:
-            if entry.kind is EntryKind.INBOUND:
+            if entry.kind is EntryKind.INBOUND and self._router.processes(entry):
+                to_process.append(entry)
+            elif entry.kind is EntryKind.INBOUND:
                 update = await self._router.route(entry, posts_seen)
                 if update is None:
                     self._scheduler.note_backlog()  # the copies are QUEUED: claim them next
@@ -329,6 +389,16 @@ class DeliveryRunner(service.Service):
             defer.Deferred.fromCoroutine(self._copies.deliver_group(key, group, just_stored))
             for key, group in deliveries.items()
         ]
+        if to_process:
+            # After the copies are handed to the sender: delivery goes first.
+            # Mail to one list's sub-address is processed together (a burst
+            # of bounces in one registry transaction); the updates are
+            # written with the batch's other results, in one transaction.
+            processed = await self._processor.process_batch(to_process)
+            if len(processed) < len(to_process):
+                # Some were stored with their replies, QUEUED: claim them next.
+                self._scheduler.note_backlog()
+            updates.extend(processed)
         # Copies delivered in this batch, by message: (count, received_at, list).
         delivered: dict[int, list[Any]] = {}
         # Messages the smarthost refused as a whole: the lists and the reply.
