@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 
-from tests.support import missing_peer, wait_for_port
+from tests.support import missing_peer, stop_process, wait_for_port
 
 PREFIX = os.path.join(
     os.environ.get("MAILRELAY_TEST_MTAS", "/opt/mailrelay-test-mtas"), "opensmtpd"
@@ -139,14 +138,7 @@ class PrivateOpenSMTPD:
 
     def stop(self) -> None:
         """SIGTERM smtpd (its children exit with it) and reap it."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process)
 
     def log(self, tail: int = 6000) -> str:
         try:

@@ -21,12 +21,11 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import signal
 import subprocess
 from dataclasses import dataclass
 
 from mailrelay import cli
-from tests.support import free_port, missing_peer, require_program, wait_for_port
+from tests.support import free_port, missing_peer, require_program, stop_process, wait_for_port
 
 MASTER_CF = """\
 127.0.0.1:{port} inet n - n - - smtpd
@@ -296,14 +295,7 @@ class PrivateDovecot:
         await poll(reactor, listening, "Dovecot's auth socket", timeout=15)
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process)
 
     def log(self) -> str:
         text = ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -112,3 +113,15 @@ async def wait_for_port(reactor, port: int, timeout: float = 10.0) -> None:
 
 def as_deferred(coro) -> defer.Deferred:
     return defer.Deferred.fromCoroutine(coro)
+
+
+def stop_process(process: subprocess.Popen | None, timeout: float = 10) -> None:
+    """SIGTERM ``process`` (a peer server) and reap it; SIGKILL past ``timeout``."""
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

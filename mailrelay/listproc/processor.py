@@ -238,12 +238,7 @@ class ListProcessor:
                 error="internal error while processing: the handler returned no result",
                 count_attempt=True,
             )
-        update = EntryUpdate(
-            entry.entry_id,
-            handled.state,
-            error=handled.note,
-            count_attempt=handled.state is EntryState.FAILED,
-        )
+        update = _update_for(entry, handled)
         _log.info(
             "{message_id} from {sender} to {to}: {state}, {count} replies: {note}",
             state=handled.state.value,
@@ -354,12 +349,7 @@ class ListProcessor:
         outgoing: list[Outgoing] = []
         for mail, handled in zip(mails, results, strict=True):
             entry = mail.entry
-            update = EntryUpdate(
-                entry.entry_id,
-                handled.state,
-                error=handled.note,
-                count_attempt=handled.state is EntryState.FAILED,
-            )
+            update = _update_for(entry, handled)
             _log.info(
                 "{message_id} from {sender} to {to}: {state}, {count} replies: {note}",
                 **{
@@ -422,6 +412,16 @@ def service_address(destination: Destination) -> str:
     if destination.subaddress is None:
         return destination.list_address
     return MailingList(destination.list_address).subaddress(destination.subaddress)
+
+
+def _update_for(entry: SpoolEntry, handled: Handled) -> EntryUpdate:
+    """The entry's update for what its handler did (a FAILED one counts as an attempt)."""
+    return EntryUpdate(
+        entry.entry_id,
+        handled.state,
+        error=handled.note,
+        count_attempt=handled.state is EntryState.FAILED,
+    )
 
 
 class _OneByOne(Exception):
