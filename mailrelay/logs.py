@@ -52,6 +52,7 @@ __all__ = [
     "DELIVERED",
     "EVENTS",
     "FAILED",
+    "JSONLogObserver",
     "LISTED_RECIPIENTS",
     "QUEUED",
     "json_observer",
@@ -76,7 +77,19 @@ def listed(addresses: Sequence[str]) -> list[str]:
     return list(addresses[:LISTED_RECIPIENTS])
 
 
-def json_observer(out: IO[Any] | None = None) -> FileLogObserver:
+class JSONLogObserver(FileLogObserver):
+    """A :class:`FileLogObserver` of JSON lines that can close its file."""
+
+    def __init__(self, out: IO[Any]):
+        super().__init__(out, _json_line)
+        self._out = out
+
+    def close(self) -> None:
+        """Close the file written to (the daemon's log file at shutdown, a test's file)."""
+        self._out.close()
+
+
+def json_observer(out: IO[Any] | None = None) -> JSONLogObserver:
     """An observer writing each event to ``out`` (default: standard output) as
     one line of JSON, as twisted.logger's ``eventAsJSON`` encodes it (``log_time``,
     ``log_level``, ``log_namespace``, ``log_format`` and the event's own fields),
@@ -87,7 +100,7 @@ def json_observer(out: IO[Any] | None = None) -> FileLogObserver:
     ``twistd --logger mailrelay.logs.json_observer`` (which calls it with no
     argument); ``[log] format = json`` writes to twistd's log file instead.
     """
-    return FileLogObserver(sys.stdout if out is None else out, _json_line)
+    return JSONLogObserver(sys.stdout if out is None else out)
 
 
 def _json_line(event: dict) -> str:

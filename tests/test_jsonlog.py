@@ -100,7 +100,8 @@ class JSONLogTests(TestCase):
             for record in records:
                 self.assertIn("log_time", record)
                 self.assertIn("log_text", record)
-            self.assertNotIn(BODY, open(log_path, encoding="utf-8").read())
+            with open(log_path, encoding="utf-8") as f:
+                self.assertNotIn(BODY, f.read())
             events = ours()
             self.assertEqual(sorted(events), sorted(EVENTS[:3] + ("failed", "bounced")))
 

@@ -92,6 +92,7 @@ class TwistdObserverTests(SynchronousTestCase):
         """--logfile=PATH gets the JSON lines, and SIGUSR1 rotates it as twistd does."""
         path = os.path.join(self.tmp, "relay.log")
         observer = json_log_observer({"logfile": path, "nodaemon": False})
+        self.addCleanup(observer.close)
         Logger(observer=observer).info("x {n}", n=1)
         with open(path, encoding="utf-8") as f:
             self.assertEqual(json.loads(f.read())["n"], 1)
@@ -102,6 +103,7 @@ class TwistdObserverTests(SynchronousTestCase):
         self.addCleanup(os.chdir, os.getcwd())
         os.chdir(self.tmp)
         observer = json_log_observer({"nodaemon": False})
+        self.addCleanup(observer.close)
         Logger(observer=observer).info("x {n}", n=2)
         with open(os.path.join(self.tmp, "twistd.log"), encoding="utf-8") as f:
             self.assertEqual(json.loads(f.read())["n"], 2)
