@@ -333,7 +333,10 @@ def add_parser(commands: Any) -> None:
     )
     queue_commands = add_sub_commands(queue_parser, "queue_command", required=False)
     retry = add_command(
-        queue_commands, "retry", _retry, "deliver retry and failed entries again now"
+        queue_commands,
+        "retry",
+        _retry,
+        "make retry and failed entries due now (a running daemon sends them within 30 s)",
     )
     _add_ids_argument(retry, "*")
     retry.add_argument("--all", action="store_true", help="every retry and failed entry")
