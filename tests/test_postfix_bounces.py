@@ -14,13 +14,14 @@ mailrelay about it.  Skipped locally without Postfix or root; never with CI=true
 
 from __future__ import annotations
 
-from twisted.internet import reactor, task
+from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
 from mailrelay.listproc.bounces import Recognition, parse_bounce
 from mailrelay.model import EntryState
 from mailrelay.mta import Connection
 from mailrelay.testing import FakeMTA
+from tests.daemon import poll
 from tests.mta_postfix import require_postfix, start_chain
 from tests.support import as_deferred, temp_dir
 
@@ -66,13 +67,13 @@ class PostfixDSNTests(TestCase):
             )
 
             registry, spool = chain.registry, chain.spool
-            for _ in range(2500):
-                record = registry.get_member(LIST, "bart@members.test")
-                if record.bounce_score >= 1:
-                    break
-                await task.deferLater(reactor, 0.02, lambda: None)
-            else:
-                self.fail(f"no bounce was scored; Postfix log:\n{postfix.log()}")
+            await poll(
+                reactor,
+                lambda: registry.get_member(LIST, "bart@members.test").bounce_score >= 1,
+                "the DSN to score bart",
+                timeout=50,
+                details=lambda: f"Postfix log:\n{postfix.log()}",
+            )
             self.assertEqual(registry.get_member(LIST, "cate@members.test").bounce_score, 0.0)
             # The handler has scored; the entry's DONE is written just after.
             await relay.getServiceNamed("mailrelay-delivery").when_idle()

@@ -9,11 +9,12 @@ plays both roles in a single chain:
 
 from __future__ import annotations
 
-from twisted.internet import reactor, task
+from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
 from mailrelay.mta import Connection
 from mailrelay.testing import FakeMTA
+from tests.daemon import poll
 from tests.mta_postfix import require_postfix, start_chain
 from tests.support import as_deferred, temp_dir
 
@@ -55,13 +56,15 @@ class PostfixChainTests(TestCase):
             self.assertEqual(list(refused), ["nolist@lists.test"])
             self.assertEqual(refused["nolist@lists.test"][0] // 100, 5)
 
-            for _ in range(1500):
-                got = {r for t in members_mx.transactions for r in t.rcpts}
-                if got >= {"bart@members.test", "cate@members.test"}:
-                    break
-                await task.deferLater(reactor, 0.02, lambda: None)
-            else:
-                self.fail(f"members did not receive the post; Postfix log:\n{postfix.log()}")
+            await poll(
+                reactor,
+                lambda: (
+                    {r for t in members_mx.transactions for r in t.rcpts}
+                    >= {"bart@members.test", "cate@members.test"}
+                ),
+                "the post at both members",
+                details=lambda: f"Postfix log:\n{postfix.log()}",
+            )
             message = members_mx.messages[0]
             self.assertEqual(message["Subject"], "via postfix")
             self.assertEqual(message["List-Id"].split("<")[-1].rstrip(">"), "test.lists.test")

@@ -13,12 +13,13 @@ import io
 import os
 import shlex
 
-from twisted.internet import reactor, task
+from twisted.internet import reactor
 from twisted.trial.unittest import SkipTest, TestCase
 
 from mailrelay import cli
 from mailrelay.mta import Connection
 from mailrelay.testing import FakeMTA
+from tests.daemon import poll
 from tests.mta_postfix import PrivatePostfix
 from tests.support import (
     as_deferred,
@@ -106,13 +107,15 @@ class MapsFollowListsPostfixTests(TestCase):
                 "Message-ID: <maps1@elsewhere.test>\n\nHello, new list.\n",
             )
             self.assertEqual(refused, {})
-            for _ in range(1500):
-                got = {r for t in members_mx.transactions for r in t.rcpts}
-                if got >= {"bart@members.test", "cate@members.test"}:
-                    break
-                await task.deferLater(reactor, 0.02, lambda: None)
-            else:
-                self.fail(f"members did not receive the post; Postfix log:\n{postfix.log()}")
+            await poll(
+                reactor,
+                lambda: (
+                    {r for t in members_mx.transactions for r in t.rcpts}
+                    >= {"bart@members.test", "cate@members.test"}
+                ),
+                "the post at both members",
+                details=lambda: f"Postfix log:\n{postfix.log()}",
+            )
             self.assertEqual(members_mx.messages[0]["Subject"], "new list")
             self.assertEqual(members_mx.transactions[0].mail_from, "new-bounces@lists.test")
 
