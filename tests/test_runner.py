@@ -381,21 +381,20 @@ class StoreTests(RunnerCase):
         self.assertEqual(self.sender.recipients(), sorted(MEMBERS))
 
     def test_copies_wait_in_the_queue_when_the_runner_is_busy(self):
-        """With two batches in flight, a third post's copies are stored QUEUED and
-        claimed once a batch finishes: nothing waits in memory."""
+        """With a batch in flight per connection (four), a fifth post's copies are
+        stored QUEUED and claimed once a batch finishes: nothing waits in memory."""
         self.sender.hold = True
-        self.store()
-        self.store()
-        self.store()
-        self.assertEqual(len(self.sender.held), 2)
+        for _ in range(5):
+            self.store()
+        self.assertEqual(len(self.sender.held), 4)
         counts = self.spool.counts()
-        self.assertEqual((counts[EntryState.INFLIGHT], counts[EntryState.QUEUED]), (6, 3))
+        self.assertEqual((counts[EntryState.INFLIGHT], counts[EntryState.QUEUED]), (12, 3))
         self.sender.hold = False
         while self.sender.held:
             self.sender.release()
             self.settle()
-        self.assertEqual(self.spool.counts()[EntryState.DONE], 12)
-        self.assertEqual(len(self.sender.recipients()), 9)
+        self.assertEqual(self.spool.counts()[EntryState.DONE], 20)
+        self.assertEqual(len(self.sender.recipients()), 15)
 
     def test_stored_while_stopped_is_delivered_after_start(self):
         """A stopped runner still stores (QUEUED, nothing in flight); it delivers after start."""

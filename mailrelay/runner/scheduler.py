@@ -3,8 +3,10 @@
 Place in the flow: between the spool and :mod:`~mailrelay.runner.sending`.
 :class:`Scheduler` claims due entries (at most ``batch_size``, one while the
 circuit breaker probes, none while it is open) and hands each batch to the
-``run_batch`` coroutine it was given, with at most two batches at once so
-that a slow transaction in one does not hold up the next.  It wakes for
+``run_batch`` coroutine it was given, with up to one batch per transaction
+the sender takes at once (``max_parallel``, and two at least), so that slow
+transactions in some batches do not hold up the next: posts arriving one by
+one while the smarthost is slow to answer still use every connection.  It wakes for
 :meth:`Scheduler.wake` (new entries stored), the next retry time, and every
 ``poll_interval`` for entries re-queued by another process; after the queue
 has drained it purges delivered entries older than ``keep_done``.
@@ -37,9 +39,12 @@ __all__ = ["Scheduler"]
 _log = Logger()
 
 _SPOOL_RETRY_DELAY = 10.0
-# Batches processed at the same time: a slow transaction in one does not
-# hold up the next, and the spool round trips overlap with sending.
-_MAX_BATCHES = 2
+# Batches processed at the same time, at least: a slow transaction in one
+# does not hold up the next, and the spool round trips overlap with sending.
+# Up to max_parallel run: a batch may hold a single transaction (one post
+# stored and claimed inline), and a cap below the sender's connections left
+# them idle while a few replies were slow to come, with mail waiting.
+_MIN_BATCHES = 2
 # Delivered entries older than keep_done are purged at most this often, when
 # the queue has drained (no timer of its own: an idle relay has nothing to purge).
 _PURGE_INTERVAL = 3600.0
@@ -49,7 +54,9 @@ class Scheduler:
     """Claims due entries from ``spool`` (an ``ISpool``) and runs
     ``run_batch(entries, just_stored)`` on each batch; ``clock`` schedules
     everything.  ``just_stored`` is what :meth:`start_batch` was given (``None``
-    for a claimed batch), handed through without being looked at."""
+    for a claimed batch), handed through without being looked at.  At most
+    ``max_parallel`` batches (the transactions the sender is handed at once;
+    two at least) run at the same time."""
 
     def __init__(
         self,
@@ -62,6 +69,7 @@ class Scheduler:
         keep_done: float | None,
         run_batch: Callable[[list[SpoolEntry], Any], Awaitable[None]],
         claim_lease: float | None = 300.0,
+        max_parallel: int = 1,
     ):
         self._spool = spool
         self._clock = clock
@@ -73,6 +81,7 @@ class Scheduler:
         self._keep_done = keep_done
         self._run_batch = run_batch
         self._claim_lease = claim_lease
+        self._max_batches = max(_MIN_BATCHES, max_parallel)
         # Entry ids the running batches hold, and when stale claims were last looked for.
         self._held: set[int] = set()
         self._last_lease_check: float | None = None
@@ -129,7 +138,7 @@ class Scheduler:
         return bool(
             self.running
             and self._ready
-            and self._batches < _MAX_BATCHES
+            and self._batches < self._max_batches
             and entries <= self._batch_size
             and self._breaker.state() == CircuitBreaker.CLOSED
         )
@@ -217,7 +226,7 @@ class Scheduler:
                 return
             limit = 1
         self._requeue_stale_claims()
-        if self._batches >= _MAX_BATCHES:
+        if self._batches >= self._max_batches:
             self._backlog = True  # as above: the next batch to finish claims
             return
         self._claiming = True

@@ -95,7 +95,9 @@ class DeliveryRunner(service.Service):
     transaction; leave it ``None`` when the sender already rewrites (as
     :class:`~mailrelay.mta.connection.Connection` does).  ``max_parallel``
     bounds the transactions handed to the sender at once (default: its
-    ``max_connections``, else 1).  DONE entries (and messages no entry needs
+    ``max_connections``, else 1), and the batches run at once (two at least):
+    mail stored while a few slow replies are pending still goes out on the
+    free connections.  DONE entries (and messages no entry needs
     any more) are purged ``keep_done`` seconds after delivery (``None``: never).
     The spool is also checked every ``poll_interval`` seconds for entries
     re-queued by another process, such as ``mailrelay queue retry``, and for
@@ -223,6 +225,7 @@ class DeliveryRunner(service.Service):
             keep_done=keep_done,
             run_batch=self._run_batch,
             claim_lease=claim_lease,
+            max_parallel=max_parallel,
         )
         self._copies = CopySender(
             spool,
